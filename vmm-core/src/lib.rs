@@ -1,0 +1,26 @@
+//! vmm-core: one KVM virtual machine — guest memory, vCPU threads, boot, devices, and the
+//! capture and restore of its complete state as plain values.
+//!
+//! It knows nothing of pairs, roles or failover: a [`Vm`] can be created, booted, run,
+//! paused, saved and restored into another `Vm` of the same [`MachineSpec`], and it reports
+//! every way a vCPU stops as a [`VmEvent`]. What to do about those events is its owner's
+//! business.
+
+pub mod boot;
+pub mod cpuid;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod state;
+pub mod vcpu;
+pub mod vm;
+
+pub use boot::{BootError, BootSource};
+pub use cpuid::CpuFeature;
+pub use devices::heartbeat::HeartbeatStatus;
+pub use devices::serial::SerialSink;
+pub use devices::{DeviceStates, UnknownAccesses};
+pub use memory::{GuestRam, MemoryError};
+pub use state::{VcpuState, VmSnapshot, VmState};
+pub use vcpu::{VcpuStop, VmEvent};
+pub use vm::{MachineSpec, Vm, VmError};

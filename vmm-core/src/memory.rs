@@ -1,0 +1,169 @@
+//! Guest RAM: `vm-memory` regions backed by one memfd.
+//!
+//! Backing RAM with a memfd (rather than anonymous memory) lets another VM of the same process
+//! map the very same pages later, so a standby can take over a guest's memory without copying
+//! it. This module only allocates and describes RAM; registering it with KVM is `vm`'s job.
+
+use std::fs::File;
+use std::os::fd::FromRawFd;
+use std::sync::Arc;
+
+use vm_memory::{
+    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
+};
+
+use crate::layout;
+
+/// Errors raised while allocating or accessing guest RAM.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// `memfd_create` or `ftruncate` failed.
+    #[error("cannot allocate {size_mib} MiB of guest RAM: {source}")]
+    Allocate {
+        /// Requested size.
+        size_mib: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Mapping the memfd failed.
+    #[error("cannot map guest RAM: {0}")]
+    Map(#[from] vm_memory::mmap::FromRangesError),
+    /// A read or write fell outside guest RAM.
+    #[error("guest memory access at {addr:#x} failed: {source}")]
+    Access {
+        /// Guest physical address of the access.
+        addr: u64,
+        /// What vm-memory said.
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// Guest RAM of one machine.
+#[derive(Debug, Clone)]
+pub struct GuestRam {
+    memory: GuestMemoryMmap,
+    backing: Arc<File>,
+    size: u64,
+}
+
+impl GuestRam {
+    /// Allocates `size` bytes of zeroed RAM laid out as in [`layout::ram_ranges`].
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        let alloc_err = |source| MemoryError::Allocate {
+            size_mib: size >> 20,
+            source,
+        };
+        // SAFETY: the name is a valid NUL-terminated string and the flags are plain bits.
+        let fd = unsafe { libc::memfd_create(c"understudy-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(alloc_err(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(size).map_err(alloc_err)?;
+        let backing = Arc::new(file);
+        let mut offset = 0u64;
+        let ranges: Vec<_> = layout::ram_ranges(size)
+            .into_iter()
+            .map(|(start, len)| {
+                let file_offset = FileOffset::from_arc(backing.clone(), offset);
+                offset += len;
+                (GuestAddress(start), len as usize, Some(file_offset))
+            })
+            .collect();
+        let memory = GuestMemoryMmap::from_ranges_with_files(ranges)?;
+        Ok(GuestRam {
+            memory,
+            backing,
+            size,
+        })
+    }
+
+    /// The `vm-memory` view of this RAM, for loaders and devices.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Total RAM size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The memfd behind all regions, in guest-physical order.
+    pub fn backing_file(&self) -> &Arc<File> {
+        &self.backing
+    }
+
+    /// Each region as `(guest start, length, host address)`, for memslots and copies.
+    pub fn regions(&self) -> Vec<(u64, u64, u64)> {
+        self.memory
+            .iter()
+            .map(|region| {
+                let host = region
+                    .get_host_address(MemoryRegionAddress(0))
+                    // A region always contains its own offset 0.
+                    .map(|p| p as u64)
+                    .unwrap_or_default();
+                (region.start_addr().0, region.len(), host)
+            })
+            .collect()
+    }
+
+    /// Copies all of `source`'s RAM into this RAM. Both must be the same size.
+    pub fn copy_from(&self, source: &GuestRam) {
+        for ((_, len, dst), (_, _, src)) in self.regions().into_iter().zip(source.regions()) {
+            // SAFETY: both regions are live mappings of `len` bytes owned by their GuestRam,
+            // they belong to distinct memfds (never the same pages), and guest RAM is plain
+            // bytes with no invariants.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len as usize)
+            };
+        }
+    }
+
+    /// Reads `buf.len()` bytes at guest physical address `addr`.
+    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.memory
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|source| MemoryError::Access { addr, source })
+    }
+
+    /// Writes `data` at guest physical address `addr`.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.memory
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|source| MemoryError::Access { addr, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_bytes_read_back() {
+        let ram = GuestRam::new(4 << 20).unwrap();
+        ram.write(0x1234, b"understudy").unwrap();
+        let mut buf = [0u8; 10];
+        ram.read(0x1234, &mut buf).unwrap();
+        assert_eq!(&buf, b"understudy");
+    }
+
+    #[test]
+    fn access_past_the_end_is_an_error() {
+        let ram = GuestRam::new(1 << 20).unwrap();
+        assert!(ram.write((1 << 20) - 2, b"xyz").is_err());
+    }
+
+    #[test]
+    fn copy_from_duplicates_contents() {
+        let a = GuestRam::new(2 << 20).unwrap();
+        let b = GuestRam::new(2 << 20).unwrap();
+        a.write(0x10_0000, b"state").unwrap();
+        b.copy_from(&a);
+        let mut buf = [0u8; 5];
+        b.read(0x10_0000, &mut buf).unwrap();
+        assert_eq!(&buf, b"state");
+    }
+}

@@ -1,0 +1,387 @@
+//! vCPU threads: one per vCPU, each running `KVM_RUN` in a loop and owning its `VcpuFd`.
+//!
+//! A vCPU thread is either *running* guest code or *parked*, waiting for a request. Requests
+//! (run, pause, save, restore, exit) arrive on a channel; a running thread is made to look at
+//! its channel by a kick: a signal whose handler sets `immediate_exit` in the thread's
+//! `kvm_run`, so the kick cannot be lost even if it lands just before `KVM_RUN` is entered.
+//!
+//! Every `KVM_RUN` that returns `EINTR` has first completed any in-flight I/O exit (KVM
+//! finishes a pending `in`/`out` before it honours `immediate_exit`), so a paused vCPU is
+//! always at an instruction boundary and its saved state is consistent.
+//!
+//! Exits that end the guest or mean it failed become [`VmEvent`]s for the machine's owner;
+//! the thread then parks. It never decides what happens next.
+
+use std::cell::Cell;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+
+use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::boot::regs;
+use crate::devices::{Devices, PortEffect};
+use crate::state::{write_msrs, StateError, VcpuState, VcpuStateLayout};
+
+/// Why a vCPU stopped running guest code on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VcpuStop {
+    /// The guest wrote the debug-exit port: a deliberate end with this exit status.
+    GuestExit {
+        /// `(value << 1) | 1`, as QEMU's isa-debug-exit reports it.
+        code: i32,
+    },
+    /// The guest asked for a reset (i8042 command 0xfe, or a KVM reset event).
+    ResetRequested,
+    /// The guest reported a panic (pvpanic, or a KVM crash event).
+    Panicked,
+    /// The vCPU shut down: a triple fault, or a KVM shutdown event.
+    Shutdown,
+    /// KVM could not go on with the guest (e.g. an instruction it cannot emulate).
+    InternalError {
+        /// KVM's suberror code (1 = emulation failure).
+        suberror: u32,
+        /// Extra data KVM gave, such as the instruction bytes.
+        data: Vec<u64>,
+        /// The guest RIP at the failure, when it could be read.
+        rip: Option<u64>,
+    },
+    /// Hardware refused to enter the guest.
+    FailedEntry {
+        /// The hardware's entry failure reason.
+        reason: u64,
+        /// The host CPU it happened on.
+        cpu: u32,
+    },
+    /// `KVM_RUN` itself failed.
+    RunFailed {
+        /// The errno it returned.
+        errno: i32,
+    },
+    /// An exit the machine has no use for.
+    UnexpectedExit {
+        /// The exit, as text.
+        exit: String,
+    },
+}
+
+impl VcpuStop {
+    /// Whether this is the guest ending deliberately rather than failing.
+    pub fn is_clean_end(&self) -> bool {
+        matches!(self, VcpuStop::GuestExit { .. })
+    }
+}
+
+impl std::fmt::Display for VcpuStop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VcpuStop::GuestExit { code } => write!(f, "guest exited with status {code}"),
+            VcpuStop::ResetRequested => write!(f, "guest requested a reset"),
+            VcpuStop::Panicked => write!(f, "guest panicked"),
+            VcpuStop::Shutdown => write!(f, "vCPU shut down (triple fault)"),
+            VcpuStop::InternalError { suberror, rip, .. } => match rip {
+                Some(rip) => write!(f, "KVM internal error, suberror {suberror}, at rip {rip:#x}"),
+                None => write!(f, "KVM internal error, suberror {suberror}"),
+            },
+            VcpuStop::FailedEntry { reason, cpu } => {
+                write!(f, "VM entry failed, reason {reason:#x} on host cpu {cpu}")
+            }
+            VcpuStop::RunFailed { errno } => {
+                write!(f, "KVM_RUN failed: {}", std::io::Error::from_raw_os_error(*errno))
+            }
+            VcpuStop::UnexpectedExit { exit } => write!(f, "unexpected exit {exit}"),
+        }
+    }
+}
+
+/// A vCPU stopped; sent to the machine's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmEvent {
+    /// Index of the vCPU.
+    pub vcpu: u8,
+    /// Why.
+    pub stop: VcpuStop,
+}
+
+pub(crate) enum VcpuRequest {
+    /// Put the boot vCPU at the kernel's 64-bit entry.
+    Boot(u64, Sender<Result<(), StateError>>),
+    /// Run guest code until paused or stopped.
+    Run,
+    /// Stop at an instruction boundary and acknowledge.
+    Pause(Sender<()>),
+    /// Save the vCPU's state (parked only).
+    Save(Sender<Result<VcpuState, StateError>>),
+    /// Load a state (parked only).
+    Restore(Box<VcpuState>, Sender<Result<(), StateError>>),
+    /// End the thread.
+    Exit,
+}
+
+/// What a vCPU thread needs besides its `VcpuFd`.
+pub(crate) struct VcpuContext {
+    pub index: u8,
+    pub devices: Arc<Devices>,
+    pub events: Sender<VmEvent>,
+    pub events_ready: EventFd,
+    pub layout: Arc<VcpuStateLayout>,
+}
+
+thread_local! {
+    // The running thread's kvm_run, for the kick handler. Const-initialised so the handler
+    // never triggers a lazy initialisation inside a signal.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(|cell| cell.get());
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set before the first
+        // KVM_RUN and cleared before the VcpuFd (and its mapping) is dropped.
+        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
+    }
+    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub(crate) fn kick_signal() -> libc::c_int {
+    SIGRTMIN()
+}
+
+/// Installs the kick handler once per process.
+pub(crate) fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| result = register_signal_handler(kick_signal(), on_kick));
+    result
+}
+
+/// The machine's handle on one vCPU thread.
+pub(crate) struct VcpuHandle {
+    pub requests: Sender<VcpuRequest>,
+    pub thread: Option<JoinHandle<()>>,
+}
+
+impl VcpuHandle {
+    /// Sends `request` and makes sure a running thread sees it.
+    pub fn send(&self, request: VcpuRequest) -> bool {
+        let sent = self.requests.send(request).is_ok();
+        if let Some(thread) = &self.thread {
+            // A thread that already ended cannot be signalled; that is fine.
+            let _ = thread.kill(kick_signal());
+        }
+        sent
+    }
+}
+
+/// Spawns the thread for `vcpu`, parked until its first `Run`.
+pub(crate) fn spawn(
+    vcpu: VcpuFd,
+    context: VcpuContext,
+    machine: &str,
+) -> std::io::Result<VcpuHandle> {
+    let (requests, inbox) = std::sync::mpsc::channel();
+    let name = format!("{machine}-vcpu{}", context.index);
+    let thread = std::thread::Builder::new()
+        .name(name)
+        .spawn(move || VcpuThread { vcpu, context, inbox }.run())?;
+    Ok(VcpuHandle {
+        requests,
+        thread: Some(thread),
+    })
+}
+
+/// What to do after handling a request.
+enum Next {
+    Park,
+    Run,
+    Exit,
+}
+
+struct VcpuThread {
+    vcpu: VcpuFd,
+    context: VcpuContext,
+    inbox: Receiver<VcpuRequest>,
+}
+
+impl VcpuThread {
+    fn run(mut self) {
+        KVM_RUN.with(|cell| cell.set(self.vcpu.get_kvm_run() as *mut kvm_run));
+        let mut running = false;
+        loop {
+            if !running {
+                let next = match self.inbox.recv() {
+                    Ok(request) => self.handle(request, false),
+                    Err(_) => Next::Exit, // the machine is gone
+                };
+                match next {
+                    Next::Exit => break,
+                    Next::Run => running = true,
+                    Next::Park => {}
+                }
+                continue;
+            }
+            match self.run_once() {
+                RunOutcome::Continue => {}
+                RunOutcome::Interrupted => match self.drain_requests() {
+                    Next::Exit => break,
+                    Next::Park => running = false,
+                    Next::Run => {}
+                },
+                RunOutcome::Stopped(stop) => {
+                    self.settle();
+                    running = false;
+                    self.report(stop);
+                }
+            }
+        }
+        // The kick handler must never touch the mapping once the VcpuFd is dropped.
+        KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
+    }
+
+    /// Handles every queued request after an interrupted `KVM_RUN`.
+    fn drain_requests(&mut self) -> Next {
+        // Clear before draining: a kick for a request queued after the drain sets it again.
+        self.vcpu.set_kvm_immediate_exit(0);
+        let mut next = Next::Run;
+        loop {
+            match self.inbox.try_recv() {
+                Ok(request) => match self.handle(request, true) {
+                    Next::Exit => return Next::Exit,
+                    other => next = other,
+                },
+                Err(TryRecvError::Empty) => return next,
+                Err(TryRecvError::Disconnected) => return Next::Exit,
+            }
+        }
+    }
+
+    fn handle(&mut self, request: VcpuRequest, running: bool) -> Next {
+        let keep = if running { Next::Run } else { Next::Park };
+        match request {
+            VcpuRequest::Run => Next::Run,
+            VcpuRequest::Pause(ack) => {
+                let _ = ack.send(());
+                Next::Park
+            }
+            VcpuRequest::Save(reply) => {
+                let _ = reply.send(VcpuState::save(&self.vcpu, &self.context.layout));
+                keep
+            }
+            VcpuRequest::Restore(state, reply) => {
+                let _ = reply.send(state.restore(&self.vcpu));
+                keep
+            }
+            VcpuRequest::Boot(entry, reply) => {
+                let _ = reply.send(self.set_boot_state(entry));
+                keep
+            }
+            VcpuRequest::Exit => Next::Exit,
+        }
+    }
+
+    fn set_boot_state(&self, entry: u64) -> Result<(), StateError> {
+        let step = |name, r: Result<(), kvm_ioctls::Error>| {
+            r.map_err(|source| StateError { step: name, source })
+        };
+        let sregs = self
+            .vcpu
+            .get_sregs()
+            .map_err(|source| StateError { step: "KVM_GET_SREGS", source })?;
+        step("KVM_SET_SREGS", self.vcpu.set_sregs(&regs::boot_sregs(sregs)))?;
+        step("KVM_SET_REGS", self.vcpu.set_regs(&regs::boot_regs(entry)))?;
+        step("KVM_SET_FPU", self.vcpu.set_fpu(&regs::boot_fpu()))?;
+        write_msrs(&self.vcpu, &regs::boot_msrs())
+    }
+
+    /// Completes an in-flight exit without entering the guest, so saved state is exact.
+    fn settle(&mut self) {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let _ = self.vcpu.run();
+        self.vcpu.set_kvm_immediate_exit(0);
+    }
+
+    fn report(&self, stop: VcpuStop) {
+        tracing::debug!(vcpu = self.context.index, %stop, "vCPU stopped");
+        let event = VmEvent {
+            vcpu: self.context.index,
+            stop,
+        };
+        // The owner may be gone during teardown; nobody is left to tell then.
+        if self.context.events.send(event).is_ok() {
+            let _ = self.context.events_ready.write(1);
+        }
+    }
+
+    fn run_once(&mut self) -> RunOutcome {
+        let devices = &self.context.devices;
+        let exit = match self.vcpu.run() {
+            Ok(exit) => exit,
+            Err(err) if err.errno() == libc::EINTR => return RunOutcome::Interrupted,
+            Err(err) if err.errno() == libc::EAGAIN => return RunOutcome::Continue,
+            Err(err) => return RunOutcome::Stopped(VcpuStop::RunFailed { errno: err.errno() }),
+        };
+        let stop = match exit {
+            VcpuExit::IoIn(port, data) => {
+                devices.port_read(port, data);
+                None
+            }
+            VcpuExit::IoOut(port, data) => devices.port_write(port, data).map(|effect| match effect {
+                PortEffect::GuestExit(code) => VcpuStop::GuestExit { code },
+                PortEffect::ResetRequested => VcpuStop::ResetRequested,
+                PortEffect::Panicked => VcpuStop::Panicked,
+            }),
+            VcpuExit::MmioRead(addr, data) => {
+                devices.mmio_read(addr, data);
+                None
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                devices.mmio_write(addr, data);
+                None
+            }
+            VcpuExit::Shutdown => Some(VcpuStop::Shutdown),
+            VcpuExit::SystemEvent(kind, _) => Some(match kind {
+                KVM_SYSTEM_EVENT_RESET => VcpuStop::ResetRequested,
+                KVM_SYSTEM_EVENT_CRASH => VcpuStop::Panicked,
+                KVM_SYSTEM_EVENT_SHUTDOWN => VcpuStop::Shutdown,
+                other => VcpuStop::UnexpectedExit {
+                    exit: format!("SystemEvent({other})"),
+                },
+            }),
+            VcpuExit::FailEntry(reason, cpu) => Some(VcpuStop::FailedEntry { reason, cpu }),
+            VcpuExit::InternalError => Some(self.internal_error()),
+            VcpuExit::Intr => None,
+            other => Some(VcpuStop::UnexpectedExit {
+                exit: format!("{other:?}"),
+            }),
+        };
+        match stop {
+            Some(stop) => RunOutcome::Stopped(stop),
+            None => RunOutcome::Continue,
+        }
+    }
+
+    fn internal_error(&mut self) -> VcpuStop {
+        let run = self.vcpu.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live member.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let count = (internal.ndata as usize).min(internal.data.len());
+        let data = internal.data[..count].to_vec();
+        let rip = self.vcpu.get_regs().ok().map(|r| r.rip);
+        VcpuStop::InternalError {
+            suberror: internal.suberror,
+            data,
+            rip,
+        }
+    }
+}
+
+enum RunOutcome {
+    Continue,
+    Interrupted,
+    Stopped(VcpuStop),
+}

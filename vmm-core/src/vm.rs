@@ -1,0 +1,467 @@
+//! One virtual machine: KVM VM, guest RAM, devices and vCPU threads, and the operations its
+//! owner needs: boot, run, pause, save, restore, and the events its vCPUs report.
+//!
+//! A `Vm` is owned by one thread (the CLI's main thread, or a supervisor). Its methods talk to
+//! the vCPU threads through their request channels and wait for their replies; nothing here
+//! holds a lock while a vCPU runs.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use kvm_bindings::{
+    kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::boot::{self, mptable::MAX_VCPUS, BootError, BootSource};
+use crate::cpuid::{vcpu_cpuid, CpuFeature};
+use crate::devices::heartbeat::{HeartbeatStatus, Heartbeats};
+use crate::devices::serial::{Com1, SerialError, SerialSink, COM1_IRQ};
+use crate::devices::{Devices, UnknownAccesses};
+use crate::layout::KVM_TSS_ADDRESS;
+use crate::memory::{GuestRam, MemoryError};
+use crate::state::{StateError, VcpuStateLayout, VmSnapshot, VmState};
+use crate::vcpu::{self, VcpuContext, VcpuHandle, VcpuRequest, VmEvent};
+
+/// Largest guest RAM accepted, in MiB.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+/// How long a vCPU may take to acknowledge a pause or answer a request before it is
+/// considered lost. Generous: a vCPU in the middle of an emulated instruction on a slow host
+/// still answers in microseconds.
+const VCPU_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The shape of a machine: what must match for a state to move from one machine to another.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineSpec {
+    /// Name used in logs and thread names.
+    pub name: String,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// CPU features hidden from the guest.
+    pub hidden_cpu_features: Vec<CpuFeature>,
+}
+
+/// Errors of machine operations.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// `/dev/kvm` cannot be opened.
+    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open /dev/kvm?)")]
+    KvmUnavailable(kvm_ioctls::Error),
+    /// The host KVM lacks a capability the machine needs.
+    #[error("the host KVM lacks {0:?}, which understudy needs")]
+    MissingCapability(Cap),
+    /// A KVM call while building the machine failed.
+    #[error("{step} failed: {source}")]
+    Kvm {
+        /// The call.
+        step: &'static str,
+        /// KVM's error.
+        source: kvm_ioctls::Error,
+    },
+    /// The spec asks for something impossible.
+    #[error("invalid machine: {0}")]
+    InvalidSpec(String),
+    /// Guest RAM could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// The kernel could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// The serial device failed.
+    #[error(transparent)]
+    Serial(#[from] SerialError),
+    /// Saving or loading state failed.
+    #[error("{what}: {source}")]
+    State {
+        /// What was being saved or loaded ("vCPU 1 state", "VM state").
+        what: String,
+        /// The KVM call that failed.
+        source: StateError,
+    },
+    /// A vCPU thread could not be started.
+    #[error("cannot start vCPU thread: {0}")]
+    Thread(std::io::Error),
+    /// A vCPU thread did not answer.
+    #[error("vCPU {0} did not respond")]
+    VcpuUnresponsive(u8),
+    /// A snapshot of another shape was given.
+    #[error("snapshot does not fit this machine: {0}")]
+    ShapeMismatch(String),
+}
+
+fn kvm_step<T>(step: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
+    r.map_err(|source| VmError::Kvm { step, source })
+}
+
+/// MSR indices this host lets every vCPU read and write, probed once per process.
+fn saveable_msrs(kvm: &Kvm, probe: &VcpuFd) -> Result<Vec<u32>, VmError> {
+    static SAVEABLE: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(list) = SAVEABLE.get() {
+        return Ok(list.clone());
+    }
+    let listed = kvm_step("KVM_GET_MSR_INDEX_LIST", kvm.get_msr_index_list())?;
+    // KVM lists MSRs it knows, not all of which this host can actually read: keep those
+    // that read back, one by one, so a saved state never fails on a partial read.
+    let list: Vec<u32> = listed
+        .as_slice()
+        .iter()
+        .copied()
+        .filter(|&index| {
+            Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                ..Default::default()
+            }])
+            .ok()
+            .and_then(|mut one| probe.get_msrs(&mut one).ok())
+                == Some(1)
+        })
+        .collect();
+    Ok(SAVEABLE.get_or_init(|| list).clone())
+}
+
+/// One virtual machine and its vCPU threads.
+pub struct Vm {
+    spec: MachineSpec,
+    fd: VmFd,
+    ram: GuestRam,
+    devices: Arc<Devices>,
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<VmEvent>,
+    events_ready: EventFd,
+}
+
+impl Vm {
+    /// Builds a machine of shape `spec` with console output to `serial`. Its vCPU threads are
+    /// parked: give it a kernel ([`Vm::boot`]) or a state ([`Vm::restore`]), then
+    /// [`Vm::resume`].
+    pub fn create(spec: &MachineSpec, serial: SerialSink) -> Result<Vm, VmError> {
+        if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
+            return Err(VmError::InvalidSpec(format!(
+                "{} vCPUs requested; 1 to {MAX_VCPUS} are supported",
+                spec.vcpus
+            )));
+        }
+        if spec.memory_mib < 2 || spec.memory_mib > MAX_MEMORY_MIB {
+            return Err(VmError::InvalidSpec(format!(
+                "{} MiB of memory requested; 2 to {MAX_MEMORY_MIB} MiB are supported",
+                spec.memory_mib
+            )));
+        }
+        vcpu::install_kick_handler().map_err(|e| VmError::Thread(e.into()))?;
+        let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
+        // XSAVE and XCRS carry the FPU/SSE/AVX state of a saved vCPU.
+        for cap in [
+            Cap::Irqchip,
+            Cap::UserMemory,
+            Cap::ImmediateExit,
+            Cap::Pit2,
+            Cap::SetTssAddr,
+            Cap::Xsave,
+            Cap::Xcrs,
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCapability(cap));
+            }
+        }
+        let fd = kvm_step("KVM_CREATE_VM", kvm.create_vm())?;
+        kvm_step("KVM_SET_TSS_ADDR", fd.set_tss_address(KVM_TSS_ADDRESS as usize))?;
+        kvm_step("KVM_CREATE_IRQCHIP", fd.create_irq_chip())?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        kvm_step("KVM_CREATE_PIT2", fd.create_pit2(pit))?;
+
+        let ram = GuestRam::new(spec.memory_mib << 20)?;
+        for (slot, (guest_phys_addr, memory_size, userspace_addr)) in
+            ram.regions().into_iter().enumerate()
+        {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr,
+                memory_size,
+                userspace_addr,
+            };
+            // SAFETY: the host range is a live mapping owned by `ram`, which this Vm keeps
+            // for as long as the VM fd (and so the memslot) exists.
+            kvm_step("KVM_SET_USER_MEMORY_REGION", unsafe {
+                fd.set_user_memory_region(region)
+            })?;
+        }
+
+        let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Thread(e.into()))?;
+        kvm_step("KVM_IRQFD", fd.register_irqfd(&com1_irq, COM1_IRQ))?;
+        let beat_fd = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Thread(e.into()))?;
+        let devices = Arc::new(Devices::new(
+            Com1::new(com1_irq, serial)?,
+            Heartbeats::new(beat_fd),
+        ));
+
+        let supported = kvm_step(
+            "KVM_GET_SUPPORTED_CPUID",
+            kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
+        )?;
+        let (events_tx, events) = std::sync::mpsc::channel();
+        let events_ready = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Thread(e.into()))?;
+        let mut vcpu_fds = Vec::with_capacity(usize::from(spec.vcpus));
+        for index in 0..spec.vcpus {
+            let vcpu = kvm_step("KVM_CREATE_VCPU", fd.create_vcpu(u64::from(index)))?;
+            let tsc_khz = vcpu.get_tsc_khz().ok();
+            let cpuid: CpuId = vcpu_cpuid(
+                &supported,
+                index,
+                spec.vcpus,
+                &spec.hidden_cpu_features,
+                tsc_khz,
+            );
+            kvm_step("KVM_SET_CPUID2", vcpu.set_cpuid2(&cpuid))?;
+            set_local_interrupts(&vcpu)?;
+            vcpu_fds.push(vcpu);
+        }
+        let layout = Arc::new(VcpuStateLayout {
+            msr_indices: saveable_msrs(&kvm, &vcpu_fds[0])?,
+        });
+        let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+        for (index, vcpu) in vcpu_fds.into_iter().enumerate() {
+            let context = VcpuContext {
+                index: index as u8,
+                devices: devices.clone(),
+                events: events_tx.clone(),
+                events_ready: events_ready
+                    .try_clone()
+                    .map_err(|e| VmError::Thread(e.into()))?,
+                layout: layout.clone(),
+            };
+            vcpus.push(vcpu::spawn(vcpu, context, &spec.name).map_err(VmError::Thread)?);
+        }
+        tracing::debug!(machine = %spec.name, memory_mib = spec.memory_mib, vcpus = spec.vcpus, "machine created");
+        Ok(Vm {
+            spec: spec.clone(),
+            fd,
+            ram,
+            devices,
+            vcpus,
+            events,
+            events_ready,
+        })
+    }
+
+    /// Loads a kernel and puts the boot vCPU at its entry. The other vCPUs wait for the
+    /// guest's INIT/SIPI, as on real hardware.
+    pub fn boot(&self, source: &BootSource) -> Result<(), VmError> {
+        let entry = boot::load_kernel(&self.ram, source, self.spec.vcpus)?;
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.request(0, VcpuRequest::Boot(entry.entry, reply))?;
+        self.await_reply(0, &answer)?
+            .map_err(|source| VmError::State {
+                what: "boot vCPU entry state".into(),
+                source,
+            })
+    }
+
+    /// Starts or resumes every vCPU.
+    pub fn resume(&self) -> Result<(), VmError> {
+        for index in 0..self.spec.vcpus {
+            self.request(index, VcpuRequest::Run)?;
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU at an instruction boundary, with any in-flight exit completed, and
+    /// returns once all have acknowledged.
+    pub fn pause(&self) -> Result<(), VmError> {
+        let mut acks = Vec::with_capacity(self.vcpus.len());
+        for index in 0..self.spec.vcpus {
+            let (ack, answer) = std::sync::mpsc::channel();
+            self.request(index, VcpuRequest::Pause(ack))?;
+            acks.push(answer);
+        }
+        for (index, answer) in acks.iter().enumerate() {
+            self.await_reply(index as u8, answer)?;
+        }
+        Ok(())
+    }
+
+    /// Saves the whole machine state (memory by reference). Every vCPU must be paused or
+    /// stopped.
+    pub fn save(&self) -> Result<VmSnapshot, VmError> {
+        // Ask every vCPU first, then collect: the saves run in parallel on their threads.
+        let mut answers = Vec::with_capacity(self.vcpus.len());
+        for index in 0..self.spec.vcpus {
+            let (reply, answer) = std::sync::mpsc::channel();
+            self.request(index, VcpuRequest::Save(reply))?;
+            answers.push(answer);
+        }
+        let mut vcpus = Vec::with_capacity(answers.len());
+        for (index, answer) in answers.iter().enumerate() {
+            let state = self.await_reply(index as u8, answer)?;
+            vcpus.push(state.map_err(|source| VmError::State {
+                what: format!("saving vCPU {index} state"),
+                source,
+            })?);
+        }
+        let vm = VmState::save(&self.fd).map_err(|source| VmError::State {
+            what: "saving VM state".into(),
+            source,
+        })?;
+        Ok(VmSnapshot {
+            vcpus,
+            vm,
+            devices: self.devices.save(),
+            memory_size: self.ram.size(),
+        })
+    }
+
+    /// Loads `snapshot` into this machine, whose vCPUs must be parked. Guest memory is not
+    /// touched: copy or share it separately.
+    pub fn restore(&self, snapshot: &VmSnapshot) -> Result<(), VmError> {
+        if snapshot.vcpus.len() != usize::from(self.spec.vcpus) {
+            return Err(VmError::ShapeMismatch(format!(
+                "snapshot has {} vCPUs, machine has {}",
+                snapshot.vcpus.len(),
+                self.spec.vcpus
+            )));
+        }
+        if snapshot.memory_size != self.ram.size() {
+            return Err(VmError::ShapeMismatch(format!(
+                "snapshot has {} MiB of memory, machine has {} MiB",
+                snapshot.memory_size >> 20,
+                self.ram.size() >> 20
+            )));
+        }
+        // Interrupt controllers, PIT and clock before any vCPU: a vCPU's local APIC state
+        // refers to the IOAPIC routing already in place.
+        snapshot
+            .vm
+            .restore(&self.fd)
+            .map_err(|source| VmError::State {
+                what: "loading VM state".into(),
+                source,
+            })?;
+        self.devices.restore(&snapshot.devices)?;
+        let mut answers = Vec::with_capacity(snapshot.vcpus.len());
+        for (index, state) in snapshot.vcpus.iter().enumerate() {
+            let (reply, answer) = std::sync::mpsc::channel();
+            self.request(index as u8, VcpuRequest::Restore(Box::new(state.clone()), reply))?;
+            answers.push(answer);
+        }
+        for (index, answer) in answers.iter().enumerate() {
+            self.await_reply(index as u8, answer)?
+                .map_err(|source| VmError::State {
+                    what: format!("loading vCPU {index} state"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the next vCPU event.
+    pub fn next_event(&self, timeout: Duration) -> Option<VmEvent> {
+        match self.events.recv_timeout(timeout) {
+            Ok(event) => {
+                let _ = self.events_ready.read();
+                Some(event)
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// Readable when a vCPU event is waiting; for event loops.
+    pub fn events_ready(&self) -> &EventFd {
+        &self.events_ready
+    }
+
+    /// The machine's shape.
+    pub fn spec(&self) -> &MachineSpec {
+        &self.spec
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Heartbeat counters.
+    pub fn heartbeats(&self) -> HeartbeatStatus {
+        self.devices.heartbeats().status()
+    }
+
+    /// Readable after each heartbeat; for event loops.
+    pub fn heartbeat_ready(&self) -> &EventFd {
+        self.devices.heartbeats().notify_fd()
+    }
+
+    /// Guest accesses to ports and MMIO nobody answers.
+    pub fn unknown_accesses(&self) -> UnknownAccesses {
+        self.devices.unknown_accesses()
+    }
+
+    /// Queues console input; returns how many bytes the UART accepted (its FIFO is small).
+    pub fn serial_input(&self, bytes: &[u8]) -> usize {
+        self.devices.serial_input(bytes)
+    }
+
+    /// Replaces where console output goes, returning the previous sink.
+    pub fn set_serial_sink(&self, sink: SerialSink) -> SerialSink {
+        self.devices.set_serial_sink(sink)
+    }
+
+    /// Flushes console output.
+    pub fn flush_serial(&self) {
+        self.devices.flush_serial();
+    }
+
+    fn request(&self, index: u8, request: VcpuRequest) -> Result<(), VmError> {
+        let handle = &self.vcpus[usize::from(index)];
+        if handle.send(request) {
+            Ok(())
+        } else {
+            Err(VmError::VcpuUnresponsive(index))
+        }
+    }
+
+    fn await_reply<T>(&self, index: u8, answer: &Receiver<T>) -> Result<T, VmError> {
+        answer
+            .recv_timeout(VCPU_REPLY_TIMEOUT)
+            .map_err(|_| VmError::VcpuUnresponsive(index))
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        for handle in &self.vcpus {
+            handle.send(VcpuRequest::Exit);
+        }
+        for handle in &mut self.vcpus {
+            if let Some(thread) = handle.thread.take() {
+                let _ = thread.join();
+            }
+        }
+        self.devices.flush_serial();
+    }
+}
+
+/// Wires LINT0 to the 8259 (ExtINT) and LINT1 to NMI, as firmware would, so a guest that
+/// uses the legacy PIC through the local APIC gets its interrupts.
+fn set_local_interrupts(vcpu: &VcpuFd) -> Result<(), VmError> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const APIC_MODE_EXTINT: u32 = 0x7;
+    const APIC_MODE_NMI: u32 = 0x4;
+    let mut lapic = kvm_step("KVM_GET_LAPIC", vcpu.get_lapic())?;
+    for (offset, mode) in [(APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+        let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+        for (i, b) in value.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *b as _;
+        }
+    }
+    kvm_step("KVM_SET_LAPIC", vcpu.set_lapic(&lapic))
+}
