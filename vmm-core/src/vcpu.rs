@@ -247,13 +247,18 @@ impl VcpuThread {
     fn drain_requests(&mut self) -> Next {
         // Clear before draining: a kick for a request queued after the drain sets it again.
         self.vcpu.set_kvm_immediate_exit(0);
+        // Requests queued together are handled in order, each seeing the state the previous
+        // one left: a Save queued behind a Pause must not set the vCPU running again.
         let mut next = Next::Run;
         loop {
             match self.inbox.try_recv() {
-                Ok(request) => match self.handle(request, true) {
-                    Next::Exit => return Next::Exit,
-                    other => next = other,
-                },
+                Ok(request) => {
+                    let running = matches!(next, Next::Run);
+                    match self.handle(request, running) {
+                        Next::Exit => return Next::Exit,
+                        other => next = other,
+                    }
+                }
                 Err(TryRecvError::Empty) => return next,
                 Err(TryRecvError::Disconnected) => return Next::Exit,
             }

@@ -6,7 +6,7 @@
 //! holds a lock while a vCPU runs.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kvm_bindings::{
@@ -132,7 +132,9 @@ pub struct Vm {
     ram: GuestRam,
     devices: Arc<Devices>,
     vcpus: Vec<VcpuHandle>,
-    events: Receiver<VmEvent>,
+    // Behind a mutex only so a Vm can be shared (Receiver is not Sync); its owner is the
+    // one reader.
+    events: Mutex<Receiver<VmEvent>>,
     events_ready: EventFd,
 }
 
@@ -248,7 +250,7 @@ impl Vm {
             ram,
             devices,
             vcpus,
-            events,
+            events: Mutex::new(events),
             events_ready,
         })
     }
@@ -364,7 +366,8 @@ impl Vm {
 
     /// Waits up to `timeout` for the next vCPU event.
     pub fn next_event(&self, timeout: Duration) -> Option<VmEvent> {
-        match self.events.recv_timeout(timeout) {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        match events.recv_timeout(timeout) {
             Ok(event) => {
                 let _ = self.events_ready.read();
                 Some(event)

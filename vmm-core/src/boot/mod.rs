@@ -189,6 +189,16 @@ fn load_initrd(
     Ok((start, size))
 }
 
+/// Checks that `path` is a readable ELF64 or bzImage kernel, without loading it.
+pub fn probe_kernel(path: &Path) -> Result<(), BootError> {
+    let mut file = File::open(path).map_err(|source| BootError::ReadFile {
+        what: "kernel",
+        path: path.to_owned(),
+        source,
+    })?;
+    detect_format(path, &mut file).map(|_| ())
+}
+
 /// Loads `source` into `ram`, writes the zero page, command line and MP table for `vcpus`
 /// processors, and returns where the kernel is entered.
 pub fn load_kernel(

@@ -1,0 +1,404 @@
+//! The environment file: which guests to run and how, as the operator writes it, validated,
+//! with defaults filled in and paths resolved (what `understudy check` prints).
+//!
+//! Parsing and validation only; nothing here starts a machine.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vmm_core::boot::probe_kernel;
+use vmm_core::vm::MAX_MEMORY_MIB;
+use vmm_core::CpuFeature;
+
+/// Largest vCPU count a guest may have.
+pub const MAX_VCPUS: u8 = vmm_core::boot::mptable::MAX_VCPUS;
+const DEFAULT_MEMORY_MIB: u64 = 128;
+const DEFAULT_VCPUS: u8 = 1;
+
+/// A malformed or inconsistent environment file. The message names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read environment file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (syntax, unknown key, wrong type).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What toml said, with line and column.
+        message: String,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, e.g. `guest[0].memory_mib`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Where a guest's console output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialOutput {
+    /// The process's standard output.
+    Stdout,
+    /// A file, created or truncated at start.
+    File(PathBuf),
+    /// Discarded.
+    None,
+}
+
+impl SerialOutput {
+    fn parse(text: &str, base: &Path) -> Option<Self> {
+        match text {
+            "stdout" => Some(SerialOutput::Stdout),
+            "none" => Some(SerialOutput::None),
+            _ => text
+                .strip_prefix("file:")
+                .filter(|p| !p.is_empty())
+                .map(|p| SerialOutput::File(base.join(p))),
+        }
+    }
+}
+
+impl std::fmt::Display for SerialOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SerialOutput::Stdout => write!(f, "stdout"),
+            SerialOutput::File(path) => write!(f, "file:{}", path.display()),
+            SerialOutput::None => write!(f, "none"),
+        }
+    }
+}
+
+/// Where a guest's console input comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SerialInput {
+    /// No input.
+    #[default]
+    None,
+    /// The process's standard input (one guest at most).
+    Stdin,
+}
+
+/// The `[guest.cpu]` table as written.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpuFile {
+    /// Features to hide from the guest's CPUID.
+    #[serde(default)]
+    pub hide: Vec<CpuFeature>,
+}
+
+/// One `[[guest]]` table as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GuestFile {
+    name: String,
+    kernel: PathBuf,
+    memory_mib: Option<u64>,
+    vcpus: Option<u8>,
+    cmdline: Option<String>,
+    initrd: Option<PathBuf>,
+    serial: Option<String>,
+    serial_input: Option<SerialInput>,
+    cpu: Option<CpuFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvironmentFile {
+    #[serde(default)]
+    guest: Vec<GuestFile>,
+}
+
+/// A guest, validated, with every default filled in and paths absolute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GuestConfig {
+    /// Unique name.
+    pub name: String,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Initial ramdisk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Console output.
+    #[serde(serialize_with = "serialize_display")]
+    pub serial: SerialOutput,
+    /// Console input.
+    pub serial_input: SerialInput,
+    /// CPU model adjustments.
+    pub cpu: CpuConfig,
+}
+
+/// The resolved `[guest.cpu]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CpuConfig {
+    /// Features hidden from CPUID.
+    pub hide: Vec<CpuFeature>,
+}
+
+fn serialize_display<S: serde::Serializer, T: std::fmt::Display>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+impl GuestConfig {
+    /// The machine shape this guest needs.
+    pub fn machine_spec(&self) -> vmm_core::MachineSpec {
+        vmm_core::MachineSpec {
+            name: self.name.clone(),
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            hidden_cpu_features: self.cpu.hide.clone(),
+        }
+    }
+
+    /// What to boot.
+    pub fn boot_source(&self) -> vmm_core::BootSource {
+        vmm_core::BootSource {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+        }
+    }
+}
+
+/// A whole environment, validated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Environment {
+    /// Every guest, in file order.
+    pub guest: Vec<GuestConfig>,
+}
+
+impl Environment {
+    /// Reads, parses and validates the environment file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
+        Self::parse(&text, path, &base)
+    }
+
+    /// Parses and validates `text`; `path` is named in errors, `base` resolves relative paths.
+    pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
+        let file: EnvironmentFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message,
+        };
+        if file.guest.is_empty() {
+            return Err(invalid(
+                "guest".into(),
+                "no [[guest]] is declared; there is nothing to run".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut stdin_taken = false;
+        let mut guests = Vec::with_capacity(file.guest.len());
+        for (i, g) in file.guest.into_iter().enumerate() {
+            let key = |field: &str| format!("guest[{i}].{field}");
+            if g.name.is_empty()
+                || !g
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?} is not a valid name: use letters, digits, '-' and '_'",
+                        g.name
+                    ),
+                ));
+            }
+            if !names.insert(g.name.clone()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("guest name {:?} is used more than once", g.name),
+                ));
+            }
+            let memory_mib = g.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB);
+            if !(2..=MAX_MEMORY_MIB).contains(&memory_mib) {
+                return Err(invalid(
+                    key("memory_mib"),
+                    format!("must be between 2 and {MAX_MEMORY_MIB}, got {memory_mib}"),
+                ));
+            }
+            let vcpus = g.vcpus.unwrap_or(DEFAULT_VCPUS);
+            if !(1..=MAX_VCPUS).contains(&vcpus) {
+                return Err(invalid(
+                    key("vcpus"),
+                    format!("must be between 1 and {MAX_VCPUS}, got {vcpus}"),
+                ));
+            }
+            let kernel = base.join(&g.kernel);
+            probe_kernel(&kernel).map_err(|e| invalid(key("kernel"), e.to_string()))?;
+            let initrd = g.initrd.map(|p| base.join(p));
+            if let Some(initrd) = &initrd {
+                std::fs::metadata(initrd)
+                    .map_err(|e| invalid(key("initrd"), format!("{}: {e}", initrd.display())))?;
+            }
+            let serial_text = g.serial.unwrap_or_else(|| "stdout".into());
+            let serial = SerialOutput::parse(&serial_text, base).ok_or_else(|| {
+                invalid(
+                    key("serial"),
+                    format!("{serial_text:?} is not one of \"stdout\", \"none\", \"file:PATH\""),
+                )
+            })?;
+            let serial_input = g.serial_input.unwrap_or_default();
+            if serial_input == SerialInput::Stdin {
+                if stdin_taken {
+                    return Err(invalid(
+                        key("serial_input"),
+                        "only one guest can read standard input".into(),
+                    ));
+                }
+                stdin_taken = true;
+            }
+            let cmdline = g.cmdline.unwrap_or_default();
+            if cmdline.len() >= vmm_core::layout::CMDLINE_MAX_SIZE {
+                return Err(invalid(
+                    key("cmdline"),
+                    format!(
+                        "{} bytes long; at most {} are allowed",
+                        cmdline.len(),
+                        vmm_core::layout::CMDLINE_MAX_SIZE - 1
+                    ),
+                ));
+            }
+            let mut hide = g.cpu.map(|c| c.hide).unwrap_or_default();
+            hide.dedup();
+            guests.push(GuestConfig {
+                name: g.name,
+                kernel,
+                memory_mib,
+                vcpus,
+                cmdline,
+                initrd,
+                serial,
+                serial_input,
+                cpu: CpuConfig { hide },
+            });
+        }
+        Ok(Environment { guest: guests })
+    }
+
+    /// The resolved environment as TOML, every default written out.
+    pub fn to_toml(&self) -> String {
+        // Every field is a string, number, bool, path or list of those: serialization to
+        // TOML cannot fail for this type.
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel_dir() -> PathBuf {
+        // Any ELF64 file passes the kernel probe; the test binary itself is one.
+        std::env::current_exe().unwrap().parent().unwrap().to_owned()
+    }
+
+    fn parse(text: &str) -> Result<Environment, ConfigError> {
+        let exe = std::env::current_exe().unwrap();
+        let text = text.replace("KERNEL", &exe.file_name().unwrap().to_string_lossy());
+        Environment::parse(&text, Path::new("env.toml"), &kernel_dir())
+    }
+
+    #[test]
+    fn defaults_are_filled_in() {
+        let env = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n").unwrap();
+        let g = &env.guest[0];
+        assert_eq!((g.memory_mib, g.vcpus), (DEFAULT_MEMORY_MIB, DEFAULT_VCPUS));
+        assert_eq!(g.serial, SerialOutput::Stdout);
+        assert!(g.kernel.is_absolute());
+        assert!(env.to_toml().contains("memory_mib = 128"));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nmemroy_mib = 3\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("memroy_mib"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let err = parse(
+            "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("guest[1].name"), "{err}");
+    }
+
+    #[test]
+    fn zero_memory_and_absurd_vcpus_are_rejected() {
+        let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nmemory_mib = 0\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("guest[0].memory_mib"), "{err}");
+        let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nvcpus = 200\n").unwrap_err();
+        assert!(err.to_string().contains("guest[0].vcpus"), "{err}");
+    }
+
+    #[test]
+    fn missing_kernel_is_named() {
+        let err = parse("[[guest]]\nname = \"a\"\nkernel = \"nope/vmlinux\"\n").unwrap_err();
+        assert!(err.to_string().contains("guest[0].kernel"), "{err}");
+        assert!(err.to_string().contains("nope/vmlinux"), "{err}");
+    }
+
+    #[test]
+    fn bad_serial_and_second_stdin_reader_are_rejected() {
+        let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nserial = \"tty\"\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("guest[0].serial"), "{err}");
+        let err = parse(
+            "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nserial_input = \"stdin\"\n[[guest]]\nname = \"b\"\nkernel = \"KERNEL\"\nserial_input = \"stdin\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("guest[1].serial_input"), "{err}");
+    }
+
+    #[test]
+    fn unknown_cpu_feature_is_an_error() {
+        let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.cpu]\nhide = [\"warp\"]\n")
+            .unwrap_err();
+        assert!(err.to_string().contains("warp"), "{err}");
+    }
+
+    #[test]
+    fn empty_file_has_nothing_to_run() {
+        assert!(parse("").unwrap_err().to_string().contains("nothing to run"));
+    }
+}

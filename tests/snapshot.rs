@@ -1,0 +1,131 @@
+//! Capture and restore: a running guest is paused, its whole state saved as plain values,
+//! loaded into a second machine, and the guest carries on there as if nothing happened.
+
+mod common;
+
+use common::{assert_consecutive, kernel, numbers_after, require_kvm, Transcript};
+use vmm_core::{BootSource, MachineSpec, Vm, VmSnapshot};
+
+fn spec(vcpus: u8) -> MachineSpec {
+    MachineSpec {
+        name: "counter".into(),
+        memory_mib: 64,
+        vcpus,
+        hidden_cpu_features: vec![],
+    }
+}
+
+/// Boots `counter`, moves it to a fresh machine after a few lines, and returns both
+/// transcripts.
+fn move_counter(vcpus: u8, via_json: bool) -> (String, String) {
+    require_kvm();
+    let first_console = Transcript::default();
+    let first = Vm::create(&spec(vcpus), first_console.sink()).unwrap();
+    first
+        .boot(&BootSource {
+            kernel: kernel("counter"),
+            initrd: None,
+            cmdline: "interval_ms=10".into(),
+        })
+        .unwrap();
+    first.resume().unwrap();
+    first_console.wait_until("five counter lines", |t| {
+        numbers_after(t, "count ").len() >= 5
+    });
+
+    first.pause().unwrap();
+    let mut snapshot = first.save().unwrap();
+    if via_json {
+        let json = serde_json::to_string(&snapshot).unwrap();
+        snapshot = serde_json::from_str::<VmSnapshot>(&json).unwrap();
+    }
+    let before = first_console.text();
+
+    let second_console = Transcript::default();
+    let second = Vm::create(&spec(vcpus), second_console.sink()).unwrap();
+    second.ram().copy_from(first.ram());
+    drop(first);
+    second.restore(&snapshot).unwrap();
+    second.resume().unwrap();
+    let after = second_console.wait_until("five more counter lines", |t| {
+        numbers_after(t, "count ").len() >= 5
+    });
+    second.pause().unwrap();
+    (before, after)
+}
+
+fn assert_continued(before: &str, after: &str) {
+    let old = numbers_after(before, "count ");
+    let new = numbers_after(after, "count ");
+    assert_consecutive(&old, "before the move");
+    assert_consecutive(&new, "after the move");
+    assert_eq!(
+        new[0],
+        old.last().unwrap() + 1,
+        "the restored guest did not continue where it was paused\nbefore:\n{before}\nafter:\n{after}"
+    );
+    assert!(!after.contains("counter: interval_ms"), "the guest rebooted:\n{after}");
+}
+
+#[test]
+fn restored_counter_continues_without_restarting() {
+    let (before, after) = move_counter(1, false);
+    assert_continued(&before, &after);
+}
+
+#[test]
+fn snapshot_survives_serialization() {
+    let (before, after) = move_counter(1, true);
+    assert_continued(&before, &after);
+}
+
+#[test]
+fn restoring_into_a_machine_of_another_shape_is_refused() {
+    require_kvm();
+    let small = Vm::create(&spec(1), Box::new(std::io::sink())).unwrap();
+    let snapshot = small.save().unwrap();
+    let two_vcpus = Vm::create(&spec(2), Box::new(std::io::sink())).unwrap();
+    let err = two_vcpus.restore(&snapshot).unwrap_err();
+    assert!(err.to_string().contains("vCPUs"), "{err}");
+}
+
+#[test]
+fn a_snapshot_is_a_plain_value_that_round_trips() {
+    require_kvm();
+    let vm = Vm::create(&spec(1), Box::new(std::io::sink())).unwrap();
+    let saved = vm.save().unwrap();
+    let json = serde_json::to_value(&saved).unwrap();
+    let reloaded: VmSnapshot = serde_json::from_value(json.clone()).unwrap();
+    assert!(
+        serde_json::to_value(&reloaded).unwrap() == json,
+        "a snapshot changed on its way through JSON"
+    );
+    assert_eq!(reloaded.vcpus.len(), 1);
+    assert_eq!(reloaded.memory_size, 64 << 20);
+}
+
+#[test]
+fn a_paused_guest_stays_paused_through_saves() {
+    require_kvm();
+    let console = Transcript::default();
+    let vm = Vm::create(&spec(1), console.sink()).unwrap();
+    vm.boot(&BootSource {
+        kernel: kernel("counter"),
+        initrd: None,
+        cmdline: "interval_ms=5".into(),
+    })
+    .unwrap();
+    vm.resume().unwrap();
+    console.wait_until("three counter lines", |t| {
+        numbers_after(t, "count ").len() >= 3
+    });
+    // Saves queued right behind the pause must not set the vCPU running again.
+    vm.pause().unwrap();
+    let first = vm.save().unwrap();
+    let frozen = console.text();
+    let second = vm.save().unwrap();
+    // Running, the guest would print about 40 lines in this time.
+    assert!(vm.next_event(std::time::Duration::from_millis(200)).is_none());
+    assert_eq!(console.text(), frozen, "the guest ran while paused");
+    assert_eq!(first.vcpus[0].regs.rip, second.vcpus[0].regs.rip);
+}
