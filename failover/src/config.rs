@@ -47,6 +47,11 @@ pub enum ConfigError {
     },
 }
 
+/// `path` without `.`, `..` or symlinks when it exists, else as given.
+fn canonical(path: PathBuf) -> PathBuf {
+    std::fs::canonicalize(&path).unwrap_or(path)
+}
+
 /// Where a guest's console output goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialOutput {
@@ -66,7 +71,15 @@ impl SerialOutput {
             _ => text
                 .strip_prefix("file:")
                 .filter(|p| !p.is_empty())
-                .map(|p| SerialOutput::File(base.join(p))),
+                .map(|p| {
+                    let path = base.join(p);
+                    // The file need not exist yet; its folder usually does.
+                    let resolved = match (path.parent(), path.file_name()) {
+                        (Some(dir), Some(name)) => canonical(dir.to_owned()).join(name),
+                        _ => path,
+                    };
+                    SerialOutput::File(resolved)
+                }),
         }
     }
 }
@@ -263,11 +276,17 @@ impl Environment {
             }
             let kernel = base.join(&g.kernel);
             probe_kernel(&kernel).map_err(|e| invalid(key("kernel"), e.to_string()))?;
-            let initrd = g.initrd.map(|p| base.join(p));
-            if let Some(initrd) = &initrd {
-                std::fs::metadata(initrd)
-                    .map_err(|e| invalid(key("initrd"), format!("{}: {e}", initrd.display())))?;
-            }
+            let kernel = canonical(kernel);
+            let initrd = match g.initrd {
+                Some(p) => {
+                    let initrd = base.join(p);
+                    std::fs::metadata(&initrd).map_err(|e| {
+                        invalid(key("initrd"), format!("{}: {e}", initrd.display()))
+                    })?;
+                    Some(canonical(initrd))
+                }
+                None => None,
+            };
             let serial_text = g.serial.unwrap_or_else(|| "stdout".into());
             let serial = SerialOutput::parse(&serial_text, base).ok_or_else(|| {
                 invalid(

@@ -1,0 +1,216 @@
+//! The `understudy` command line as a user meets it: example configs run, bad input is
+//! refused with a message naming the problem and exit status 2, and exit statuses say how
+//! the guests ended.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_consecutive, kernel, numbers_after, require_kvm, PATIENCE};
+
+/// Runs understudy to completion, killing it (and failing) if it outlives [`PATIENCE`].
+fn understudy(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run understudy");
+    // Read both pipes while waiting, so a chatty guest cannot block on a full pipe.
+    let mut out_pipe = child.stdout.take().unwrap();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        out_pipe.read_to_end(&mut buf).map(|_| buf).unwrap_or_default()
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        err_pipe.read_to_end(&mut buf).map(|_| buf).unwrap_or_default()
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for understudy") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
+            panic!("understudy {args:?} still running after {PATIENCE:?}; stderr:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+fn config(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Writes `text` as an environment file in a fresh folder and returns its path.
+fn env_file(test: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("understudy-cli-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("env.toml");
+    std::fs::write(&path, text.replace("KERNELS", env!("UNDERSTUDY_KERNELS"))).unwrap();
+    path
+}
+
+#[test]
+fn hello_config_prints_and_exits_with_the_guest_status() {
+    require_kvm();
+    let out = understudy(&["run", &config("hello.toml")]);
+    assert_eq!(stdout(&out), "hello from understudy\n");
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{}", stderr(&out));
+    assert!(stderr(&out).contains("guest started"), "{}", stderr(&out));
+}
+
+#[test]
+fn counter_config_counts_to_its_end() {
+    require_kvm();
+    let out = understudy(&["run", &config("counter.toml")]);
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{}", stderr(&out));
+    let counts = numbers_after(&stdout(&out), "count ");
+    assert_eq!(counts.first(), Some(&0));
+    assert_eq!(counts.last(), Some(&40));
+    assert_consecutive(&counts, "counter transcript");
+}
+
+#[test]
+fn one_guest_failing_leaves_the_others_running() {
+    require_kvm();
+    let out = understudy(&["run", &config("mixed.toml")]);
+    let (text, log) = (stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(3), "a failed guest means status 3; stderr:\n{log}");
+    assert!(text.contains("crash: triple fault now"), "{text}");
+    assert!(log.contains("guest failed") && log.contains("triple fault"), "{log}");
+    let counts = numbers_after(&text, "count ");
+    assert_eq!(counts, (0..=20).collect::<Vec<_>>(), "counter was disturbed:\n{text}");
+    let dirty = std::fs::read_to_string(config("dirty-console.log")).unwrap();
+    assert_eq!(numbers_after(&dirty, "dirty: seq ").len(), 11, "{dirty}");
+}
+
+#[test]
+fn check_prints_the_resolved_environment() {
+    let out = understudy(&["check", &config("hello.toml")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let kernel_line = format!("kernel = \"{}\"", kernel("hello").display());
+    for expected in ["name = \"hello\"", "memory_mib = 32", "cmdline = \"\"", &kernel_line] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    // What check prints is itself a valid environment file for the same guests.
+    let again = env_file("resolved", &text);
+    let out = understudy(&["check", again.to_str().unwrap()]);
+    assert_eq!(stdout(&out), text);
+}
+
+fn assert_refused(test: &str, text: &str, expected: &[&str]) {
+    let path = env_file(test, text);
+    for command in ["check", "run"] {
+        let out = understudy(&[command, path.to_str().unwrap()]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(stdout(&out).is_empty(), "{command} started something: {}", stdout(&out));
+        for word in expected {
+            assert!(err.contains(word), "{command}: expected {word:?} in: {err}");
+        }
+    }
+}
+
+#[test]
+fn unknown_key_is_refused_naming_it() {
+    assert_refused(
+        "unknown-key",
+        "[[guest]]\nname = \"a\"\nkernel = \"KERNELS/hello\"\nmemory = 64\n",
+        &["memory", "env.toml"],
+    );
+}
+
+#[test]
+fn duplicate_guest_names_are_refused() {
+    assert_refused(
+        "duplicate",
+        "[[guest]]\nname = \"a\"\nkernel = \"KERNELS/hello\"\n[[guest]]\nname = \"a\"\nkernel = \"KERNELS/hello\"\n",
+        &["guest[1].name", "more than once"],
+    );
+}
+
+#[test]
+fn zero_and_absurd_sizes_are_refused() {
+    assert_refused(
+        "zero-memory",
+        "[[guest]]\nname = \"a\"\nkernel = \"KERNELS/hello\"\nmemory_mib = 0\n",
+        &["guest[0].memory_mib"],
+    );
+    assert_refused(
+        "huge-memory",
+        "[[guest]]\nname = \"a\"\nkernel = \"KERNELS/hello\"\nmemory_mib = 99999999999\n",
+        &["guest[0].memory_mib"],
+    );
+    assert_refused(
+        "zero-vcpus",
+        "[[guest]]\nname = \"a\"\nkernel = \"KERNELS/hello\"\nvcpus = 0\n",
+        &["guest[0].vcpus"],
+    );
+}
+
+#[test]
+fn missing_kernel_and_non_kernel_are_refused_naming_the_file() {
+    assert_refused(
+        "missing-kernel",
+        "[[guest]]\nname = \"a\"\nkernel = \"no-such-kernel\"\n",
+        &["guest[0].kernel", "no-such-kernel"],
+    );
+    let path = env_file("not-a-kernel", "[[guest]]\nname = \"a\"\nkernel = \"env.toml\"\n");
+    let out = understudy(&["run", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("is not a kernel"), "{}", stderr(&out));
+}
+
+#[test]
+fn malformed_toml_is_refused_with_its_position() {
+    assert_refused("syntax", "[[guest]\nname = \"a\"\n", &["line 1"]);
+}
+
+#[test]
+fn missing_environment_file_is_refused() {
+    let out = understudy(&["run", "/nonexistent/env.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("/nonexistent/env.toml"));
+}
+
+#[test]
+fn console_can_go_to_a_file() {
+    require_kvm();
+    let path = env_file(
+        "serial-file",
+        "[[guest]]\nname = \"a\"\nkernel = \"KERNELS/hello\"\nserial = \"file:console.txt\"\n",
+    );
+    let out = understudy(&["run", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty());
+    let console = std::fs::read_to_string(path.with_file_name("console.txt")).unwrap();
+    assert_eq!(console, "hello from understudy\n");
+}
