@@ -173,30 +173,45 @@ impl Vm {
         }
         let fd = kvm_step("KVM_CREATE_VM", kvm.create_vm())?;
         kvm_step("KVM_SET_TSS_ADDR", fd.set_tss_address(KVM_TSS_ADDRESS as usize))?;
+        let ram = GuestRam::new(spec.memory_mib << 20)?;
+        // A memslot change waits for a KVM grace period, a fixed few milliseconds on a nested
+        // host whatever the RAM size: let it overlap with building the rest of the machine.
+        let (rest, memslots) = std::thread::scope(|scope| {
+            let memslots = scope.spawn(|| register_memslots(&fd, &ram));
+            let rest = Self::create_devices_and_vcpus(spec, &kvm, &fd, serial);
+            let memslots = memslots
+                .join()
+                .unwrap_or_else(|_| Err(VmError::InvalidSpec("memslot setup panicked".into())));
+            (rest, memslots)
+        });
+        let (devices, vcpus, events, events_ready) = rest?;
+        memslots?;
+        tracing::debug!(machine = %spec.name, memory_mib = spec.memory_mib, vcpus = spec.vcpus, "machine created");
+        Ok(Vm {
+            spec: spec.clone(),
+            fd,
+            ram,
+            devices,
+            vcpus,
+            events: Mutex::new(events),
+            events_ready,
+        })
+    }
+
+    /// The in-kernel irqchip and PIT, the devices, and the parked vCPU threads.
+    #[allow(clippy::type_complexity)]
+    fn create_devices_and_vcpus(
+        spec: &MachineSpec,
+        kvm: &Kvm,
+        fd: &VmFd,
+        serial: SerialSink,
+    ) -> Result<(Arc<Devices>, Vec<VcpuHandle>, Receiver<VmEvent>, EventFd), VmError> {
         kvm_step("KVM_CREATE_IRQCHIP", fd.create_irq_chip())?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
         kvm_step("KVM_CREATE_PIT2", fd.create_pit2(pit))?;
-
-        let ram = GuestRam::new(spec.memory_mib << 20)?;
-        for (slot, (guest_phys_addr, memory_size, userspace_addr)) in
-            ram.regions().into_iter().enumerate()
-        {
-            let region = kvm_userspace_memory_region {
-                slot: slot as u32,
-                flags: 0,
-                guest_phys_addr,
-                memory_size,
-                userspace_addr,
-            };
-            // SAFETY: the host range is a live mapping owned by `ram`, which this Vm keeps
-            // for as long as the VM fd (and so the memslot) exists.
-            kvm_step("KVM_SET_USER_MEMORY_REGION", unsafe {
-                fd.set_user_memory_region(region)
-            })?;
-        }
 
         let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Thread(e.into()))?;
         kvm_step("KVM_IRQFD", fd.register_irqfd(&com1_irq, COM1_IRQ))?;
@@ -228,7 +243,7 @@ impl Vm {
             vcpu_fds.push(vcpu);
         }
         let layout = Arc::new(VcpuStateLayout {
-            msr_indices: saveable_msrs(&kvm, &vcpu_fds[0])?,
+            msr_indices: saveable_msrs(kvm, &vcpu_fds[0])?,
         });
         let mut vcpus = Vec::with_capacity(vcpu_fds.len());
         for (index, vcpu) in vcpu_fds.into_iter().enumerate() {
@@ -243,16 +258,7 @@ impl Vm {
             };
             vcpus.push(vcpu::spawn(vcpu, context, &spec.name).map_err(VmError::Thread)?);
         }
-        tracing::debug!(machine = %spec.name, memory_mib = spec.memory_mib, vcpus = spec.vcpus, "machine created");
-        Ok(Vm {
-            spec: spec.clone(),
-            fd,
-            ram,
-            devices,
-            vcpus,
-            events: Mutex::new(events),
-            events_ready,
-        })
+        Ok((devices, vcpus, events, events_ready))
     }
 
     /// Loads a kernel and puts the boot vCPU at its entry. The other vCPUs wait for the
@@ -449,6 +455,27 @@ impl Drop for Vm {
         }
         self.devices.flush_serial();
     }
+}
+
+/// Registers each RAM region as a KVM memslot.
+fn register_memslots(fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
+    for (slot, (guest_phys_addr, memory_size, userspace_addr)) in
+        ram.regions().into_iter().enumerate()
+    {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr,
+            memory_size,
+            userspace_addr,
+        };
+        // SAFETY: the host range is a live mapping owned by `ram`, which the Vm keeps for as
+        // long as the VM fd (and so the memslot) exists.
+        kvm_step("KVM_SET_USER_MEMORY_REGION", unsafe {
+            fd.set_user_memory_region(region)
+        })?;
+    }
+    Ok(())
 }
 
 /// Wires LINT0 to the 8259 (ExtINT) and LINT1 to NMI, as firmware would, so a guest that
