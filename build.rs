@@ -13,7 +13,13 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .map(|dir| if dir.is_absolute() { dir } else { manifest.join(dir) })
+        .map(|dir| {
+            if dir.is_absolute() {
+                dir
+            } else {
+                manifest.join(dir)
+            }
+        })
         .unwrap_or_else(|| manifest.join("target"));
     let out = target.join("kernels");
     let status = Command::new("make")

@@ -88,12 +88,23 @@ fn main() {
         }
     }
     let ours = median(ours);
-    println!("boot to first serial byte, understudy run (hello, 32 MiB), median of {runs}: {:.2} ms", ours.as_secs_f64() * 1e3);
+    println!(
+        "boot to first serial byte, understudy run (hello, 32 MiB), median of {runs}: {:.2} ms",
+        ours.as_secs_f64() * 1e3
+    );
     if qemu_available {
         let theirs = median(theirs);
-        println!("boot to first serial byte, qemu -M microvm (same kernel), median of {runs}: {:.2} ms", theirs.as_secs_f64() * 1e3);
-        println!("ratio understudy / qemu: {:.3}", ours.as_secs_f64() / theirs.as_secs_f64());
+        println!(
+            "boot to first serial byte, qemu -M microvm (same kernel), median of {runs}: {:.2} ms",
+            theirs.as_secs_f64() * 1e3
+        );
+        println!(
+            "ratio understudy / qemu: {:.3}",
+            ours.as_secs_f64() / theirs.as_secs_f64()
+        );
     } else {
-        println!("qemu-system-x86_64 not installed: no comparison (apt-get install qemu-system-x86)");
+        println!(
+            "qemu-system-x86_64 not installed: no comparison (apt-get install qemu-system-x86)"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! `failover`, and turn the outcome into an exit status. No logic a test would want to reach
 //! lives here.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -52,14 +52,14 @@ fn init_logging(filter: &str) {
         .init();
 }
 
-fn load(path: &PathBuf) -> Result<Environment, ExitCode> {
+fn load(path: &Path) -> Result<Environment, ExitCode> {
     Environment::load(path).map_err(|err| {
         eprintln!("understudy: {err}");
         ExitCode::from(EXIT_INVALID_INPUT)
     })
 }
 
-fn run(path: &PathBuf) -> ExitCode {
+fn run(path: &Path) -> ExitCode {
     let env = match load(path) {
         Ok(env) => env,
         Err(code) => return code,

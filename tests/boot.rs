@@ -83,7 +83,10 @@ fn dirty_reports_the_pages_it_wrote() {
         .filter_map(|l| l.rsplit_once("pages ").and_then(|(_, p)| p.parse().ok()))
         .collect();
     assert!(pages.windows(2).all(|w| w[1] >= w[0]), "{text}");
-    assert!(pages.last().copied().unwrap_or(0) > 0, "no page written: {text}");
+    assert!(
+        pages.last().copied().unwrap_or(0) > 0,
+        "no page written: {text}"
+    );
     vm.pause().unwrap();
 }
 

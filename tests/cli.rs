@@ -4,8 +4,8 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,11 +26,17 @@ fn understudy(args: &[&str]) -> Output {
     let mut err_pipe = child.stderr.take().unwrap();
     let out_reader = std::thread::spawn(move || {
         let mut buf = Vec::new();
-        out_pipe.read_to_end(&mut buf).map(|_| buf).unwrap_or_default()
+        out_pipe
+            .read_to_end(&mut buf)
+            .map(|_| buf)
+            .unwrap_or_default()
     });
     let err_reader = std::thread::spawn(move || {
         let mut buf = Vec::new();
-        err_pipe.read_to_end(&mut buf).map(|_| buf).unwrap_or_default()
+        err_pipe
+            .read_to_end(&mut buf)
+            .map(|_| buf)
+            .unwrap_or_default()
     });
     let deadline = Instant::now() + PATIENCE;
     let status = loop {
@@ -102,11 +108,22 @@ fn one_guest_failing_leaves_the_others_running() {
     require_kvm();
     let out = understudy(&["run", &config("mixed.toml")]);
     let (text, log) = (stdout(&out), stderr(&out));
-    assert_eq!(out.status.code(), Some(3), "a failed guest means status 3; stderr:\n{log}");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "a failed guest means status 3; stderr:\n{log}"
+    );
     assert!(text.contains("crash: triple fault now"), "{text}");
-    assert!(log.contains("guest failed") && log.contains("triple fault"), "{log}");
+    assert!(
+        log.contains("guest failed") && log.contains("triple fault"),
+        "{log}"
+    );
     let counts = numbers_after(&text, "count ");
-    assert_eq!(counts, (0..=20).collect::<Vec<_>>(), "counter was disturbed:\n{text}");
+    assert_eq!(
+        counts,
+        (0..=20).collect::<Vec<_>>(),
+        "counter was disturbed:\n{text}"
+    );
     let dirty = std::fs::read_to_string(config("dirty-console.log")).unwrap();
     assert_eq!(numbers_after(&dirty, "dirty: seq ").len(), 11, "{dirty}");
 }
@@ -117,7 +134,12 @@ fn check_prints_the_resolved_environment() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
     let kernel_line = format!("kernel = \"{}\"", kernel("hello").display());
-    for expected in ["name = \"hello\"", "memory_mib = 32", "cmdline = \"\"", &kernel_line] {
+    for expected in [
+        "name = \"hello\"",
+        "memory_mib = 32",
+        "cmdline = \"\"",
+        &kernel_line,
+    ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     // What check prints is itself a valid environment file for the same guests.
@@ -132,7 +154,11 @@ fn assert_refused(test: &str, text: &str, expected: &[&str]) {
         let out = understudy(&[command, path.to_str().unwrap()]);
         let err = stderr(&out);
         assert_eq!(out.status.code(), Some(2), "{command}: {err}");
-        assert!(stdout(&out).is_empty(), "{command} started something: {}", stdout(&out));
+        assert!(
+            stdout(&out).is_empty(),
+            "{command} started something: {}",
+            stdout(&out)
+        );
         for word in expected {
             assert!(err.contains(word), "{command}: expected {word:?} in: {err}");
         }
@@ -183,7 +209,10 @@ fn missing_kernel_and_non_kernel_are_refused_naming_the_file() {
         "[[guest]]\nname = \"a\"\nkernel = \"no-such-kernel\"\n",
         &["guest[0].kernel", "no-such-kernel"],
     );
-    let path = env_file("not-a-kernel", "[[guest]]\nname = \"a\"\nkernel = \"env.toml\"\n");
+    let path = env_file(
+        "not-a-kernel",
+        "[[guest]]\nname = \"a\"\nkernel = \"env.toml\"\n",
+    );
     let out = understudy(&["run", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("is not a kernel"), "{}", stderr(&out));

@@ -64,7 +64,10 @@ fn assert_continued(before: &str, after: &str) {
         old.last().unwrap() + 1,
         "the restored guest did not continue where it was paused\nbefore:\n{before}\nafter:\n{after}"
     );
-    assert!(!after.contains("counter: interval_ms"), "the guest rebooted:\n{after}");
+    assert!(
+        !after.contains("counter: interval_ms"),
+        "the guest rebooted:\n{after}"
+    );
 }
 
 #[test]
@@ -125,7 +128,9 @@ fn a_paused_guest_stays_paused_through_saves() {
     let frozen = console.text();
     let second = vm.save().unwrap();
     // Running, the guest would print about 40 lines in this time.
-    assert!(vm.next_event(std::time::Duration::from_millis(200)).is_none());
+    assert!(vm
+        .next_event(std::time::Duration::from_millis(200))
+        .is_none());
     assert_eq!(console.text(), frozen, "the guest ran while paused");
     assert_eq!(first.vcpus[0].regs.rip, second.vcpus[0].regs.rip);
 }

@@ -346,7 +346,11 @@ mod tests {
 
     fn kernel_dir() -> PathBuf {
         // Any ELF64 file passes the kernel probe; the test binary itself is one.
-        std::env::current_exe().unwrap().parent().unwrap().to_owned()
+        std::env::current_exe()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .to_owned()
     }
 
     fn parse(text: &str) -> Result<Environment, ConfigError> {
@@ -367,8 +371,8 @@ mod tests {
 
     #[test]
     fn unknown_key_is_named() {
-        let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nmemroy_mib = 3\n")
-            .unwrap_err();
+        let err =
+            parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nmemroy_mib = 3\n").unwrap_err();
         assert!(err.to_string().contains("memroy_mib"), "{err}");
     }
 
@@ -383,8 +387,8 @@ mod tests {
 
     #[test]
     fn zero_memory_and_absurd_vcpus_are_rejected() {
-        let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nmemory_mib = 0\n")
-            .unwrap_err();
+        let err =
+            parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nmemory_mib = 0\n").unwrap_err();
         assert!(err.to_string().contains("guest[0].memory_mib"), "{err}");
         let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nvcpus = 200\n").unwrap_err();
         assert!(err.to_string().contains("guest[0].vcpus"), "{err}");
@@ -399,8 +403,8 @@ mod tests {
 
     #[test]
     fn bad_serial_and_second_stdin_reader_are_rejected() {
-        let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nserial = \"tty\"\n")
-            .unwrap_err();
+        let err =
+            parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nserial = \"tty\"\n").unwrap_err();
         assert!(err.to_string().contains("guest[0].serial"), "{err}");
         let err = parse(
             "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nserial_input = \"stdin\"\n[[guest]]\nname = \"b\"\nkernel = \"KERNEL\"\nserial_input = \"stdin\"\n",
@@ -411,13 +415,17 @@ mod tests {
 
     #[test]
     fn unknown_cpu_feature_is_an_error() {
-        let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.cpu]\nhide = [\"warp\"]\n")
-            .unwrap_err();
+        let err =
+            parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.cpu]\nhide = [\"warp\"]\n")
+                .unwrap_err();
         assert!(err.to_string().contains("warp"), "{err}");
     }
 
     #[test]
     fn empty_file_has_nothing_to_run() {
-        assert!(parse("").unwrap_err().to_string().contains("nothing to run"));
+        assert!(parse("")
+            .unwrap_err()
+            .to_string()
+            .contains("nothing to run"));
     }
 }

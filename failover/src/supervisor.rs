@@ -165,8 +165,12 @@ impl Watcher {
                 GuestEnd::Failed { vcpu, stop } => {
                     tracing::error!(guest = %guest.name, vcpu, %stop, "guest failed")
                 }
-                GuestEnd::Exited { code } => tracing::info!(guest = %guest.name, code, "guest exited"),
-                GuestEnd::Reset => tracing::info!(guest = %guest.name, "guest requested a reset; ending it"),
+                GuestEnd::Exited { code } => {
+                    tracing::info!(guest = %guest.name, code, "guest exited")
+                }
+                GuestEnd::Reset => {
+                    tracing::info!(guest = %guest.name, "guest requested a reset; ending it")
+                }
             }
             guest.end = Some(end);
         }

@@ -17,7 +17,9 @@ use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 
-use kvm_bindings::{kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
@@ -84,14 +86,21 @@ impl std::fmt::Display for VcpuStop {
             VcpuStop::Panicked => write!(f, "guest panicked"),
             VcpuStop::Shutdown => write!(f, "vCPU shut down (triple fault)"),
             VcpuStop::InternalError { suberror, rip, .. } => match rip {
-                Some(rip) => write!(f, "KVM internal error, suberror {suberror}, at rip {rip:#x}"),
+                Some(rip) => write!(
+                    f,
+                    "KVM internal error, suberror {suberror}, at rip {rip:#x}"
+                ),
                 None => write!(f, "KVM internal error, suberror {suberror}"),
             },
             VcpuStop::FailedEntry { reason, cpu } => {
                 write!(f, "VM entry failed, reason {reason:#x} on host cpu {cpu}")
             }
             VcpuStop::RunFailed { errno } => {
-                write!(f, "KVM_RUN failed: {}", std::io::Error::from_raw_os_error(*errno))
+                write!(
+                    f,
+                    "KVM_RUN failed: {}",
+                    std::io::Error::from_raw_os_error(*errno)
+                )
             }
             VcpuStop::UnexpectedExit { exit } => write!(f, "unexpected exit {exit}"),
         }
@@ -186,9 +195,14 @@ pub(crate) fn spawn(
 ) -> std::io::Result<VcpuHandle> {
     let (requests, inbox) = std::sync::mpsc::channel();
     let name = format!("{machine}-vcpu{}", context.index);
-    let thread = std::thread::Builder::new()
-        .name(name)
-        .spawn(move || VcpuThread { vcpu, context, inbox }.run())?;
+    let thread = std::thread::Builder::new().name(name).spawn(move || {
+        VcpuThread {
+            vcpu,
+            context,
+            inbox,
+        }
+        .run()
+    })?;
     Ok(VcpuHandle {
         requests,
         thread: Some(thread),
@@ -293,11 +307,14 @@ impl VcpuThread {
         let step = |name, r: Result<(), kvm_ioctls::Error>| {
             r.map_err(|source| StateError { step: name, source })
         };
-        let sregs = self
-            .vcpu
-            .get_sregs()
-            .map_err(|source| StateError { step: "KVM_GET_SREGS", source })?;
-        step("KVM_SET_SREGS", self.vcpu.set_sregs(&regs::boot_sregs(sregs)))?;
+        let sregs = self.vcpu.get_sregs().map_err(|source| StateError {
+            step: "KVM_GET_SREGS",
+            source,
+        })?;
+        step(
+            "KVM_SET_SREGS",
+            self.vcpu.set_sregs(&regs::boot_sregs(sregs)),
+        )?;
         step("KVM_SET_REGS", self.vcpu.set_regs(&regs::boot_regs(entry)))?;
         step("KVM_SET_FPU", self.vcpu.set_fpu(&regs::boot_fpu()))?;
         write_msrs(&self.vcpu, &regs::boot_msrs())
@@ -335,11 +352,13 @@ impl VcpuThread {
                 devices.port_read(port, data);
                 None
             }
-            VcpuExit::IoOut(port, data) => devices.port_write(port, data).map(|effect| match effect {
-                PortEffect::GuestExit(code) => VcpuStop::GuestExit { code },
-                PortEffect::ResetRequested => VcpuStop::ResetRequested,
-                PortEffect::Panicked => VcpuStop::Panicked,
-            }),
+            VcpuExit::IoOut(port, data) => {
+                devices.port_write(port, data).map(|effect| match effect {
+                    PortEffect::GuestExit(code) => VcpuStop::GuestExit { code },
+                    PortEffect::ResetRequested => VcpuStop::ResetRequested,
+                    PortEffect::Panicked => VcpuStop::Panicked,
+                })
+            }
             VcpuExit::MmioRead(addr, data) => {
                 devices.mmio_read(addr, data);
                 None

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -84,6 +84,9 @@ pub enum VmError {
         /// The KVM call that failed.
         source: StateError,
     },
+    /// An eventfd could not be created (out of file descriptors?).
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
@@ -172,7 +175,10 @@ impl Vm {
             }
         }
         let fd = kvm_step("KVM_CREATE_VM", kvm.create_vm())?;
-        kvm_step("KVM_SET_TSS_ADDR", fd.set_tss_address(KVM_TSS_ADDRESS as usize))?;
+        kvm_step(
+            "KVM_SET_TSS_ADDR",
+            fd.set_tss_address(KVM_TSS_ADDRESS as usize),
+        )?;
         let ram = GuestRam::new(spec.memory_mib << 20)?;
         // A memslot change waits for a KVM grace period, a fixed few milliseconds on a nested
         // host whatever the RAM size: let it overlap with building the rest of the machine.
@@ -213,9 +219,9 @@ impl Vm {
         };
         kvm_step("KVM_CREATE_PIT2", fd.create_pit2(pit))?;
 
-        let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Thread(e.into()))?;
+        let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
         kvm_step("KVM_IRQFD", fd.register_irqfd(&com1_irq, COM1_IRQ))?;
-        let beat_fd = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Thread(e.into()))?;
+        let beat_fd = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let devices = Arc::new(Devices::new(
             Com1::new(com1_irq, serial)?,
             Heartbeats::new(beat_fd),
@@ -226,7 +232,7 @@ impl Vm {
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES),
         )?;
         let (events_tx, events) = std::sync::mpsc::channel();
-        let events_ready = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Thread(e.into()))?;
+        let events_ready = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
         let mut vcpu_fds = Vec::with_capacity(usize::from(spec.vcpus));
         for index in 0..spec.vcpus {
             let vcpu = kvm_step("KVM_CREATE_VCPU", fd.create_vcpu(u64::from(index)))?;
@@ -253,7 +259,7 @@ impl Vm {
                 events: events_tx.clone(),
                 events_ready: events_ready
                     .try_clone()
-                    .map_err(|e| VmError::Thread(e.into()))?,
+                    .map_err(VmError::EventFd)?,
                 layout: layout.clone(),
             };
             vcpus.push(vcpu::spawn(vcpu, context, &spec.name).map_err(VmError::Thread)?);
@@ -357,7 +363,10 @@ impl Vm {
         let mut answers = Vec::with_capacity(snapshot.vcpus.len());
         for (index, state) in snapshot.vcpus.iter().enumerate() {
             let (reply, answer) = std::sync::mpsc::channel();
-            self.request(index as u8, VcpuRequest::Restore(Box::new(state.clone()), reply))?;
+            self.request(
+                index as u8,
+                VcpuRequest::Restore(Box::new(state.clone()), reply),
+            )?;
             answers.push(answer);
         }
         for (index, answer) in answers.iter().enumerate() {

@@ -229,8 +229,8 @@ pub fn load_kernel(
         }
     };
 
-    let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE)
-        .map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let mut cmdline =
+        Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| BootError::Cmdline(e.to_string()))?;
     if !source.cmdline.is_empty() {
         cmdline
             .insert_str(&source.cmdline)

@@ -128,6 +128,9 @@ mod tests {
     #[test]
     fn largest_table_fits_in_the_ebda() {
         let size = FLOATING_POINTER_SIZE as usize + config_table(MAX_VCPUS).len();
-        assert!(size <= 0x400, "MP table of {size} bytes overflows the 1 KiB EBDA");
+        assert!(
+            size <= 0x400,
+            "MP table of {size} bytes overflows the 1 KiB EBDA"
+        );
     }
 }

@@ -63,9 +63,12 @@ pub fn write_boot_tables(ram: &GuestRam) -> Result<(), MemoryError> {
     let gdt: Vec<u8> = GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
     ram.write(BOOT_GDT_START, &gdt)?;
     ram.write(BOOT_IDT_START, &0u64.to_le_bytes())?;
-    ram.write(PML4_START, &(PDPT_START | PAGE_PRESENT_WRITABLE).to_le_bytes())?;
+    ram.write(
+        PML4_START,
+        &(PDPT_START | PAGE_PRESENT_WRITABLE).to_le_bytes(),
+    )?;
     let pdpt: Vec<u8> = (0..4u64)
-        .flat_map(|i| (PD_START + i * 0x1000 | PAGE_PRESENT_WRITABLE).to_le_bytes())
+        .flat_map(|i| ((PD_START + i * 0x1000) | PAGE_PRESENT_WRITABLE).to_le_bytes())
         .collect();
     ram.write(PDPT_START, &pdpt)?;
     let pds: Vec<u8> = (0..2048u64)

@@ -128,7 +128,11 @@ impl Devices {
             _ => {
                 data.fill(0xff);
                 self.unknown_port_reads.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(port = format_args!("{port:#x}"), size = data.len(), "unknown port read");
+                tracing::debug!(
+                    port = format_args!("{port:#x}"),
+                    size = data.len(),
+                    "unknown port read"
+                );
             }
         }
     }
@@ -143,7 +147,10 @@ impl Devices {
             (I8042_DATA_PORT | I8042_COMMAND_PORT, [value]) => {
                 // The latch is only set under the device lock, so clearing it right after the
                 // write reports each reset command exactly once.
-                let _ = self.lock().i8042.write((port - I8042_DATA_PORT) as u8, *value);
+                let _ = self
+                    .lock()
+                    .i8042
+                    .write((port - I8042_DATA_PORT) as u8, *value);
                 self.reset
                     .0
                     .swap(false, Ordering::AcqRel)
@@ -160,7 +167,11 @@ impl Devices {
             }
             _ => {
                 self.unknown_port_writes.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(port = format_args!("{port:#x}"), size = data.len(), "unknown port write dropped");
+                tracing::debug!(
+                    port = format_args!("{port:#x}"),
+                    size = data.len(),
+                    "unknown port write dropped"
+                );
                 None
             }
         }
@@ -170,13 +181,21 @@ impl Devices {
     pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
         data.fill(0xff);
         self.unknown_mmio_reads.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(addr = format_args!("{addr:#x}"), size = data.len(), "unknown MMIO read");
+        tracing::debug!(
+            addr = format_args!("{addr:#x}"),
+            size = data.len(),
+            "unknown MMIO read"
+        );
     }
 
     /// A guest MMIO write nobody claims.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
         self.unknown_mmio_writes.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(addr = format_args!("{addr:#x}"), size = data.len(), "unknown MMIO write dropped");
+        tracing::debug!(
+            addr = format_args!("{addr:#x}"),
+            size = data.len(),
+            "unknown MMIO write dropped"
+        );
     }
 
     /// Unanswered accesses so far.
@@ -251,8 +270,14 @@ mod tests {
     #[test]
     fn debug_exit_maps_value_like_qemu() {
         let (d, _) = devices();
-        assert_eq!(d.port_write(DEBUG_EXIT_PORT, &[0]), Some(PortEffect::GuestExit(1)));
-        assert_eq!(d.port_write(DEBUG_EXIT_PORT, &[3]), Some(PortEffect::GuestExit(7)));
+        assert_eq!(
+            d.port_write(DEBUG_EXIT_PORT, &[0]),
+            Some(PortEffect::GuestExit(1))
+        );
+        assert_eq!(
+            d.port_write(DEBUG_EXIT_PORT, &[3]),
+            Some(PortEffect::GuestExit(7))
+        );
     }
 
     #[test]
@@ -265,7 +290,10 @@ mod tests {
     #[test]
     fn i8042_reset_command_is_reported_once() {
         let (d, _) = devices();
-        assert_eq!(d.port_write(I8042_COMMAND_PORT, &[0xfe]), Some(PortEffect::ResetRequested));
+        assert_eq!(
+            d.port_write(I8042_COMMAND_PORT, &[0xfe]),
+            Some(PortEffect::ResetRequested)
+        );
         assert_eq!(d.port_write(I8042_COMMAND_PORT, &[0x20]), None);
     }
 
@@ -290,7 +318,12 @@ mod tests {
         d.mmio_write(0xd000_0000, &mmio);
         assert_eq!(
             d.unknown_accesses(),
-            UnknownAccesses { port_reads: 1, port_writes: 1, mmio_reads: 1, mmio_writes: 1 }
+            UnknownAccesses {
+                port_reads: 1,
+                port_writes: 1,
+                mmio_reads: 1,
+                mmio_writes: 1
+            }
         );
         assert_eq!(mmio, [0xff; 4]);
     }
