@@ -10,6 +10,7 @@ pub mod boot;
 pub mod cpuid;
 pub mod devices;
 pub mod layout;
+pub mod mce;
 pub mod memory;
 pub mod state;
 pub mod vcpu;

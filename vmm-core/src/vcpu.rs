@@ -14,7 +14,7 @@
 
 use std::cell::Cell;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
@@ -69,6 +69,8 @@ pub enum VcpuStop {
         /// The exit, as text.
         exit: String,
     },
+    /// The thread running the vCPU ended without being asked to.
+    ThreadDied,
 }
 
 impl VcpuStop {
@@ -103,6 +105,7 @@ impl std::fmt::Display for VcpuStop {
                 )
             }
             VcpuStop::UnexpectedExit { exit } => write!(f, "unexpected exit {exit}"),
+            VcpuStop::ThreadDied => write!(f, "vCPU thread died"),
         }
     }
 }
@@ -129,6 +132,10 @@ pub(crate) enum VcpuRequest {
     Restore(Box<VcpuState>, Sender<Result<(), StateError>>),
     /// End the thread.
     Exit,
+    /// Fail the thread abruptly (fault injection).
+    Crash,
+    /// Inject an uncorrectable machine check (fault injection).
+    MachineCheck(Sender<Result<(), StateError>>),
 }
 
 /// What a vCPU thread needs besides its `VcpuFd`.
@@ -173,6 +180,7 @@ pub(crate) fn install_kick_handler() -> Result<(), vmm_sys_util::errno::Error> {
 pub(crate) struct VcpuHandle {
     pub requests: Sender<VcpuRequest>,
     pub thread: Option<JoinHandle<()>>,
+    pub fd: Arc<Mutex<VcpuFd>>,
 }
 
 impl VcpuHandle {
@@ -188,25 +196,65 @@ impl VcpuHandle {
 }
 
 /// Spawns the thread for `vcpu`, parked until its first `Run`.
+///
+/// The `VcpuFd` is shared with the machine so that it outlives its thread: if the thread
+/// dies, the machine can still read the vCPU's state (the thread holds the lock for as long
+/// as it lives, so nobody else touches the vCPU while it does).
 pub(crate) fn spawn(
-    vcpu: VcpuFd,
+    vcpu: Arc<Mutex<VcpuFd>>,
     context: VcpuContext,
     machine: &str,
 ) -> std::io::Result<VcpuHandle> {
     let (requests, inbox) = std::sync::mpsc::channel();
     let name = format!("{machine}-vcpu{}", context.index);
+    let fd = vcpu.clone();
     let thread = std::thread::Builder::new().name(name).spawn(move || {
+        let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());
+        let mut obituary = Obituary {
+            index: context.index,
+            events: context.events.clone(),
+            events_ready: context.events_ready.try_clone().ok(),
+            expected: false,
+        };
         VcpuThread {
-            vcpu,
+            vcpu: &mut guard,
             context,
             inbox,
         }
-        .run()
+        .run();
+        obituary.expected = true;
     })?;
     Ok(VcpuHandle {
         requests,
         thread: Some(thread),
+        fd: vcpu,
     })
+}
+
+/// Reports a vCPU thread that ends other than by request (it panicked, or a fault was
+/// injected), so its machine's owner learns the vCPU is gone.
+struct Obituary {
+    index: u8,
+    events: Sender<VmEvent>,
+    events_ready: Option<EventFd>,
+    expected: bool,
+}
+
+impl Drop for Obituary {
+    fn drop(&mut self) {
+        if self.expected {
+            return;
+        }
+        let event = VmEvent {
+            vcpu: self.index,
+            stop: VcpuStop::ThreadDied,
+        };
+        if self.events.send(event).is_ok() {
+            if let Some(ready) = &self.events_ready {
+                let _ = ready.write(1);
+            }
+        }
+    }
 }
 
 /// What to do after handling a request.
@@ -216,13 +264,13 @@ enum Next {
     Exit,
 }
 
-struct VcpuThread {
-    vcpu: VcpuFd,
+struct VcpuThread<'a> {
+    vcpu: &'a mut VcpuFd,
     context: VcpuContext,
     inbox: Receiver<VcpuRequest>,
 }
 
-impl VcpuThread {
+impl VcpuThread<'_> {
     fn run(mut self) {
         KVM_RUN.with(|cell| cell.set(self.vcpu.get_kvm_run() as *mut kvm_run));
         let mut running = false;
@@ -288,11 +336,11 @@ impl VcpuThread {
                 Next::Park
             }
             VcpuRequest::Save(reply) => {
-                let _ = reply.send(VcpuState::save(&self.vcpu, &self.context.layout));
+                let _ = reply.send(VcpuState::save(self.vcpu, &self.context.layout));
                 keep
             }
             VcpuRequest::Restore(state, reply) => {
-                let _ = reply.send(state.restore(&self.vcpu));
+                let _ = reply.send(state.restore(self.vcpu));
                 keep
             }
             VcpuRequest::Boot(entry, reply) => {
@@ -300,6 +348,15 @@ impl VcpuThread {
                 keep
             }
             VcpuRequest::Exit => Next::Exit,
+            VcpuRequest::MachineCheck(reply) => {
+                let _ = reply.send(crate::mce::inject_uncorrectable(self.vcpu));
+                keep
+            }
+            VcpuRequest::Crash => {
+                // As if the code running this vCPU had failed: the thread unwinds without
+                // any orderly hand-over (the panic hook is skipped, so nothing is printed).
+                std::panic::resume_unwind(Box::new("injected vCPU thread failure"))
+            }
         }
     }
 
@@ -317,7 +374,7 @@ impl VcpuThread {
         )?;
         step("KVM_SET_REGS", self.vcpu.set_regs(&regs::boot_regs(entry)))?;
         step("KVM_SET_FPU", self.vcpu.set_fpu(&regs::boot_fpu()))?;
-        write_msrs(&self.vcpu, &regs::boot_msrs())
+        write_msrs(self.vcpu, &regs::boot_msrs())
     }
 
     /// Completes an in-flight exit without entering the guest, so saved state is exact.

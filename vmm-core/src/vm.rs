@@ -24,7 +24,7 @@ use crate::devices::serial::{Com1, SerialError, SerialSink, COM1_IRQ};
 use crate::devices::{Devices, UnknownAccesses};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::memory::{GuestRam, MemoryError};
-use crate::state::{StateError, VcpuStateLayout, VmSnapshot, VmState};
+use crate::state::{StateError, VcpuState, VcpuStateLayout, VmSnapshot, VmState};
 use crate::vcpu::{self, VcpuContext, VcpuHandle, VcpuRequest, VmEvent};
 
 /// Largest guest RAM accepted, in MiB.
@@ -139,6 +139,16 @@ pub struct Vm {
     // one reader.
     events: Mutex<Receiver<VmEvent>>,
     events_ready: EventFd,
+    layout: Arc<VcpuStateLayout>,
+}
+
+/// What `create_devices_and_vcpus` builds.
+struct MachineParts {
+    devices: Arc<Devices>,
+    vcpus: Vec<VcpuHandle>,
+    events: Receiver<VmEvent>,
+    events_ready: EventFd,
+    layout: Arc<VcpuStateLayout>,
 }
 
 impl Vm {
@@ -146,6 +156,32 @@ impl Vm {
     /// parked: give it a kernel ([`Vm::boot`]) or a state ([`Vm::restore`]), then
     /// [`Vm::resume`].
     pub fn create(spec: &MachineSpec, serial: SerialSink) -> Result<Vm, VmError> {
+        Self::check_spec(spec)?;
+        let ram = GuestRam::new(spec.memory_mib << 20)?;
+        Self::create_with_ram(spec, ram, serial)
+    }
+
+    /// Builds a machine of shape `spec` over existing guest RAM, which may be another
+    /// machine's: both then see the same pages. Only one of them may run at a time; that is
+    /// for the owner to guarantee.
+    pub fn create_with_ram(
+        spec: &MachineSpec,
+        ram: GuestRam,
+        serial: SerialSink,
+    ) -> Result<Vm, VmError> {
+        Self::check_spec(spec)?;
+        if ram.size() != spec.memory_mib << 20 {
+            return Err(VmError::ShapeMismatch(format!(
+                "guest RAM is {} MiB, the machine needs {} MiB",
+                ram.size() >> 20,
+                spec.memory_mib
+            )));
+        }
+        vcpu::install_kick_handler().map_err(|e| VmError::Thread(e.into()))?;
+        Self::build(spec, ram, serial)
+    }
+
+    fn check_spec(spec: &MachineSpec) -> Result<(), VmError> {
         if spec.vcpus == 0 || spec.vcpus > MAX_VCPUS {
             return Err(VmError::InvalidSpec(format!(
                 "{} vCPUs requested; 1 to {MAX_VCPUS} are supported",
@@ -158,7 +194,10 @@ impl Vm {
                 spec.memory_mib
             )));
         }
-        vcpu::install_kick_handler().map_err(|e| VmError::Thread(e.into()))?;
+        Ok(())
+    }
+
+    fn build(spec: &MachineSpec, ram: GuestRam, serial: SerialSink) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::KvmUnavailable)?;
         // XSAVE and XCRS carry the FPU/SSE/AVX state of a saved vCPU.
         for cap in [
@@ -179,7 +218,6 @@ impl Vm {
             "KVM_SET_TSS_ADDR",
             fd.set_tss_address(KVM_TSS_ADDRESS as usize),
         )?;
-        let ram = GuestRam::new(spec.memory_mib << 20)?;
         // A memslot change waits for a KVM grace period, a fixed few milliseconds on a nested
         // host whatever the RAM size: let it overlap with building the rest of the machine.
         let (rest, memslots) = std::thread::scope(|scope| {
@@ -190,7 +228,13 @@ impl Vm {
                 .unwrap_or_else(|_| Err(VmError::InvalidSpec("memslot setup panicked".into())));
             (rest, memslots)
         });
-        let (devices, vcpus, events, events_ready) = rest?;
+        let MachineParts {
+            devices,
+            vcpus,
+            events,
+            events_ready,
+            layout,
+        } = rest?;
         memslots?;
         tracing::debug!(machine = %spec.name, memory_mib = spec.memory_mib, vcpus = spec.vcpus, "machine created");
         Ok(Vm {
@@ -201,17 +245,17 @@ impl Vm {
             vcpus,
             events: Mutex::new(events),
             events_ready,
+            layout,
         })
     }
 
     /// The in-kernel irqchip and PIT, the devices, and the parked vCPU threads.
-    #[allow(clippy::type_complexity)]
     fn create_devices_and_vcpus(
         spec: &MachineSpec,
         kvm: &Kvm,
         fd: &VmFd,
         serial: SerialSink,
-    ) -> Result<(Arc<Devices>, Vec<VcpuHandle>, Receiver<VmEvent>, EventFd), VmError> {
+    ) -> Result<MachineParts, VmError> {
         kvm_step("KVM_CREATE_IRQCHIP", fd.create_irq_chip())?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
@@ -262,9 +306,18 @@ impl Vm {
                     .map_err(VmError::EventFd)?,
                 layout: layout.clone(),
             };
-            vcpus.push(vcpu::spawn(vcpu, context, &spec.name).map_err(VmError::Thread)?);
+            vcpus.push(
+                vcpu::spawn(Arc::new(Mutex::new(vcpu)), context, &spec.name)
+                    .map_err(VmError::Thread)?,
+            );
         }
-        Ok((devices, vcpus, events, events_ready))
+        Ok(MachineParts {
+            devices,
+            vcpus,
+            events,
+            events_ready,
+            layout,
+        })
     }
 
     /// Loads a kernel and puts the boot vCPU at its entry. The other vCPUs wait for the
@@ -292,30 +345,39 @@ impl Vm {
     /// returns once all have acknowledged.
     pub fn pause(&self) -> Result<(), VmError> {
         let mut acks = Vec::with_capacity(self.vcpus.len());
-        for index in 0..self.spec.vcpus {
+        for (index, handle) in self.vcpus.iter().enumerate() {
             let (ack, answer) = std::sync::mpsc::channel();
-            self.request(index, VcpuRequest::Pause(ack))?;
-            acks.push(answer);
+            // A vCPU whose thread has died can no longer run: it is as stopped as a paused one.
+            if handle.send(VcpuRequest::Pause(ack)) {
+                acks.push((index as u8, answer));
+            }
         }
-        for (index, answer) in acks.iter().enumerate() {
-            self.await_reply(index as u8, answer)?;
+        for (index, answer) in &acks {
+            self.await_reply(*index, answer)?;
         }
         Ok(())
     }
 
+
     /// Saves the whole machine state (memory by reference). Every vCPU must be paused or
     /// stopped.
     pub fn save(&self) -> Result<VmSnapshot, VmError> {
-        // Ask every vCPU first, then collect: the saves run in parallel on their threads.
+        // Ask every vCPU first, then collect: the saves run in parallel on their threads. A
+        // vCPU whose thread has died is read directly: its VcpuFd outlives the thread.
         let mut answers = Vec::with_capacity(self.vcpus.len());
-        for index in 0..self.spec.vcpus {
+        for handle in &self.vcpus {
             let (reply, answer) = std::sync::mpsc::channel();
-            self.request(index, VcpuRequest::Save(reply))?;
-            answers.push(answer);
+            answers.push(handle.send(VcpuRequest::Save(reply)).then_some(answer));
         }
         let mut vcpus = Vec::with_capacity(answers.len());
         for (index, answer) in answers.iter().enumerate() {
-            let state = self.await_reply(index as u8, answer)?;
+            let state = match answer {
+                Some(answer) => self.await_reply(index as u8, answer)?,
+                None => {
+                    let fd = self.vcpus[index].fd.lock().unwrap_or_else(|e| e.into_inner());
+                    VcpuState::save(&fd, &self.layout)
+                }
+            };
             vcpus.push(state.map_err(|source| VmError::State {
                 what: format!("saving vCPU {index} state"),
                 source,
@@ -434,6 +496,31 @@ impl Vm {
     /// Flushes console output.
     pub fn flush_serial(&self) {
         self.devices.flush_serial();
+    }
+
+    /// Fault injection: every vCPU thread fails abruptly, as if the code running it had
+    /// crashed. Each reports `VcpuStop::ThreadDied`; their vCPUs' state stays readable.
+    pub fn inject_vcpu_thread_failure(&self) {
+        for handle in &self.vcpus {
+            handle.send(VcpuRequest::Crash);
+        }
+    }
+
+    /// Fault injection: an uncorrectable machine check on vCPU 0 (bank 1), as a memory
+    /// error would raise. A guest that has not enabled machine-check handling shuts down.
+    pub fn inject_machine_check(&self) -> Result<(), VmError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.request(0, VcpuRequest::MachineCheck(reply))?;
+        self.await_reply(0, &answer)?.map_err(|source| VmError::State {
+            what: "injecting a machine check".into(),
+            source,
+        })
+    }
+
+    /// Fault injection: while `dropped`, heartbeat writes from the guest are ignored, as if
+    /// the heartbeat path had failed.
+    pub fn set_heartbeats_dropped(&self, dropped: bool) {
+        self.devices.heartbeats().set_dropped(dropped);
     }
 
     fn request(&self, index: u8, request: VcpuRequest) -> Result<(), VmError> {

@@ -4,7 +4,7 @@
 //! Written by vCPU threads, read by whoever watches the guest. Lock-free: a heartbeat costs a
 //! few atomic stores and one eventfd write, so a guest beating fast cannot stall on a lock.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -31,6 +31,7 @@ pub struct Heartbeats {
     last_at_ns: AtomicU64,
     epoch: Instant,
     notify: EventFd,
+    dropped: AtomicBool,
 }
 
 impl Heartbeats {
@@ -42,11 +43,15 @@ impl Heartbeats {
             last_at_ns: AtomicU64::new(0),
             epoch: Instant::now(),
             notify,
+            dropped: AtomicBool::new(false),
         }
     }
 
     /// Records one heartbeat.
     pub fn beat(&self, sequence: u32) {
+        if self.dropped.load(Ordering::Relaxed) {
+            return;
+        }
         let now = self.epoch.elapsed().as_nanos() as u64;
         self.last_sequence.store(sequence, Ordering::Relaxed);
         self.last_at_ns.store(now, Ordering::Relaxed);
@@ -54,6 +59,11 @@ impl Heartbeats {
         // An eventfd counter saturates rather than grows, so a flood of beats costs nothing
         // more than the writes; a failed write only delays the watcher until its next look.
         let _ = self.notify.write(1);
+    }
+
+    /// While `dropped`, beats are ignored (fault injection).
+    pub fn set_dropped(&self, dropped: bool) {
+        self.dropped.store(dropped, Ordering::Relaxed);
     }
 
     /// The current counters.

@@ -1,0 +1,85 @@
+//! Fault injection through vmm-core: what each injected fault does to a running guest, and
+//! that a guest whose vCPU threads died can still be saved and continued on another machine
+//! sharing its RAM.
+
+mod common;
+
+use common::{kernel, numbers_after, require_kvm, Transcript, PATIENCE};
+use vmm_core::{BootSource, MachineSpec, VcpuStop, Vm};
+
+fn spec(vcpus: u8) -> MachineSpec {
+    MachineSpec {
+        name: "counter".into(),
+        memory_mib: 64,
+        vcpus,
+        hidden_cpu_features: vec![],
+    }
+}
+
+fn running_counter(vcpus: u8) -> (Vm, Transcript) {
+    require_kvm();
+    let console = Transcript::default();
+    let vm = Vm::create(&spec(vcpus), console.sink()).unwrap();
+    vm.boot(&BootSource {
+        kernel: kernel("counter"),
+        initrd: None,
+        cmdline: "interval_ms=10".into(),
+    })
+    .unwrap();
+    vm.resume().unwrap();
+    console.wait_until("three counter lines", |t| {
+        numbers_after(t, "count ").len() >= 3
+    });
+    (vm, console)
+}
+
+#[test]
+fn dead_vcpu_threads_are_reported_and_their_state_survives() {
+    let (vm, console) = running_counter(1);
+    vm.inject_vcpu_thread_failure();
+    let event = vm.next_event(PATIENCE).expect("a report of the dead thread");
+    assert_eq!(event.stop, VcpuStop::ThreadDied);
+    assert!(vm.resume().is_err(), "a vCPU whose thread died cannot be resumed");
+    vm.pause().expect("dead vCPUs count as stopped");
+    let snapshot = vm.save().expect("state of dead vCPUs is still readable");
+    let printed = numbers_after(&console.text(), "count ");
+
+    let standby_console = Transcript::default();
+    let standby =
+        Vm::create_with_ram(&spec(1), vm.ram().clone(), standby_console.sink()).unwrap();
+    standby.restore(&snapshot).unwrap();
+    standby.resume().unwrap();
+    let after = standby_console.wait_until("the counter on the second machine", |t| {
+        !numbers_after(t, "count ").is_empty()
+    });
+    assert_eq!(
+        numbers_after(&after, "count ")[0],
+        printed.last().unwrap() + 1,
+        "before:\n{}\nafter:\n{after}",
+        console.text()
+    );
+    standby.pause().unwrap();
+}
+
+#[test]
+fn a_machine_check_shuts_down_a_guest_without_a_handler() {
+    let (vm, _) = running_counter(1);
+    vm.inject_machine_check().expect("inject");
+    assert_eq!(vm.next_event(PATIENCE).map(|e| e.stop), Some(VcpuStop::Shutdown));
+}
+
+#[test]
+fn dropped_heartbeats_stop_counting_while_the_guest_runs() {
+    let (vm, console) = running_counter(1);
+    vm.set_heartbeats_dropped(true);
+    let beats = vm.heartbeats().count;
+    let lines = numbers_after(&console.text(), "count ").len();
+    console.wait_until("five more lines", |t| {
+        numbers_after(t, "count ").len() >= lines + 5
+    });
+    assert_eq!(vm.heartbeats().count, beats);
+    vm.set_heartbeats_dropped(false);
+    console.wait_until("one more line", |t| numbers_after(t, "count ").len() >= lines + 7);
+    assert!(vm.heartbeats().count > beats);
+    vm.pause().unwrap();
+}
