@@ -61,7 +61,11 @@ fn counter_runs_on_every_vcpu() {
     for cpu in ["cpu1 count ", "cpu2 count "] {
         let counts = numbers_after(&text, cpu);
         assert!(!counts.is_empty(), "no {cpu:?} lines:\n{text}");
-        assert_eq!(counts, (0..counts.len() as u64).collect::<Vec<_>>(), "{text}");
+        assert_eq!(
+            counts,
+            (0..counts.len() as u64).collect::<Vec<_>>(),
+            "{text}"
+        );
     }
 }
 
