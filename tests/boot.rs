@@ -52,6 +52,24 @@ fn counter_counts_up_and_heartbeats_each_line() {
 }
 
 #[test]
+fn counter_runs_on_every_vcpu() {
+    let (vm, transcript) = boot("counter", "interval_ms=10 stop_after=20", 3);
+    assert_eq!(next_stop(&vm), VcpuStop::GuestExit { code: 1 });
+    let text = transcript.text();
+    assert!(text.contains("smp: 3 cpus online"), "{text}");
+    assert_eq!(numbers_after(&text, "count "), (0..=20).collect::<Vec<_>>());
+    for cpu in ["cpu1 count ", "cpu2 count "] {
+        let counts = numbers_after(&text, cpu);
+        assert!(!counts.is_empty(), "no {cpu:?} lines:\n{text}");
+        assert_eq!(
+            counts,
+            (0..counts.len() as u64).collect::<Vec<_>>(),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn crash_ends_in_a_triple_fault() {
     let (vm, transcript) = boot("crash", "crash_after_ms=100", 1);
     assert_eq!(next_stop(&vm), VcpuStop::Shutdown);

@@ -77,6 +77,25 @@ fn restored_counter_continues_without_restarting() {
 }
 
 #[test]
+fn restored_two_vcpu_counter_continues_on_both_vcpus() {
+    let (before, after) = move_counter(2, false);
+    assert_continued(&before, &after);
+    let old = numbers_after(&before, "cpu1 count ");
+    let new = numbers_after(&after, "cpu1 count ");
+    assert!(
+        !old.is_empty() && !new.is_empty(),
+        "vCPU 1 did not count:\n{before}\n{after}"
+    );
+    assert_consecutive(&new, "vCPU 1 after the move");
+    assert_eq!(
+        new[0],
+        old.last().unwrap() + 1,
+        "vCPU 1 did not continue:\n{before}\n{after}"
+    );
+    assert!(!after.contains("smp:"), "the guest rebooted:\n{after}");
+}
+
+#[test]
 fn snapshot_survives_serialization() {
     let (before, after) = move_counter(1, true);
     assert_continued(&before, &after);

@@ -301,9 +301,7 @@ impl Vm {
                 index: index as u8,
                 devices: devices.clone(),
                 events: events_tx.clone(),
-                events_ready: events_ready
-                    .try_clone()
-                    .map_err(VmError::EventFd)?,
+                events_ready: events_ready.try_clone().map_err(VmError::EventFd)?,
                 layout: layout.clone(),
             };
             vcpus.push(

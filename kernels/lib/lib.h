@@ -1,0 +1,124 @@
+/* Tiny runtime shared by the test kernels. Everything here runs at CPL3. */
+#ifndef KERNELS_LIB_H
+#define KERNELS_LIB_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "smp.h"
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+typedef int64_t s64;
+
+#define PORT_COM1       0x3f8
+#define PORT_DEBUG_EXIT 0xf4
+#define PORT_PVPANIC    0x505
+#define PORT_HEARTBEAT  0x5f0
+
+#define MIB             (1024ul * 1024)
+#define PAGE_SIZE       4096ul
+
+/* Provided by each kernel. ram_end: end of the highest RAM range below 4 GiB. */
+void main(const char *cmdline, u64 ram_end);
+
+/* End of the loaded image (bss included), page aligned; from the linker script. */
+extern char _end[];
+
+static inline void outb(u16 port, u8 v)
+{
+    __asm__ volatile("outb %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline void outl(u16 port, u32 v)
+{
+    __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port));
+}
+
+static inline u8 inb(u16 port)
+{
+    u8 v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
+/* Spin-wait hint. */
+static inline void cpu_relax(void)
+{
+    __asm__ volatile("pause" ::: "memory");
+}
+
+/* Serial output: one outb per byte, no LSR polling. */
+void put_str(const char *s);
+void put_u64(u64 v);
+void put_hex(u64 v);
+
+static inline void heartbeat(u32 seq)
+{
+    outl(PORT_HEARTBEAT, seq);
+}
+
+static inline void pvpanic(void)
+{
+    outb(PORT_PVPANIC, 1);
+}
+
+/* Ends the VM with exit status (v << 1) | 1. */
+__attribute__((noreturn)) void debug_exit(u8 v);
+
+/* Command line "key=value" lookup; param_u64 returns false if the key is absent or not a number. */
+bool param_u64(const char *cmdline, const char *key, u64 *val);
+u64 param_or(const char *cmdline, const char *key, u64 dflt);
+
+/*
+ * TSC ticks per millisecond (see README for where it comes from). The first
+ * call may calibrate, which is not safe on two CPUs at once: a kernel whose
+ * APs need it calls it before smp_start().
+ */
+u64 tsc_khz(void);
+
+/* The frequency if already known, else a 2 GHz guess: for short waits that must not calibrate. */
+u64 tsc_khz_or_guess(void);
+
+/*
+ * Fixed-rate deadline timer on the TSC. It fires on a fixed grid (printing
+ * does not accumulate drift) but resynchronises instead of firing a burst
+ * after the guest was paused, and survives the TSC going backwards (resume
+ * on another host).
+ */
+struct ticker {
+    u64 next;
+    u64 period;
+};
+
+void ticker_start(struct ticker *t, u64 period_ticks); /* first tick is due at once */
+bool ticker_due(struct ticker *t, u64 now);
+void ticker_wait(struct ticker *t);
+
+/*
+ * Multiprocessor start-up (smp.c). Counts the CPUs in the MP table and, if
+ * there is more than one, starts the others, waits until they reach CPL3,
+ * prints "smp: N cpus online" and lets each run ap_main(cpu), cpu = 1 .. N-1,
+ * on its own stack (ap_main 0: they spin). With one CPU it prints nothing
+ * and touches no APIC register. Returns the number of CPUs running, 1 if alone.
+ * Call once, from the BSP, after anything the APs read is set up.
+ */
+u32 smp_start(void (*ap_main)(u32 cpu));
+
+/*
+ * Serial line lock (a fair ticket lock at CPL3): hold it for a whole line, so
+ * lines of different CPUs never interleave. Only needed once APs print.
+ */
+void console_lock(void);
+void console_unlock(void);
+
+#endif
