@@ -2,12 +2,14 @@
 //! `failover`, and turn the outcome into an exit status. No logic a test would want to reach
 //! lives here.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use failover::config::Environment;
-use failover::supervisor::{run_environment, GuestEnd};
+use failover::fault::Fault;
+use failover::supervisor::{run_environment, GuestEnd, RunError};
 
 /// Exit status when the environment file or the command line is invalid; nothing started.
 const EXIT_INVALID_INPUT: u8 = 2;
@@ -34,6 +36,10 @@ enum Command {
     Run {
         /// The environment file (TOML).
         env: PathBuf,
+        /// Inject a fault: GUEST:KIND@MILLIS, KIND one of kill, hang, mce, panic, MILLIS after
+        /// the guests started. Repeatable.
+        #[arg(long = "fault", value_name = "GUEST:KIND@MILLIS")]
+        faults: Vec<Fault>,
     },
     /// Validate the environment file and print it resolved, with every default filled in.
     Check {
@@ -49,6 +55,7 @@ fn init_logging(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
@@ -59,21 +66,30 @@ fn load(path: &Path) -> Result<Environment, ExitCode> {
     })
 }
 
-fn run(path: &Path) -> ExitCode {
+fn run(path: &Path, faults: &[Fault]) -> ExitCode {
     let env = match load(path) {
         Ok(env) => env,
         Err(code) => return code,
     };
-    let outcomes = match run_environment(&env) {
+    let outcomes = match run_environment(&env, faults) {
         Ok(outcomes) => outcomes,
+        Err(err @ RunError::UnknownFaultGuest(_)) => {
+            eprintln!("understudy: {err}");
+            return ExitCode::from(EXIT_INVALID_INPUT);
+        }
         Err(err) => {
             eprintln!("understudy: {err}");
             return ExitCode::from(EXIT_HOST_ERROR);
         }
     };
+    for outcome in &outcomes {
+        if let GuestEnd::Down { reason } = &outcome.end {
+            eprintln!("understudy: guest {} is down: {reason}", outcome.name);
+        }
+    }
     if outcomes
         .iter()
-        .any(|o| matches!(o.end, GuestEnd::Failed { .. }))
+        .any(|o| matches!(o.end, GuestEnd::Down { .. }))
     {
         return ExitCode::from(EXIT_GUEST_FAILED);
     }
@@ -91,7 +107,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log);
     match &cli.command {
-        Command::Run { env } => run(env),
+        Command::Run { env, faults } => run(env, faults),
         Command::Check { env } => match load(env) {
             Ok(env) => {
                 print!("{}", env.to_toml());

@@ -5,83 +5,13 @@
 mod common;
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{assert_consecutive, kernel, numbers_after, require_kvm, PATIENCE};
-
-/// Runs understudy to completion, killing it (and failing) if it outlives [`PATIENCE`].
-fn understudy(args: &[&str]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_understudy"))
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run understudy");
-    // Read both pipes while waiting, so a chatty guest cannot block on a full pipe.
-    let mut out_pipe = child.stdout.take().unwrap();
-    let mut err_pipe = child.stderr.take().unwrap();
-    let out_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        out_pipe
-            .read_to_end(&mut buf)
-            .map(|_| buf)
-            .unwrap_or_default()
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        err_pipe
-            .read_to_end(&mut buf)
-            .map(|_| buf)
-            .unwrap_or_default()
-    });
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for understudy") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let err = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
-            panic!("understudy {args:?} still running after {PATIENCE:?}; stderr:\n{err}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        status,
-        stdout: out_reader.join().unwrap(),
-        stderr: err_reader.join().unwrap(),
-    }
-}
-
-fn config(name: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("configs")
-        .join(name)
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Writes `text` as an environment file in a fresh folder and returns its path.
-fn env_file(test: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("understudy-cli-{}-{test}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("env.toml");
-    std::fs::write(&path, text.replace("KERNELS", env!("UNDERSTUDY_KERNELS"))).unwrap();
-    path
-}
+use common::{
+    assert_consecutive, config, env_file, kernel, numbers_after, require_kvm, stderr, stdout,
+    understudy,
+};
 
 #[test]
 fn hello_config_prints_and_exits_with_the_guest_status() {
@@ -115,7 +45,7 @@ fn one_guest_failing_leaves_the_others_running() {
     );
     assert!(text.contains("crash: triple fault now"), "{text}");
     assert!(
-        log.contains("guest failed") && log.contains("triple fault"),
+        log.contains("guest down") && log.contains("triple fault"),
         "{log}"
     );
     let counts = numbers_after(&text, "count ");

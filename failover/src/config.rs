@@ -127,7 +127,64 @@ struct GuestFile {
     serial: Option<String>,
     serial_input: Option<SerialInput>,
     cpu: Option<CpuFile>,
+    standby: Option<StandbyFile>,
+    on_failure: Option<OnFailure>,
+    max_restarts: Option<u32>,
+    restart_window_s: Option<u64>,
+    crash_dump: Option<bool>,
+    dump_dir: Option<PathBuf>,
 }
+
+/// The `[guest.standby]` table as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StandbyFile {
+    heartbeat_timeout_ms: Option<u64>,
+    resume: Option<ResumeFrom>,
+    rearm: Option<bool>,
+    max_failovers: Option<u32>,
+    failover_window_s: Option<u64>,
+}
+
+/// What state a standby resumes the guest from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResumeFrom {
+    /// The failed active's registers and memory as they were at the failure.
+    FailedState,
+    /// The last committed checkpoint.
+    Checkpoint,
+}
+
+/// What happens to a guest without a standby when it fails.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Tear the machine down and boot the guest again.
+    Restart,
+    /// Bring the guest down.
+    #[default]
+    Down,
+}
+
+/// A hot-standby guest's protection settings, with defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StandbyConfig {
+    /// No heartbeat for this long means the active has failed; 0 disables the watch.
+    pub heartbeat_timeout_ms: u64,
+    /// What the standby resumes from.
+    pub resume: ResumeFrom,
+    /// Whether a recovered failed VM becomes the new standby.
+    pub rearm: bool,
+    /// More failovers than this within `failover_window_s` bring the guest down.
+    pub max_failovers: u32,
+    /// The crash-loop window, in seconds.
+    pub failover_window_s: u64,
+}
+
+const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 2000;
+const DEFAULT_MAX_FAILOVERS: u32 = 3;
+const DEFAULT_WINDOW_S: u64 = 60;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -159,6 +216,20 @@ pub struct GuestConfig {
     pub serial_input: SerialInput,
     /// CPU model adjustments.
     pub cpu: CpuConfig,
+    /// Whether a failed machine's state is written as an ELF core file.
+    pub crash_dump: bool,
+    /// Where crash dumps go.
+    pub dump_dir: PathBuf,
+    /// What happens on failure when there is no standby.
+    pub on_failure: OnFailure,
+    /// With `on_failure = "restart"`: more restarts than this within `restart_window_s`
+    /// bring the guest down.
+    pub max_restarts: u32,
+    /// The restart crash-loop window, in seconds.
+    pub restart_window_s: u64,
+    /// Present for a hot-standby guest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbyConfig>,
 }
 
 /// The resolved `[guest.cpu]` table.
@@ -317,6 +388,49 @@ impl Environment {
             }
             let mut hide = g.cpu.map(|c| c.hide).unwrap_or_default();
             hide.dedup();
+            let standby = match g.standby {
+                Some(table) => {
+                    let resume = table.resume.unwrap_or(ResumeFrom::FailedState);
+                    if resume == ResumeFrom::Checkpoint {
+                        return Err(invalid(
+                            key("standby.resume"),
+                            "\"checkpoint\" is not yet supported; use \"failed-state\"".into(),
+                        ));
+                    }
+                    let max_failovers = table.max_failovers.unwrap_or(DEFAULT_MAX_FAILOVERS);
+                    let failover_window_s = table.failover_window_s.unwrap_or(DEFAULT_WINDOW_S);
+                    if failover_window_s == 0 {
+                        return Err(invalid(
+                            key("standby.failover_window_s"),
+                            "must be at least 1".into(),
+                        ));
+                    }
+                    Some(StandbyConfig {
+                        heartbeat_timeout_ms: table
+                            .heartbeat_timeout_ms
+                            .unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT_MS),
+                        resume,
+                        rearm: table.rearm.unwrap_or(true),
+                        max_failovers,
+                        failover_window_s,
+                    })
+                }
+                None => None,
+            };
+            if standby.is_some() && g.on_failure.is_some() {
+                return Err(invalid(
+                    key("on_failure"),
+                    "applies to guests without a standby; a hot-standby guest fails over".into(),
+                ));
+            }
+            let restart_window_s = g.restart_window_s.unwrap_or(DEFAULT_WINDOW_S);
+            if restart_window_s == 0 {
+                return Err(invalid(
+                    key("restart_window_s"),
+                    "must be at least 1".into(),
+                ));
+            }
+            let dump_dir = canonical(base.join(g.dump_dir.unwrap_or_else(|| PathBuf::from("."))));
             guests.push(GuestConfig {
                 name: g.name,
                 kernel,
@@ -327,6 +441,12 @@ impl Environment {
                 serial,
                 serial_input,
                 cpu: CpuConfig { hide },
+                crash_dump: g.crash_dump.unwrap_or(true),
+                dump_dir,
+                on_failure: g.on_failure.unwrap_or_default(),
+                max_restarts: g.max_restarts.unwrap_or(DEFAULT_MAX_FAILOVERS),
+                restart_window_s,
+                standby,
             });
         }
         Ok(Environment { guest: guests })
@@ -419,6 +539,35 @@ mod tests {
             parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.cpu]\nhide = [\"warp\"]\n")
                 .unwrap_err();
         assert!(err.to_string().contains("warp"), "{err}");
+    }
+
+    #[test]
+    fn standby_table_gets_defaults() {
+        let env = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.standby]\n").unwrap();
+        let standby = env.guest[0].standby.clone().unwrap();
+        assert_eq!(standby.resume, ResumeFrom::FailedState);
+        assert!(standby.rearm);
+        assert_eq!(standby.heartbeat_timeout_ms, DEFAULT_HEARTBEAT_TIMEOUT_MS);
+        assert!(env.to_toml().contains("[guest.standby]"));
+    }
+
+    #[test]
+    fn checkpoint_resume_is_refused_as_not_yet_supported() {
+        let err = parse(
+            "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.standby]\nresume = \"checkpoint\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("guest[0].standby.resume"), "{err}");
+        assert!(err.to_string().contains("not yet supported"), "{err}");
+    }
+
+    #[test]
+    fn on_failure_is_for_unprotected_guests() {
+        let err = parse(
+            "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\non_failure = \"restart\"\n[guest.standby]\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("guest[0].on_failure"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,12 @@
-//! failover: the environment file and the supervision of guests on top of `vmm-core`.
+//! failover: hot-standby guests on top of `vmm-core`.
 //!
-//! `config` turns an environment file into validated guest descriptions; `supervisor` runs
-//! the guests and watches their vCPU events. It uses only `vmm-core`'s public API.
+//! `config` turns an environment file into validated guest descriptions; `guest` owns one
+//! guest's machines and roles and runs its failovers; `supervisor` is the event loop that
+//! watches every guest; `fault` is the plan of injected failures; `dump` writes crash dumps.
+//! It uses only `vmm-core`'s public API.
 
 pub mod config;
+pub mod dump;
+pub mod fault;
+pub mod guest;
 pub mod supervisor;

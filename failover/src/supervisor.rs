@@ -1,37 +1,24 @@
-//! Runs the guests of an environment and watches them until every one has ended.
+//! The supervisor: starts the guests of an environment and watches them until every one has
+//! ended.
 //!
-//! One thread (the caller's) runs an `event-manager` loop woken by each machine's vCPU event
-//! eventfd; it alone decides what a stopped vCPU means for its guest. vCPU threads only
-//! report. A guest's end never touches the other guests.
+//! One thread (the caller's) runs an `event-manager` loop. It is woken by eventfds and
+//! timers, never by polling: each guest's vCPU-event eventfd and heartbeat eventfd, a
+//! heartbeat-deadline timerfd per watched guest, and a timerfd per planned fault. It alone
+//! decides what an event means and changes roles (through [`Guest`]); vCPU threads only
+//! report. One guest's failure never touches the other guests.
 
-use std::fs::File;
-use std::io::Read;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
-use vmm_core::{SerialSink, VcpuStop, Vm, VmError};
+use vmm_sys_util::timerfd::TimerFd;
 
-use crate::config::{Environment, GuestConfig, SerialInput, SerialOutput};
+use crate::config::{Environment, SerialInput, SerialOutput};
+use crate::fault::Fault;
+use crate::guest::{Change, Guest, StartError};
 
-/// How a guest ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum GuestEnd {
-    /// The guest wrote the debug-exit port.
-    Exited {
-        /// Its exit status, `(value << 1) | 1`.
-        code: i32,
-    },
-    /// The guest asked for a reset (i8042), which ends it.
-    Reset,
-    /// The guest failed: a vCPU stopped for a reason that is not a deliberate end.
-    Failed {
-        /// The vCPU that stopped.
-        vcpu: u8,
-        /// Why.
-        stop: VcpuStop,
-    },
-}
+pub use crate::guest::GuestEnd;
 
 /// A guest's name and how it ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,77 +27,198 @@ pub struct GuestOutcome {
     pub name: String,
     /// How it ended.
     pub end: GuestEnd,
+    /// Failovers it went through.
+    pub failovers: u32,
 }
 
-/// Starting a guest failed; nothing of the environment keeps running.
+/// Running the environment failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The guest's machine could not be built or booted.
-    #[error("guest {guest}: {step}: {source}")]
-    Start {
-        /// The guest.
-        guest: String,
-        /// "create machine", "boot", "start".
-        step: &'static str,
-        /// What failed.
-        source: VmError,
-    },
-    /// The guest's console file cannot be created.
-    #[error("guest {guest}: cannot create console file {path}: {source}")]
-    SerialFile {
-        /// The guest.
-        guest: String,
-        /// The file.
-        path: std::path::PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The event loop failed.
-    #[error("event loop: {0:?}")]
-    EventLoop(event_manager::Error),
+    /// A guest could not be started.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// A fault names a guest the environment does not have.
+    #[error("--fault {0}: no such guest")]
+    UnknownFaultGuest(String),
+    /// The event loop or a timer failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
 }
 
-fn serial_sink(guest: &GuestConfig) -> Result<SerialSink, RunError> {
-    Ok(match &guest.serial {
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| RunError::SerialFile {
-                guest: guest.name.clone(),
-                path: path.clone(),
-                source,
-            })?)
+/// What an eventfd registered with the loop stands for; packed into the event's data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    VcpuEvents(usize),
+    Heartbeat(usize),
+    HeartbeatDeadline(usize),
+    Fault(usize),
+}
+
+impl Source {
+    fn pack(self) -> u32 {
+        let (kind, index) = match self {
+            Source::VcpuEvents(i) => (1, i),
+            Source::Heartbeat(i) => (2, i),
+            Source::HeartbeatDeadline(i) => (3, i),
+            Source::Fault(i) => (4, i),
+        };
+        (kind << 24) | index as u32
+    }
+
+    fn unpack(data: u32) -> Option<Self> {
+        let index = (data & 0x00ff_ffff) as usize;
+        Some(match data >> 24 {
+            1 => Source::VcpuEvents(index),
+            2 => Source::Heartbeat(index),
+            3 => Source::HeartbeatDeadline(index),
+            4 => Source::Fault(index),
+            _ => return None,
+        })
+    }
+}
+
+struct Watched {
+    guest: Guest,
+    deadline: TimerFd,
+    /// The active machine's eventfds currently registered with the loop.
+    registered: Vec<RawFd>,
+}
+
+struct Planned {
+    fault: Fault,
+    guest: usize,
+    timer: TimerFd,
+}
+
+/// The event-loop subscriber.
+struct Supervisor {
+    guests: Vec<Watched>,
+    faults: Vec<Planned>,
+}
+
+impl Supervisor {
+    fn all_ended(&self) -> bool {
+        self.guests.iter().all(|w| w.guest.end().is_some())
+    }
+
+    /// Watches the current active machine of guest `index` (and forgets the previous one's).
+    fn rewire(&mut self, index: usize, ops: &mut EventOps) {
+        let watched = &mut self.guests[index];
+        for fd in watched.registered.drain(..) {
+            let _ = ops.remove(Events::empty_raw(fd));
         }
-    })
-}
-
-/// Builds, boots and starts one guest's machine.
-pub fn start_guest(guest: &GuestConfig) -> Result<Vm, RunError> {
-    let start_err = |step| {
-        let guest = guest.name.clone();
-        move |source| RunError::Start {
-            guest,
-            step,
-            source,
+        if watched.guest.end().is_some() {
+            let _ = watched.deadline.clear();
+            return;
         }
-    };
-    let begun = Instant::now();
-    let vm = Vm::create(&guest.machine_spec(), serial_sink(guest)?)
-        .map_err(start_err("create machine"))?;
-    vm.boot(&guest.boot_source()).map_err(start_err("boot"))?;
-    vm.resume().map_err(start_err("start"))?;
-    tracing::info!(
-        guest = %guest.name,
-        memory_mib = guest.memory_mib,
-        vcpus = guest.vcpus,
-        setup_us = begun.elapsed().as_micros() as u64,
-        "guest started"
-    );
-    Ok(vm)
+        let Some(vm) = watched.guest.active() else {
+            return;
+        };
+        let wanted = [
+            (vm.events_ready().as_raw_fd(), Source::VcpuEvents(index)),
+            (vm.heartbeat_ready().as_raw_fd(), Source::Heartbeat(index)),
+        ];
+        for (fd, source) in wanted {
+            match ops.add(Events::with_data_raw(fd, source.pack(), EventSet::IN)) {
+                Ok(()) => watched.registered.push(fd),
+                Err(err) => tracing::error!(
+                    guest = watched.guest.name(),
+                    ?err,
+                    "cannot watch the guest's events"
+                ),
+            }
+        }
+        // A guest that has sent heartbeats is judged by them on its new machine too, from the
+        // moment it resumed there; a freshly booted one only once it sends its first.
+        let _ = match watched.guest.heartbeat_deadline() {
+            Some(left) => watched.deadline.reset(left, None),
+            None => watched.deadline.clear(),
+        };
+    }
+
+    fn on_failure_or_change(&mut self, index: usize, change: Change, ops: &mut EventOps) {
+        if change != Change::None {
+            self.rewire(index, ops);
+            self.guests[index].guest.recover();
+        }
+    }
+
+    fn on_heartbeat(&mut self, index: usize) {
+        let watched = &mut self.guests[index];
+        if let Some(vm) = watched.guest.active() {
+            // The counter saturates; reading it re-arms the eventfd.
+            let _ = vm.heartbeat_ready().read();
+        }
+        watched.guest.heartbeat();
+        if let Some(timeout) = watched.guest.heartbeat_timeout() {
+            if let Err(err) = watched.deadline.reset(timeout, None) {
+                tracing::error!(guest = watched.guest.name(), %err, "cannot arm the heartbeat deadline");
+            }
+        }
+    }
+
+    fn on_deadline(&mut self, index: usize, ops: &mut EventOps) {
+        let watched = &mut self.guests[index];
+        let _ = watched.deadline.wait();
+        let Some(failure) = watched.guest.heartbeat_overdue() else {
+            // A beat arrived just before the timer fired; its handler re-armed the timer.
+            return;
+        };
+        let change = watched.guest.on_failure(failure);
+        self.on_failure_or_change(index, change, ops);
+    }
+
+    fn on_fault(&mut self, fault_index: usize, ops: &mut EventOps) {
+        let planned = &mut self.faults[fault_index];
+        let _ = planned.timer.wait();
+        let _ = ops.remove(Events::new(&planned.timer, EventSet::IN));
+        let (index, kind) = (planned.guest, planned.fault.kind);
+        let guest = &mut self.guests[index].guest;
+        if guest.end().is_some() {
+            return;
+        }
+        if let Some(failure) = guest.inject(kind) {
+            let change = guest.on_failure(failure);
+            self.on_failure_or_change(index, change, ops);
+        }
+    }
 }
 
-/// Feeds standard input to `vm`'s console until input ends or the machine is gone.
-fn forward_stdin(vm: std::sync::Weak<Vm>) {
+impl MutEventSubscriber for Supervisor {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match Source::unpack(events.data()) {
+            Some(Source::VcpuEvents(index)) => {
+                let change = self.guests[index].guest.on_vcpu_events();
+                self.on_failure_or_change(index, change, ops);
+            }
+            Some(Source::Heartbeat(index)) => self.on_heartbeat(index),
+            Some(Source::HeartbeatDeadline(index)) => self.on_deadline(index, ops),
+            Some(Source::Fault(index)) => self.on_fault(index, ops),
+            None => {}
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for index in 0..self.guests.len() {
+            let deadline = &self.guests[index].deadline;
+            let source = Source::HeartbeatDeadline(index).pack();
+            if let Err(err) = ops.add(Events::with_data(deadline, source, EventSet::IN)) {
+                tracing::error!(?err, "cannot watch heartbeat deadlines");
+            }
+            self.rewire(index, ops);
+        }
+        for (index, planned) in self.faults.iter().enumerate() {
+            let source = Source::Fault(index).pack();
+            if let Err(err) = ops.add(Events::with_data(&planned.timer, source, EventSet::IN)) {
+                tracing::error!(?err, "cannot schedule fault");
+            }
+        }
+    }
+}
+
+/// Feeds standard input to a guest's console until input ends or the guest is gone.
+fn forward_stdin(supervisor: std::sync::Weak<Mutex<Supervisor>>, index: usize) {
+    use std::io::Read;
     let mut stdin = std::io::stdin();
     let mut buf = [0u8; 256];
     while let Ok(n) = stdin.read(&mut buf) {
@@ -119,8 +227,16 @@ fn forward_stdin(vm: std::sync::Weak<Vm>) {
         }
         let mut pending = &buf[..n];
         while !pending.is_empty() {
-            let Some(vm) = vm.upgrade() else { return };
-            let taken = vm.serial_input(pending);
+            let Some(supervisor) = supervisor.upgrade() else {
+                return;
+            };
+            let taken = {
+                let supervisor = supervisor.lock().unwrap_or_else(|e| e.into_inner());
+                match supervisor.guests[index].guest.active() {
+                    Some(vm) => vm.serial_input(pending),
+                    None => return,
+                }
+            };
             pending = &pending[taken..];
             if taken == 0 {
                 // The UART FIFO is full until the guest reads; try again shortly.
@@ -130,115 +246,83 @@ fn forward_stdin(vm: std::sync::Weak<Vm>) {
     }
 }
 
-struct Watched {
-    name: String,
-    vm: Arc<Vm>,
-    end: Option<GuestEnd>,
+fn timer_error(err: vmm_sys_util::errno::Error) -> RunError {
+    RunError::EventLoop(format!("timerfd: {err}"))
 }
 
-/// The event-loop subscriber: one registered eventfd per guest, its index as the data.
-struct Watcher {
-    guests: Vec<Watched>,
-}
-
-impl Watcher {
-    fn on_vcpu_event(&mut self, index: usize) {
-        let guest = &mut self.guests[index];
-        while let Some(event) = guest.vm.next_event(Duration::ZERO) {
-            if guest.end.is_some() {
-                continue; // a second vCPU stopping after the guest already ended
-            }
-            let end = match event.stop {
-                VcpuStop::GuestExit { code } => GuestEnd::Exited { code },
-                VcpuStop::ResetRequested => GuestEnd::Reset,
-                stop => GuestEnd::Failed {
-                    vcpu: event.vcpu,
-                    stop,
-                },
-            };
-            // Stop the guest's other vCPUs too: the guest is over either way.
-            if let Err(err) = guest.vm.pause() {
-                tracing::warn!(guest = %guest.name, %err, "could not stop the remaining vCPUs");
-            }
-            guest.vm.flush_serial();
-            match &end {
-                GuestEnd::Failed { vcpu, stop } => {
-                    tracing::error!(guest = %guest.name, vcpu, %stop, "guest failed")
-                }
-                GuestEnd::Exited { code } => {
-                    tracing::info!(guest = %guest.name, code, "guest exited")
-                }
-                GuestEnd::Reset => {
-                    tracing::info!(guest = %guest.name, "guest requested a reset; ending it")
-                }
-            }
-            guest.end = Some(end);
-        }
+/// Starts every guest of `env`, fires the planned `faults`, and returns once every guest has
+/// ended, with how each ended.
+pub fn run_environment(env: &Environment, faults: &[Fault]) -> Result<Vec<GuestOutcome>, RunError> {
+    let mut planned = Vec::with_capacity(faults.len());
+    for fault in faults {
+        let guest = env
+            .guest
+            .iter()
+            .position(|g| g.name == fault.guest)
+            .ok_or_else(|| RunError::UnknownFaultGuest(fault.guest.clone()))?;
+        planned.push((fault.clone(), guest));
     }
-
-    fn all_ended(&self) -> bool {
-        self.guests.iter().all(|g| g.end.is_some())
-    }
-}
-
-impl MutEventSubscriber for Watcher {
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
-        self.on_vcpu_event(events.data() as usize);
-    }
-
-    fn init(&mut self, ops: &mut EventOps) {
-        for (index, guest) in self.guests.iter().enumerate() {
-            let events = Events::with_data(guest.vm.events_ready(), index as u32, EventSet::IN);
-            if let Err(err) = ops.add(events) {
-                tracing::error!(guest = %guest.name, ?err, "cannot watch guest events");
-            }
-        }
-    }
-}
-
-/// Starts every guest of `env` and returns once each has ended, with how it ended.
-pub fn run_environment(env: &Environment) -> Result<Vec<GuestOutcome>, RunError> {
+    let stdout_users = env
+        .guest
+        .iter()
+        .filter(|g| g.serial == SerialOutput::Stdout)
+        .count();
     let mut guests = Vec::with_capacity(env.guest.len());
     for config in &env.guest {
-        let vm = Arc::new(start_guest(config)?);
-        if config.serial_input == SerialInput::Stdin {
-            let weak = Arc::downgrade(&vm);
-            std::thread::Builder::new()
-                .name(format!("{}-stdin", config.name))
-                .spawn(move || forward_stdin(weak))
-                .map_err(|e| RunError::Start {
-                    guest: config.name.clone(),
-                    step: "start console input",
-                    source: VmError::Thread(e),
-                })?;
-        }
         guests.push(Watched {
-            name: config.name.clone(),
-            vm,
-            end: None,
+            guest: Guest::start(config, stdout_users > 1)?,
+            deadline: TimerFd::new().map_err(timer_error)?,
+            registered: Vec::new(),
         });
     }
-    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(RunError::EventLoop)?;
-    let watcher = Arc::new(Mutex::new(Watcher { guests }));
-    manager.add_subscriber(watcher.clone());
-    loop {
-        {
-            let watcher = watcher.lock().unwrap_or_else(|e| e.into_inner());
-            if watcher.all_ended() {
-                break;
-            }
-        }
-        manager.run().map_err(RunError::EventLoop)?;
+    let mut faults = Vec::with_capacity(planned.len());
+    for (fault, guest) in planned {
+        let mut timer = TimerFd::new().map_err(timer_error)?;
+        // A zero duration would disarm the timer; the earliest fault fires after 1 ms.
+        timer
+            .reset(fault.after.max(Duration::from_millis(1)), None)
+            .map_err(timer_error)?;
+        faults.push(Planned {
+            fault,
+            guest,
+            timer,
+        });
     }
-    let mut watcher = watcher.lock().unwrap_or_else(|e| e.into_inner());
-    Ok(watcher
+    let supervisor = Arc::new(Mutex::new(Supervisor { guests, faults }));
+    if let Some(index) = env
+        .guest
+        .iter()
+        .position(|g| g.serial_input == SerialInput::Stdin)
+    {
+        let weak = Arc::downgrade(&supervisor);
+        std::thread::Builder::new()
+            .name("console-input".into())
+            .spawn(move || forward_stdin(weak, index))
+            .map_err(|e| RunError::EventLoop(format!("console input thread: {e}")))?;
+    }
+    let mut manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+        EventManager::new().map_err(|e| RunError::EventLoop(format!("{e:?}")))?;
+    manager.add_subscriber(supervisor.clone());
+    loop {
+        if supervisor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .all_ended()
+        {
+            break;
+        }
+        manager
+            .run()
+            .map_err(|e| RunError::EventLoop(format!("{e:?}")))?;
+    }
+    let mut supervisor = supervisor.lock().unwrap_or_else(|e| e.into_inner());
+    Ok(supervisor
         .guests
         .drain(..)
-        .map(|g| GuestOutcome {
-            name: g.name,
-            // The loop above ends only when every guest has an end.
-            end: g.end.unwrap_or(GuestEnd::Reset),
+        .map(|w| GuestOutcome {
+            name: w.guest.name().to_owned(),
+            end: w.guest.end().cloned().unwrap_or(GuestEnd::Reset),
+            failovers: w.guest.failovers(),
         })
         .collect())
 }

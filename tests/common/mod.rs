@@ -3,8 +3,9 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
-use std::io::Write;
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -99,4 +100,76 @@ pub fn assert_consecutive(values: &[u64], what: &str) {
             pair[1]
         );
     }
+}
+
+/// Runs understudy to completion, killing it (and failing) if it outlives [`PATIENCE`].
+pub fn understudy(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run understudy");
+    // Read both pipes while waiting, so a chatty guest cannot block on a full pipe.
+    let mut out_pipe = child.stdout.take().unwrap();
+    let mut err_pipe = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        out_pipe
+            .read_to_end(&mut buf)
+            .map(|_| buf)
+            .unwrap_or_default()
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        err_pipe
+            .read_to_end(&mut buf)
+            .map(|_| buf)
+            .unwrap_or_default()
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for understudy") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&err_reader.join().unwrap()).into_owned();
+            panic!("understudy {args:?} still running after {PATIENCE:?}; stderr:\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        status,
+        stdout: out_reader.join().unwrap(),
+        stderr: err_reader.join().unwrap(),
+    }
+}
+
+pub fn config(name: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs")
+        .join(name)
+        .to_string_lossy()
+        .into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Writes `text` as an environment file in a fresh folder and returns its path.
+pub fn env_file(test: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("understudy-test-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("env.toml");
+    std::fs::write(&path, text.replace("KERNELS", env!("UNDERSTUDY_KERNELS"))).unwrap();
+    path
 }

@@ -90,9 +90,12 @@ pub enum VmError {
     /// A vCPU thread could not be started.
     #[error("cannot start vCPU thread: {0}")]
     Thread(std::io::Error),
-    /// A vCPU thread did not answer.
+    /// A vCPU thread did not answer in time.
     #[error("vCPU {0} did not respond")]
     VcpuUnresponsive(u8),
+    /// A vCPU's thread has ended, so it cannot run or take requests.
+    #[error("vCPU {0}'s thread has ended")]
+    VcpuGone(u8),
     /// A snapshot of another shape was given.
     #[error("snapshot does not fit this machine: {0}")]
     ShapeMismatch(String),
@@ -351,11 +354,14 @@ impl Vm {
             }
         }
         for (index, answer) in &acks {
-            self.await_reply(*index, answer)?;
+            match self.await_reply(*index, answer) {
+                // It died before it could acknowledge: stopped all the same.
+                Ok(()) | Err(VmError::VcpuGone(_)) => {}
+                Err(err) => return Err(err),
+            }
         }
         Ok(())
     }
-
 
     /// Saves the whole machine state (memory by reference). Every vCPU must be paused or
     /// stopped.
@@ -369,10 +375,21 @@ impl Vm {
         }
         let mut vcpus = Vec::with_capacity(answers.len());
         for (index, answer) in answers.iter().enumerate() {
-            let state = match answer {
-                Some(answer) => self.await_reply(index as u8, answer)?,
+            let answered = match answer {
+                Some(answer) => match self.await_reply(index as u8, answer) {
+                    Err(VmError::VcpuGone(_)) => None,
+                    other => Some(other?),
+                },
+                None => None,
+            };
+            let state = match answered {
+                Some(state) => state,
                 None => {
-                    let fd = self.vcpus[index].fd.lock().unwrap_or_else(|e| e.into_inner());
+                    // The thread is gone; its lock is free for good (poisoned if it panicked).
+                    let fd = self.vcpus[index]
+                        .fd
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
                     VcpuState::save(&fd, &self.layout)
                 }
             };
@@ -509,10 +526,11 @@ impl Vm {
     pub fn inject_machine_check(&self) -> Result<(), VmError> {
         let (reply, answer) = std::sync::mpsc::channel();
         self.request(0, VcpuRequest::MachineCheck(reply))?;
-        self.await_reply(0, &answer)?.map_err(|source| VmError::State {
-            what: "injecting a machine check".into(),
-            source,
-        })
+        self.await_reply(0, &answer)?
+            .map_err(|source| VmError::State {
+                what: "injecting a machine check".into(),
+                source,
+            })
     }
 
     /// Fault injection: while `dropped`, heartbeat writes from the guest are ignored, as if
@@ -526,14 +544,18 @@ impl Vm {
         if handle.send(request) {
             Ok(())
         } else {
-            Err(VmError::VcpuUnresponsive(index))
+            Err(VmError::VcpuGone(index))
         }
     }
 
     fn await_reply<T>(&self, index: u8, answer: &Receiver<T>) -> Result<T, VmError> {
         answer
             .recv_timeout(VCPU_REPLY_TIMEOUT)
-            .map_err(|_| VmError::VcpuUnresponsive(index))
+            .map_err(|e| match e {
+                RecvTimeoutError::Timeout => VmError::VcpuUnresponsive(index),
+                // The thread dropped the request unanswered: it ended (or died) first.
+                RecvTimeoutError::Disconnected => VmError::VcpuGone(index),
+            })
     }
 }
 

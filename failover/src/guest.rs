@@ -1,0 +1,619 @@
+//! One guest under supervision: its active VM and, for a hot-standby guest, its standby VM
+//! over the same RAM; which is which; whether failover is armed; and what happens when the
+//! active fails. Role changes happen here and nowhere else.
+//!
+//! Runs on the supervisor thread. Each failover runs as plain phases, in order, each logged
+//! with its duration inside a `failover` span: detect, fence, capture, dump, resume, recover.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use vmm_core::{GuestRam, SerialSink, VcpuStop, Vm, VmError, VmSnapshot};
+
+use crate::config::{GuestConfig, OnFailure, SerialOutput};
+use crate::dump;
+
+/// How a guest ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestEnd {
+    /// The guest wrote the debug-exit port.
+    Exited {
+        /// Its exit status, `(value << 1) | 1`.
+        code: i32,
+    },
+    /// The guest asked for a reset (i8042), which ends it.
+    Reset,
+    /// The guest failed and was brought down.
+    Down {
+        /// What failed, and why it could not be carried on.
+        reason: String,
+    },
+}
+
+/// Why the supervisor considers a guest's active VM failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    /// A vCPU stopped for a reason that is not a deliberate end.
+    Vcpu {
+        /// Which vCPU.
+        vcpu: u8,
+        /// Why.
+        stop: VcpuStop,
+        /// Set when the stop followed an injected machine check.
+        machine_check: bool,
+    },
+    /// No heartbeat for longer than the timeout.
+    HeartbeatTimeout {
+        /// How long the guest had been silent.
+        silent_ms: u64,
+    },
+    /// The guest reported a panic (pvpanic), injected or its own.
+    Panic,
+}
+
+impl Failure {
+    /// Whether the failure lies in the guest's own state, so that handing that state to the
+    /// standby would fail the same way.
+    pub fn breaks_guest_state(&self) -> bool {
+        match self {
+            Failure::Vcpu { machine_check, .. } if *machine_check => true,
+            Failure::Vcpu { stop, .. } => {
+                matches!(stop, VcpuStop::Shutdown | VcpuStop::Panicked)
+            }
+            Failure::Panic => true,
+            Failure::HeartbeatTimeout { .. } => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Vcpu {
+                machine_check: true,
+                vcpu,
+                stop,
+            } => write!(f, "machine check on vCPU {vcpu} ({stop})"),
+            Failure::Vcpu { vcpu, stop, .. } => write!(f, "vCPU {vcpu}: {stop}"),
+            Failure::HeartbeatTimeout { silent_ms } => {
+                write!(f, "no heartbeat for {silent_ms} ms")
+            }
+            Failure::Panic => write!(f, "guest panicked"),
+        }
+    }
+}
+
+/// What the supervisor must do after a guest handled an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing changed that the event loop watches.
+    None,
+    /// The active VM was replaced: watch the new one's eventfds.
+    NewActive,
+    /// The guest has ended: stop watching it.
+    Ended,
+}
+
+/// Errors while starting a guest.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A machine could not be built, booted or started.
+    #[error("guest {guest}: {step}: {source}")]
+    Machine {
+        /// The guest.
+        guest: String,
+        /// What was being done.
+        step: &'static str,
+        /// What failed.
+        source: VmError,
+    },
+    /// The console file cannot be created.
+    #[error("guest {guest}: cannot create console file {path}: {source}")]
+    SerialFile {
+        /// The guest.
+        guest: String,
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Where `config`'s console goes. Guests sharing standard output write whole lines, so
+/// their lines never interleave mid-line; a guest alone there writes every byte at once.
+fn console_sink(config: &GuestConfig, stdout_shared: bool) -> Result<SerialSink, StartError> {
+    Ok(match &config.serial {
+        SerialOutput::Stdout if stdout_shared => {
+            Box::new(std::io::LineWriter::new(std::io::stdout()))
+        }
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::None => Box::new(std::io::sink()),
+        SerialOutput::File(path) => {
+            Box::new(File::create(path).map_err(|source| StartError::SerialFile {
+                guest: config.name.clone(),
+                path: path.clone(),
+                source,
+            })?)
+        }
+    })
+}
+
+fn us(d: Duration) -> u64 {
+    d.as_micros() as u64
+}
+
+/// One supervised guest.
+pub struct Guest {
+    config: GuestConfig,
+    ram: GuestRam,
+    active: Option<Vm>,
+    standby: Option<Vm>,
+    armed: bool,
+    /// Failovers (or restarts) inside the crash-loop window.
+    recent_failures: VecDeque<Instant>,
+    failovers: u32,
+    dumps: u32,
+    last_heartbeat: Option<Instant>,
+    machine_check_injected: bool,
+    end: Option<GuestEnd>,
+    /// Machines taken out of service, kept until the supervisor has stopped watching their
+    /// eventfds (closing them first would leave stale registrations in the event loop).
+    retired: Vec<Vm>,
+    /// Set after a failover, until `recover` has run.
+    needs_recovery: bool,
+}
+
+impl Guest {
+    /// Starts the guest: for a hot-standby guest the standby machine first, then the active,
+    /// then the standby is synced and failover armed. `stdout_shared` says whether other
+    /// guests write to standard output too.
+    pub fn start(config: &GuestConfig, stdout_shared: bool) -> Result<Guest, StartError> {
+        let machine_err = |step| {
+            let guest = config.name.clone();
+            move |source| StartError::Machine {
+                guest,
+                step,
+                source,
+            }
+        };
+        let spec = config.machine_spec();
+        let ram = GuestRam::new(config.memory_mib << 20)
+            .map_err(|e| machine_err("allocate RAM")(VmError::Memory(e)))?;
+        let begun = Instant::now();
+        let standby = match &config.standby {
+            Some(_) => Some(
+                Vm::create_with_ram(&spec, ram.clone(), Box::new(std::io::sink()))
+                    .map_err(machine_err("create standby machine"))?,
+            ),
+            None => None,
+        };
+        let active = Vm::create_with_ram(&spec, ram.clone(), console_sink(config, stdout_shared)?)
+            .map_err(machine_err("create machine"))?;
+        active
+            .boot(&config.boot_source())
+            .map_err(machine_err("boot"))?;
+        active.resume().map_err(machine_err("start"))?;
+        tracing::info!(
+            guest = %config.name,
+            memory_mib = config.memory_mib,
+            vcpus = config.vcpus,
+            standby = standby.is_some(),
+            setup_us = us(begun.elapsed()),
+            "guest started"
+        );
+        let mut guest = Guest {
+            config: config.clone(),
+            ram,
+            active: Some(active),
+            standby,
+            armed: false,
+            recent_failures: VecDeque::new(),
+            failovers: 0,
+            dumps: 0,
+            last_heartbeat: None,
+            machine_check_injected: false,
+            end: None,
+            retired: Vec::new(),
+            needs_recovery: false,
+        };
+        if guest.standby.is_some() {
+            guest.arm();
+        }
+        Ok(guest)
+    }
+
+    /// Brings the standby to the active's state and arms failover; on failure the guest runs
+    /// on unprotected, with a warning.
+    fn arm(&mut self) {
+        let (Some(active), Some(standby)) = (&self.active, &self.standby) else {
+            return;
+        };
+        let begun = Instant::now();
+        let synced = sync_standby(active, standby);
+        match synced {
+            Ok(paused) => {
+                self.armed = true;
+                tracing::info!(
+                    guest = %self.config.name,
+                    active_paused_us = us(paused),
+                    sync_us = us(begun.elapsed()),
+                    "active running, standby ready: failover armed"
+                );
+            }
+            Err(err) => {
+                self.standby = None;
+                self.armed = false;
+                tracing::warn!(guest = %self.config.name, %err, "standby could not be synced; the guest runs unprotected");
+            }
+        }
+    }
+
+    /// The guest's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The machine currently running the guest.
+    pub fn active(&self) -> Option<&Vm> {
+        self.active.as_ref()
+    }
+
+    /// How the guest ended, once it has.
+    pub fn end(&self) -> Option<&GuestEnd> {
+        self.end.as_ref()
+    }
+
+    /// Failovers so far.
+    pub fn failovers(&self) -> u32 {
+        self.failovers
+    }
+
+    /// Whether a failure of the active would now fail over.
+    pub fn armed(&self) -> bool {
+        self.armed
+    }
+
+    /// The heartbeat timeout, when the guest's heartbeats are watched.
+    pub fn heartbeat_timeout(&self) -> Option<Duration> {
+        match &self.config.standby {
+            Some(s) if s.heartbeat_timeout_ms > 0 => {
+                Some(Duration::from_millis(s.heartbeat_timeout_ms))
+            }
+            _ => None,
+        }
+    }
+
+    /// Records that a heartbeat arrived now.
+    pub fn heartbeat(&mut self) {
+        self.last_heartbeat = Some(Instant::now());
+    }
+
+    /// How long until the heartbeat deadline, if the guest is being judged by heartbeats.
+    pub fn heartbeat_deadline(&self) -> Option<Duration> {
+        let (timeout, last) = (self.heartbeat_timeout()?, self.last_heartbeat?);
+        Some(
+            timeout
+                .saturating_sub(last.elapsed())
+                .max(Duration::from_millis(1)),
+        )
+    }
+
+    /// The heartbeat failure, if the guest has been silent too long. A guest that never sent
+    /// a heartbeat is not judged by them.
+    pub fn heartbeat_overdue(&self) -> Option<Failure> {
+        let (timeout, last) = (self.heartbeat_timeout()?, self.last_heartbeat?);
+        let silent = last.elapsed();
+        (silent >= timeout).then(|| Failure::HeartbeatTimeout {
+            silent_ms: silent.as_millis() as u64,
+        })
+    }
+
+    /// Reads the active's vCPU events and acts on them.
+    pub fn on_vcpu_events(&mut self) -> Change {
+        let mut change = Change::None;
+        while let Some(event) = self
+            .active
+            .as_ref()
+            .and_then(|vm| vm.next_event(Duration::ZERO))
+        {
+            if self.end.is_some() || change == Change::NewActive {
+                // A second vCPU stopping after the guest ended, or a stale event of the
+                // machine that was just replaced.
+                continue;
+            }
+            change = match event.stop {
+                VcpuStop::GuestExit { code } => self.finish(GuestEnd::Exited { code }),
+                VcpuStop::ResetRequested => self.finish(GuestEnd::Reset),
+                stop => {
+                    let failure = Failure::Vcpu {
+                        vcpu: event.vcpu,
+                        stop,
+                        machine_check: self.machine_check_injected,
+                    };
+                    self.on_failure(failure)
+                }
+            };
+        }
+        change
+    }
+
+    /// Ends the guest cleanly: standby first, then the active.
+    fn finish(&mut self, end: GuestEnd) -> Change {
+        self.armed = false;
+        self.retired.extend(self.standby.take());
+        if let Some(active) = self.active.take() {
+            let _ = active.pause();
+            active.flush_serial();
+            self.retired.push(active);
+        }
+        match &end {
+            GuestEnd::Exited { code } => {
+                tracing::info!(guest = %self.config.name, code, "guest exited")
+            }
+            GuestEnd::Reset => {
+                tracing::info!(guest = %self.config.name, "guest requested a reset; ending it")
+            }
+            GuestEnd::Down { reason } => {
+                tracing::error!(guest = %self.config.name, %reason, "guest down")
+            }
+        }
+        self.end = Some(end);
+        Change::Ended
+    }
+
+    /// Injects `kind` into the active VM. Returns a failure the supervisor detects at once
+    /// (an injected panic), if any.
+    pub fn inject(&mut self, kind: crate::fault::FaultKind) -> Option<Failure> {
+        use crate::fault::FaultKind;
+        let active = self.active.as_ref()?;
+        tracing::warn!(guest = %self.config.name, fault = %kind, "injecting fault");
+        match kind {
+            FaultKind::Kill => active.inject_vcpu_thread_failure(),
+            FaultKind::Hang => active.set_heartbeats_dropped(true),
+            FaultKind::Mce => {
+                self.machine_check_injected = true;
+                if let Err(err) = active.inject_machine_check() {
+                    self.machine_check_injected = false;
+                    tracing::error!(guest = %self.config.name, %err, "machine check injection failed");
+                }
+            }
+            FaultKind::Panic => return Some(Failure::Panic),
+        }
+        None
+    }
+
+    /// Handles a failure of the active VM: fail over, restart, or bring the guest down.
+    pub fn on_failure(&mut self, failure: Failure) -> Change {
+        if self.end.is_some() {
+            return Change::None;
+        }
+        let detected = Instant::now();
+        let span =
+            tracing::info_span!("failure", guest = %self.config.name, n = self.failovers + 1);
+        let _entered = span.enter();
+        tracing::error!(phase = "detect", failure = %failure, armed = self.armed, "active failed");
+
+        let Some(active) = self.active.as_ref() else {
+            return Change::None;
+        };
+        // Fence: every vCPU of the failed machine stops for good before anything else, and its
+        // console output stops with it.
+        let t = Instant::now();
+        if let Err(err) = active.pause() {
+            return self.finish(GuestEnd::Down {
+                reason: format!("{failure}; the failed machine could not be fenced: {err}"),
+            });
+        }
+        let console = active.set_serial_sink(Box::new(std::io::sink()));
+        tracing::info!(
+            phase = "fence",
+            duration_us = us(t.elapsed()),
+            "failed machine fenced"
+        );
+
+        let t = Instant::now();
+        let snapshot = match active.save() {
+            Ok(snapshot) => snapshot,
+            Err(err) => {
+                return self.finish(GuestEnd::Down {
+                    reason: format!("{failure}; its state could not be captured: {err}"),
+                })
+            }
+        };
+        tracing::info!(
+            phase = "capture",
+            duration_us = us(t.elapsed()),
+            "state captured"
+        );
+        // Memory is shared with the standby, which changes it as soon as it runs: the dump
+        // has to be written before.
+        self.write_dump(&snapshot);
+
+        let why_not = self.why_no_failover(&failure, detected);
+        if let Some(reason) = why_not {
+            return self.bring_down_or_restart(reason, console);
+        }
+
+        let t = Instant::now();
+        let Some(standby) = self.standby.take() else {
+            return self.finish(GuestEnd::Down {
+                reason: format!("{failure}; no standby"),
+            });
+        };
+        let resumed = standby.restore(&snapshot).and_then(|()| {
+            standby.set_serial_sink(console);
+            standby.resume()
+        });
+        if let Err(err) = resumed {
+            return self.finish(GuestEnd::Down {
+                reason: format!("{failure}; the standby could not take over: {err}"),
+            });
+        }
+        let failed = self.active.replace(standby);
+        self.armed = false;
+        self.failovers += 1;
+        self.recent_failures.push_back(detected);
+        // The guest carries on: if it was being judged by its heartbeats, it still is, from
+        // the moment it resumed.
+        if self.last_heartbeat.is_some() {
+            self.last_heartbeat = Some(Instant::now());
+        }
+        self.machine_check_injected = false;
+        tracing::info!(
+            phase = "resume",
+            duration_us = us(t.elapsed()),
+            downtime_us = us(detected.elapsed()),
+            "standby is now the active"
+        );
+
+        self.retired.extend(failed);
+        self.needs_recovery = true;
+        Change::NewActive
+    }
+
+    /// Recovery, after the supervisor watches the new active: the failed machine is torn
+    /// down and, with `rearm`, rebuilt over the guest's RAM as the new standby. If it cannot
+    /// be rebuilt the guest runs on unprotected, with a warning. Also releases machines
+    /// retired by a restart or an end.
+    pub fn recover(&mut self) {
+        let t = Instant::now();
+        self.retired.clear();
+        if !std::mem::take(&mut self.needs_recovery) || self.end.is_some() {
+            return;
+        }
+        let span = tracing::info_span!("failure", guest = %self.config.name, n = self.failovers);
+        let _entered = span.enter();
+        let rearm = self.config.standby.as_ref().is_some_and(|s| s.rearm);
+        if rearm {
+            match Vm::create_with_ram(
+                &self.config.machine_spec(),
+                self.ram.clone(),
+                Box::new(std::io::sink()),
+            ) {
+                Ok(vm) => {
+                    self.standby = Some(vm);
+                    self.arm();
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "the failed machine could not be rebuilt; the guest runs unprotected")
+                }
+            }
+        } else {
+            tracing::warn!("rearm = false: the guest runs on without a standby");
+        }
+        tracing::info!(
+            phase = "recover",
+            duration_us = us(t.elapsed()),
+            armed = self.armed,
+            "recovery done"
+        );
+    }
+
+    /// Why this failure cannot be failed over, if it cannot.
+    fn why_no_failover(&mut self, failure: &Failure, now: Instant) -> Option<String> {
+        let Some(standby) = &self.config.standby else {
+            return Some(format!("{failure}"));
+        };
+        if failure.breaks_guest_state() {
+            return Some(format!(
+                "{failure}: the guest's own state is broken, so handing it to the standby \
+                 (resume = \"failed-state\") cannot save it; resume = \"checkpoint\" can"
+            ));
+        }
+        if !self.armed {
+            return Some(format!("{failure} while failover was not armed"));
+        }
+        let window = Duration::from_secs(standby.failover_window_s);
+        while self
+            .recent_failures
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
+            self.recent_failures.pop_front();
+        }
+        if self.recent_failures.len() as u32 >= standby.max_failovers {
+            return Some(format!(
+                "{failure}: crash loop, more than {} failovers within {} s",
+                standby.max_failovers, standby.failover_window_s
+            ));
+        }
+        None
+    }
+
+    /// A guest that cannot fail over: restart it (unprotected guests configured so) or bring
+    /// it down.
+    fn bring_down_or_restart(&mut self, reason: String, console: SerialSink) -> Change {
+        if self.config.standby.is_some() || self.config.on_failure == OnFailure::Down {
+            return self.finish(GuestEnd::Down { reason });
+        }
+        let now = Instant::now();
+        let window = Duration::from_secs(self.config.restart_window_s);
+        self.recent_failures
+            .retain(|t| now.duration_since(*t) <= window);
+        if self.recent_failures.len() as u32 >= self.config.max_restarts {
+            return self.finish(GuestEnd::Down {
+                reason: format!(
+                    "{reason}; crash loop, more than {} restarts within {} s",
+                    self.config.max_restarts, self.config.restart_window_s
+                ),
+            });
+        }
+        self.recent_failures.push_back(now);
+        tracing::warn!(guest = %self.config.name, %reason, "restarting the guest");
+        self.retired.extend(self.active.take());
+        let restarted = GuestRam::new(self.config.memory_mib << 20)
+            .map_err(VmError::Memory)
+            .and_then(|ram| {
+                let vm = Vm::create_with_ram(&self.config.machine_spec(), ram.clone(), console)?;
+                vm.boot(&self.config.boot_source())?;
+                vm.resume()?;
+                Ok((ram, vm))
+            });
+        match restarted {
+            Ok((ram, vm)) => {
+                self.ram = ram;
+                self.active = Some(vm);
+                self.last_heartbeat = None;
+                self.machine_check_injected = false;
+                Change::NewActive
+            }
+            Err(err) => self.finish(GuestEnd::Down {
+                reason: format!("{reason}; restart failed: {err}"),
+            }),
+        }
+    }
+
+    fn write_dump(&mut self, snapshot: &VmSnapshot) {
+        if !self.config.crash_dump {
+            return;
+        }
+        self.dumps += 1;
+        let path = self
+            .config
+            .dump_dir
+            .join(format!("{}-failure-{}.core", self.config.name, self.dumps));
+        let t = Instant::now();
+        match dump::write_core(&path, snapshot, &self.ram) {
+            Ok(()) => {
+                tracing::info!(phase = "dump", duration_us = us(t.elapsed()), path = %path.display(), "crash dump written")
+            }
+            Err(err) => {
+                tracing::warn!(path = %path.display(), %err, "crash dump could not be written")
+            }
+        }
+    }
+}
+
+/// Brings `standby` to `active`'s current state; returns how long the active was paused.
+fn sync_standby(active: &Vm, standby: &Vm) -> Result<Duration, VmError> {
+    let paused = Instant::now();
+    active.pause()?;
+    let saved = active.save();
+    let resumed = active.resume();
+    let pause = paused.elapsed();
+    standby.restore(&saved?)?;
+    resumed?;
+    Ok(pause)
+}
