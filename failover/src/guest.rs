@@ -305,7 +305,7 @@ impl Guest {
     pub fn heartbeat_overdue(&self) -> Option<Failure> {
         let (timeout, last) = (self.heartbeat_timeout()?, self.last_heartbeat?);
         let silent = last.elapsed();
-        (silent >= timeout).then(|| Failure::HeartbeatTimeout {
+        (silent >= timeout).then_some(Failure::HeartbeatTimeout {
             silent_ms: silent.as_millis() as u64,
         })
     }
