@@ -4,10 +4,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
 use common::{
     assert_consecutive, config, env_file, kernel, numbers_after, require_kvm, stderr, stdout,
     understudy,
