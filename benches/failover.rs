@@ -1,0 +1,86 @@
+//! Failover downtime of a hot-standby `counter` pair (resume = "failed-state", crash dumps
+//! off) for 64 MiB and 1 GiB guests: `understudy run --fault counter:kill@...` many times,
+//! reading two figures from each run's log:
+//! - detection → the standby running (`downtime_us`, measured by the supervisor);
+//! - fault injected → the standby running (log timestamps of the injection and the resume).
+//!
+//! Run: `cargo bench --bench failover` (optionally `-- RUNS`, default 20).
+
+use std::path::Path;
+use std::process::Command;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Seconds since midnight of an RFC 3339 timestamp at the start of a log line.
+fn timestamp(line: &str) -> Option<f64> {
+    let time = line.split('T').nth(1)?.split('Z').next()?;
+    let mut parts = time.split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+fn field(line: &str, name: &str) -> Option<f64> {
+    let rest = line.split(&format!("{name}=")).nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+fn measure(memory_mib: u64, runs: usize) -> (f64, f64) {
+    let dir = std::env::temp_dir().join(format!("understudy-bench-failover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let env = dir.join(format!("pair-{memory_mib}.toml"));
+    let kernel = Path::new(env!("UNDERSTUDY_KERNELS")).join("counter");
+    std::fs::write(
+        &env,
+        format!(
+            "[[guest]]\nname = \"counter\"\nkernel = \"{}\"\nmemory_mib = {memory_mib}\n\
+             cmdline = \"interval_ms=20 stop_after=30\"\nserial = \"none\"\ncrash_dump = false\n\
+             [guest.standby]\nheartbeat_timeout_ms = 0\n",
+            kernel.display()
+        ),
+    )
+    .expect("write env");
+    let (mut detected, mut injected) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let out = Command::new(env!("CARGO_BIN_EXE_understudy"))
+            .args(["--log", "info", "run"])
+            .arg(&env)
+            .args(["--fault", "counter:kill@300"])
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run understudy");
+        let log = String::from_utf8_lossy(&out.stderr);
+        let inject = log.lines().find(|l| l.contains("injecting fault"));
+        let resume = log.lines().find(|l| l.contains("standby is now the active"));
+        let (Some(inject), Some(resume)) = (inject, resume) else {
+            panic!("no failover in this run:\n{log}");
+        };
+        detected.push(field(resume, "downtime_us").expect("downtime_us") / 1e3);
+        injected.push((timestamp(resume).unwrap() - timestamp(inject).unwrap()) * 1e3);
+    }
+    (median(detected), median(injected))
+}
+
+fn main() {
+    let runs: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(20);
+    let small = measure(64, runs);
+    let large = measure(1024, runs);
+    for (mib, (detected, injected)) in [(64, small), (1024, large)] {
+        println!(
+            "{mib:>5} MiB pair: detection -> standby running {detected:.3} ms, \
+             fault injected -> standby running {injected:.3} ms (medians of {runs})"
+        );
+    }
+    println!(
+        "ratio 1 GiB / 64 MiB: {:.2} (detection -> running), {:.2} (injected -> running)",
+        large.0 / small.0,
+        large.1 / small.1
+    );
+}
