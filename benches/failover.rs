@@ -30,7 +30,8 @@ fn field(line: &str, name: &str) -> Option<f64> {
 }
 
 fn measure(memory_mib: u64, runs: usize) -> (f64, f64) {
-    let dir = std::env::temp_dir().join(format!("understudy-bench-failover-{}", std::process::id()));
+    let dir =
+        std::env::temp_dir().join(format!("understudy-bench-failover-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let env = dir.join(format!("pair-{memory_mib}.toml"));
     let kernel = Path::new(env!("UNDERSTUDY_KERNELS")).join("counter");
@@ -55,7 +56,9 @@ fn measure(memory_mib: u64, runs: usize) -> (f64, f64) {
             .expect("run understudy");
         let log = String::from_utf8_lossy(&out.stderr);
         let inject = log.lines().find(|l| l.contains("injecting fault"));
-        let resume = log.lines().find(|l| l.contains("standby is now the active"));
+        let resume = log
+            .lines()
+            .find(|l| l.contains("standby is now the active"));
         let (Some(inject), Some(resume)) = (inject, resume) else {
             panic!("no failover in this run:\n{log}");
         };

@@ -169,3 +169,24 @@ fn console_can_go_to_a_file() {
     let console = std::fs::read_to_string(path.with_file_name("console.txt")).unwrap();
     assert_eq!(console, "hello from understudy\n");
 }
+
+#[test]
+fn readme_pair_demo_fails_over_twice_and_counts_on() {
+    require_kvm();
+    let out = understudy(&[
+        "run",
+        &config("pair.toml"),
+        "--fault",
+        "counter:kill@1000",
+        "--fault",
+        "counter:hang@2000",
+    ]);
+    let (text, log) = (stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert_eq!(
+        numbers_after(&text, "count "),
+        (0..=40).collect::<Vec<_>>(),
+        "{text}"
+    );
+    assert_eq!(log.matches("standby is now the active").count(), 2, "{log}");
+}
