@@ -125,9 +125,7 @@ pub enum StartError {
 /// their lines never interleave mid-line; a guest alone there writes every byte at once.
 fn console_sink(config: &GuestConfig, stdout_shared: bool) -> Result<SerialSink, StartError> {
     Ok(match &config.serial {
-        SerialOutput::Stdout if stdout_shared => {
-            Box::new(std::io::LineWriter::new(std::io::stdout()))
-        }
+        SerialOutput::Stdout if stdout_shared => Box::new(WholeLines::default()),
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::None => Box::new(std::io::sink()),
         SerialOutput::File(path) => {
@@ -138,6 +136,42 @@ fn console_sink(config: &GuestConfig, stdout_shared: bool) -> Result<SerialSink,
             })?)
         }
     })
+}
+
+/// Console output to standard output, a whole line at a time. The UART flushes after every
+/// byte, which would defeat a `LineWriter`; this holds a partial line until its newline (or
+/// until it grows past a page, or the guest's console goes away).
+#[derive(Default)]
+struct WholeLines {
+    pending: Vec<u8>,
+}
+
+const WHOLE_LINES_LIMIT: usize = 4096;
+
+impl std::io::Write for WholeLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        let cut = match self.pending.iter().rposition(|b| *b == b'\n') {
+            Some(newline) => newline + 1,
+            None if self.pending.len() >= WHOLE_LINES_LIMIT => self.pending.len(),
+            None => return Ok(buf.len()),
+        };
+        std::io::stdout().write_all(&self.pending[..cut])?;
+        self.pending.drain(..cut);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for WholeLines {
+    fn drop(&mut self) {
+        if !self.pending.is_empty() {
+            let _ = std::io::Write::write_all(&mut std::io::stdout(), &self.pending);
+        }
+    }
 }
 
 fn us(d: Duration) -> u64 {
