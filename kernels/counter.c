@@ -2,6 +2,9 @@
  * Prints "count N" every interval_ms. The sequence lives in memory so that a
  * paused, snapshotted and resumed guest continues it exactly where it was.
  * With more than one CPU, each AP k prints its own "cpu<k> count M" as well.
+ * With stamp=1 each BSP line ends in " tsc T", the TSC when the line was due, so
+ * the guest's own view of an interruption (a failover) is the largest step
+ * between consecutive stamps less the interval.
  */
 #include "lib.h"
 
@@ -36,11 +39,16 @@ void main(const char *cmdline, u64 ram_end)
     u64 interval_ms = param_or(cmdline, "interval_ms", 100);
     u64 stop_after;
     bool stop = param_u64(cmdline, "stop_after", &stop_after);
+    bool stamp = param_or(cmdline, "stamp", 0) != 0;
     struct ticker t;
 
     (void)ram_end;
     put_str("counter: interval_ms=");
     put_u64(interval_ms);
+    if (stamp) {
+        put_str(" tsc_khz=");
+        put_u64(tsc_khz());
+    }
     put_str("\n");
 
     period_ticks = interval_ms * tsc_khz();
@@ -49,10 +57,15 @@ void main(const char *cmdline, u64 ram_end)
     ticker_start(&t, period_ticks);
     for (;;) {
         ticker_wait(&t);
+        u64 due = rdtsc();
         u64 n = counter_seq;
         console_lock();
         put_str("count ");
         put_u64(n);
+        if (stamp) {
+            put_str(" tsc ");
+            put_u64(due);
+        }
         put_str("\n");
         heartbeat((u32)n);
         /* Still holding the console: no AP line comes after the last count. */
