@@ -25,6 +25,7 @@ fn spec(memory_mib: u64) -> MachineSpec {
         memory_mib,
         vcpus: 1,
         hidden_cpu_features: vec![],
+        dirty_tracking: false,
     }
 }
 

@@ -16,6 +16,7 @@ fn boot(name: &str, cmdline: &str, vcpus: u8) -> (Vm, Transcript) {
         memory_mib: 64,
         vcpus,
         hidden_cpu_features: vec![],
+        dirty_tracking: false,
     };
     let vm = Vm::create(&spec, transcript.sink()).expect("create machine");
     vm.boot(&BootSource {

@@ -13,6 +13,7 @@ fn spec(vcpus: u8) -> MachineSpec {
         memory_mib: 64,
         vcpus,
         hidden_cpu_features: vec![],
+        dirty_tracking: false,
     }
 }
 

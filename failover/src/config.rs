@@ -254,6 +254,10 @@ impl GuestConfig {
             memory_mib: self.memory_mib,
             vcpus: self.vcpus,
             hidden_cpu_features: self.cpu.hide.clone(),
+            dirty_tracking: self
+                .standby
+                .as_ref()
+                .is_some_and(|s| s.resume == ResumeFrom::Checkpoint),
         }
     }
 

@@ -24,4 +24,4 @@ pub use devices::{DeviceStates, UnknownAccesses};
 pub use memory::{GuestRam, MemoryError};
 pub use state::{VcpuState, VmSnapshot, VmState};
 pub use vcpu::{VcpuStop, VmEvent};
-pub use vm::{MachineSpec, Vm, VmError};
+pub use vm::{DirtyPages, MachineSpec, Vm, VmError};

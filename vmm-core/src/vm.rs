@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use kvm_bindings::{
     kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -45,6 +45,9 @@ pub struct MachineSpec {
     pub vcpus: u8,
     /// CPU features hidden from the guest.
     pub hidden_cpu_features: Vec<CpuFeature>,
+    /// Whether KVM logs which guest pages the vCPUs write ([`Vm::take_dirty_pages`]).
+    #[serde(default)]
+    pub dirty_tracking: bool,
 }
 
 /// Errors of machine operations.
@@ -145,6 +148,24 @@ pub struct Vm {
     layout: Arc<VcpuStateLayout>,
 }
 
+/// Pages written since the last look, per RAM region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyPages {
+    /// One bitmap per region, in region order; bit n of word w is page `64 * w + n`.
+    pub bitmaps: Vec<Vec<u64>>,
+}
+
+impl DirtyPages {
+    /// How many pages are marked.
+    pub fn count(&self) -> u64 {
+        self.bitmaps
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+}
+
 /// What `create_devices_and_vcpus` builds.
 struct MachineParts {
     devices: Arc<Devices>,
@@ -224,7 +245,7 @@ impl Vm {
         // A memslot change waits for a KVM grace period, a fixed few milliseconds on a nested
         // host whatever the RAM size: let it overlap with building the rest of the machine.
         let (rest, memslots) = std::thread::scope(|scope| {
-            let memslots = scope.spawn(|| register_memslots(&fd, &ram));
+            let memslots = scope.spawn(|| register_memslots(&fd, &ram, spec.dirty_tracking));
             let rest = Self::create_devices_and_vcpus(spec, &kvm, &fd, serial);
             let memslots = memslots
                 .join()
@@ -513,6 +534,26 @@ impl Vm {
         self.devices.flush_serial();
     }
 
+    /// The guest pages the vCPUs wrote since the last call (or since the machine was
+    /// created), one bitmap per RAM region, bit n standing for the region's page n; reading
+    /// them resets them. Needs `dirty_tracking` in the spec. Writes the VMM makes into guest
+    /// memory itself (kernel loading) are not included: KVM cannot see them.
+    pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmError> {
+        let bitmaps = self
+            .ram
+            .regions()
+            .iter()
+            .enumerate()
+            .map(|(slot, (_, len, _))| {
+                kvm_step(
+                    "KVM_GET_DIRTY_LOG",
+                    self.fd.get_dirty_log(slot as u32, *len as usize),
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(DirtyPages { bitmaps })
+    }
+
     /// Fault injection: every vCPU thread fails abruptly, as if the code running it had
     /// crashed. Each reports `VcpuStop::ThreadDied`; their vCPUs' state stays readable.
     pub fn inject_vcpu_thread_failure(&self) {
@@ -573,14 +614,18 @@ impl Drop for Vm {
     }
 }
 
-/// Registers each RAM region as a KVM memslot.
-fn register_memslots(fd: &VmFd, ram: &GuestRam) -> Result<(), VmError> {
+/// Registers each RAM region as a KVM memslot, logging dirty pages if asked.
+fn register_memslots(fd: &VmFd, ram: &GuestRam, dirty_tracking: bool) -> Result<(), VmError> {
     for (slot, (guest_phys_addr, memory_size, userspace_addr)) in
         ram.regions().into_iter().enumerate()
     {
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if dirty_tracking {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr,
             memory_size,
             userspace_addr,
