@@ -144,6 +144,7 @@ struct StandbyFile {
     rearm: Option<bool>,
     max_failovers: Option<u32>,
     failover_window_s: Option<u64>,
+    checkpoint_interval_ms: Option<u64>,
 }
 
 /// What state a standby resumes the guest from.
@@ -180,11 +181,16 @@ pub struct StandbyConfig {
     pub max_failovers: u32,
     /// The crash-loop window, in seconds.
     pub failover_window_s: u64,
+    /// With `resume = "checkpoint"`: the epoch length.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval_ms: Option<u64>,
 }
 
 const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 2000;
 const DEFAULT_MAX_FAILOVERS: u32 = 3;
 const DEFAULT_WINDOW_S: u64 = 60;
+const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 20;
+const MAX_CHECKPOINT_INTERVAL_MS: u64 = 60_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -395,12 +401,27 @@ impl Environment {
             let standby = match g.standby {
                 Some(table) => {
                     let resume = table.resume.unwrap_or(ResumeFrom::FailedState);
-                    if resume == ResumeFrom::Checkpoint {
-                        return Err(invalid(
-                            key("standby.resume"),
-                            "\"checkpoint\" is not yet supported; use \"failed-state\"".into(),
-                        ));
-                    }
+                    let checkpoint_interval_ms = match (resume, table.checkpoint_interval_ms) {
+                        (ResumeFrom::Checkpoint, interval) => {
+                            let ms = interval.unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_MS);
+                            if !(1..=MAX_CHECKPOINT_INTERVAL_MS).contains(&ms) {
+                                return Err(invalid(
+                                    key("standby.checkpoint_interval_ms"),
+                                    format!(
+                                        "must be between 1 and {MAX_CHECKPOINT_INTERVAL_MS}, got {ms}"
+                                    ),
+                                ));
+                            }
+                            Some(ms)
+                        }
+                        (ResumeFrom::FailedState, Some(_)) => {
+                            return Err(invalid(
+                                key("standby.checkpoint_interval_ms"),
+                                "applies only with resume = \"checkpoint\"".into(),
+                            ))
+                        }
+                        (ResumeFrom::FailedState, None) => None,
+                    };
                     let max_failovers = table.max_failovers.unwrap_or(DEFAULT_MAX_FAILOVERS);
                     let failover_window_s = table.failover_window_s.unwrap_or(DEFAULT_WINDOW_S);
                     if failover_window_s == 0 {
@@ -417,6 +438,7 @@ impl Environment {
                         rearm: table.rearm.unwrap_or(true),
                         max_failovers,
                         failover_window_s,
+                        checkpoint_interval_ms,
                     })
                 }
                 None => None,
@@ -556,13 +578,31 @@ mod tests {
     }
 
     #[test]
-    fn checkpoint_resume_is_refused_as_not_yet_supported() {
-        let err = parse(
+    fn checkpoint_resume_gets_a_default_interval_and_checks_its_range() {
+        let env = parse(
             "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.standby]\nresume = \"checkpoint\"\n",
         )
+        .unwrap();
+        let standby = env.guest[0].standby.clone().unwrap();
+        assert_eq!(
+            standby.checkpoint_interval_ms,
+            Some(DEFAULT_CHECKPOINT_INTERVAL_MS)
+        );
+        assert!(env.guest[0].machine_spec().dirty_tracking);
+        let err = parse(
+            "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.standby]\nresume = \"checkpoint\"\ncheckpoint_interval_ms = 0\n",
+        )
         .unwrap_err();
-        assert!(err.to_string().contains("guest[0].standby.resume"), "{err}");
-        assert!(err.to_string().contains("not yet supported"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("guest[0].standby.checkpoint_interval_ms"),
+            "{err}"
+        );
+        let err = parse(
+            "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.standby]\ncheckpoint_interval_ms = 5\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("only with resume"), "{err}");
     }
 
     #[test]

@@ -6,13 +6,14 @@
 //! with its duration inside a `failover` span: detect, fence, capture, dump, resume, recover.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vmm_core::{GuestRam, SerialSink, VcpuStop, Vm, VmError, VmSnapshot};
+use vmm_core::{GuestRam, SerialSink, VcpuStop, Vm, VmError, VmEvent, VmSnapshot};
 
-use crate::config::{GuestConfig, OnFailure, SerialOutput};
+use crate::checkpoint::{Checkpoint, EpochOutcome};
+use crate::config::{GuestConfig, OnFailure};
+use crate::console::console_sink;
 use crate::dump;
 
 /// How a guest ended.
@@ -94,6 +95,8 @@ pub enum Change {
     NewActive,
     /// The guest has ended: stop watching it.
     Ended,
+    /// The standby was lost (a checkpoint failed): rebuild it.
+    StandbyLost,
 }
 
 /// Errors while starting a guest.
@@ -121,59 +124,6 @@ pub enum StartError {
     },
 }
 
-/// Where `config`'s console goes. Guests sharing standard output write whole lines, so
-/// their lines never interleave mid-line; a guest alone there writes every byte at once.
-fn console_sink(config: &GuestConfig, stdout_shared: bool) -> Result<SerialSink, StartError> {
-    Ok(match &config.serial {
-        SerialOutput::Stdout if stdout_shared => Box::new(WholeLines::default()),
-        SerialOutput::Stdout => Box::new(std::io::stdout()),
-        SerialOutput::None => Box::new(std::io::sink()),
-        SerialOutput::File(path) => {
-            Box::new(File::create(path).map_err(|source| StartError::SerialFile {
-                guest: config.name.clone(),
-                path: path.clone(),
-                source,
-            })?)
-        }
-    })
-}
-
-/// Console output to standard output, a whole line at a time. The UART flushes after every
-/// byte, which would defeat a `LineWriter`; this holds a partial line until its newline (or
-/// until it grows past a page, or the guest's console goes away).
-#[derive(Default)]
-struct WholeLines {
-    pending: Vec<u8>,
-}
-
-const WHOLE_LINES_LIMIT: usize = 4096;
-
-impl std::io::Write for WholeLines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.pending.extend_from_slice(buf);
-        let cut = match self.pending.iter().rposition(|b| *b == b'\n') {
-            Some(newline) => newline + 1,
-            None if self.pending.len() >= WHOLE_LINES_LIMIT => self.pending.len(),
-            None => return Ok(buf.len()),
-        };
-        std::io::stdout().write_all(&self.pending[..cut])?;
-        self.pending.drain(..cut);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Drop for WholeLines {
-    fn drop(&mut self) {
-        if !self.pending.is_empty() {
-            let _ = std::io::Write::write_all(&mut std::io::stdout(), &self.pending);
-        }
-    }
-}
-
 fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
@@ -197,6 +147,10 @@ pub struct Guest {
     retired: Vec<Vm>,
     /// Set after a failover, until `recover` has run.
     needs_recovery: bool,
+    /// The standby side of a `resume = "checkpoint"` guest.
+    checkpoint: Option<Checkpoint>,
+    /// vCPU events an epoch drained from the active before it could act on them.
+    deferred: VecDeque<VmEvent>,
 }
 
 impl Guest {
@@ -213,17 +167,43 @@ impl Guest {
             }
         };
         let spec = config.machine_spec();
-        let ram = GuestRam::new(config.memory_mib << 20)
-            .map_err(|e| machine_err("allocate RAM")(VmError::Memory(e)))?;
+        let new_ram = || {
+            GuestRam::new(config.memory_mib << 20)
+                .map_err(|e| machine_err("allocate RAM")(VmError::Memory(e)))
+        };
+        let ram = new_ram()?;
         let begun = Instant::now();
-        let standby = match &config.standby {
-            Some(_) => Some(
-                Vm::create_with_ram(&spec, ram.clone(), Box::new(std::io::sink()))
-                    .map_err(machine_err("create standby machine"))?,
-            ),
+        // Failed-state resume hands the failed VM's own memory over, so the standby maps the
+        // guest's RAM; checkpointing keeps a separate copy as of the last epoch.
+        let checkpoint = match &config.standby {
+            Some(standby) => standby.checkpoint_interval_ms.map(|ms| (ms, new_ram())),
             None => None,
         };
-        let active = Vm::create_with_ram(&spec, ram.clone(), console_sink(config, stdout_shared)?)
+        let checkpoint = match checkpoint {
+            Some((ms, ram)) => Some(Checkpoint::new(
+                Duration::from_millis(ms),
+                ram?,
+                console_sink(config, stdout_shared)?,
+            )),
+            None => None,
+        };
+        let standby = match &config.standby {
+            Some(_) => {
+                let standby_ram = checkpoint
+                    .as_ref()
+                    .map_or_else(|| ram.clone(), |c| c.standby_ram().clone());
+                Some(
+                    Vm::create_with_ram(&spec, standby_ram, Box::new(std::io::sink()))
+                        .map_err(machine_err("create standby machine"))?,
+                )
+            }
+            None => None,
+        };
+        let console: SerialSink = match &checkpoint {
+            Some(checkpoint) => Box::new(checkpoint.held_output()),
+            None => console_sink(config, stdout_shared)?,
+        };
+        let active = Vm::create_with_ram(&spec, ram.clone(), console)
             .map_err(machine_err("create machine"))?;
         active
             .boot(&config.boot_source())
@@ -251,6 +231,8 @@ impl Guest {
             end: None,
             retired: Vec::new(),
             needs_recovery: false,
+            checkpoint,
+            deferred: VecDeque::new(),
         };
         if guest.standby.is_some() {
             guest.arm();
@@ -265,7 +247,25 @@ impl Guest {
             return;
         };
         let begun = Instant::now();
-        let synced = sync_standby(active, standby);
+        let synced = match &mut self.checkpoint {
+            // The standby is synced by copying RAM and committing a first epoch; its state is
+            // loaded from the committed epoch only at failover.
+            Some(checkpoint) => match checkpoint.full_sync(active) {
+                Ok(EpochOutcome::Committed) => Ok(checkpoint.stats().last_pause),
+                Ok(EpochOutcome::VcpuStopped(events)) => {
+                    // The supervisor acts on these once it looks at the guest's events again;
+                    // nudge it, since draining them consumed the wake-up.
+                    self.deferred.extend(events);
+                    let _ = active.events_ready().write(1);
+                    Err(VmError::InvalidSpec(
+                        "the active stopped during the first checkpoint".into(),
+                    ))
+                }
+                Ok(EpochOutcome::CommittedActiveGone(err)) => Err(err),
+                Err(err) => Err(err.source),
+            },
+            None => sync_standby(active, standby),
+        };
         match synced {
             Ok(paused) => {
                 self.armed = true;
@@ -347,11 +347,11 @@ impl Guest {
     /// Reads the active's vCPU events and acts on them.
     pub fn on_vcpu_events(&mut self) -> Change {
         let mut change = Change::None;
-        while let Some(event) = self
-            .active
-            .as_ref()
-            .and_then(|vm| vm.next_event(Duration::ZERO))
-        {
+        while let Some(event) = self.deferred.pop_front().or_else(|| {
+            self.active
+                .as_ref()
+                .and_then(|vm| vm.next_event(Duration::ZERO))
+        }) {
             if self.end.is_some() || change == Change::NewActive {
                 // A second vCPU stopping after the guest ended, or a stale event of the
                 // machine that was just replaced.
@@ -376,6 +376,9 @@ impl Guest {
     /// Ends the guest cleanly: standby first, then the active.
     fn finish(&mut self, end: GuestEnd) -> Change {
         self.armed = false;
+        if let Some(checkpoint) = &mut self.checkpoint {
+            checkpoint.release_remaining();
+        }
         self.retired.extend(self.standby.take());
         if let Some(active) = self.active.take() {
             let _ = active.pause();
@@ -446,6 +449,9 @@ impl Guest {
             duration_us = us(t.elapsed()),
             "failed machine fenced"
         );
+        if self.checkpoint.is_some() {
+            return self.fail_over_from_checkpoint(failure, detected, console);
+        }
 
         let t = Instant::now();
         let snapshot = match active.save() {
@@ -463,7 +469,7 @@ impl Guest {
         );
         // Memory is shared with the standby, which changes it as soon as it runs: the dump
         // has to be written before.
-        self.write_dump(&snapshot);
+        self.write_dump(&snapshot, &self.ram.clone());
 
         let why_not = self.why_no_failover(&failure, detected);
         if let Some(reason) = why_not {
@@ -521,9 +527,13 @@ impl Guest {
         let _entered = span.enter();
         let rearm = self.config.standby.as_ref().is_some_and(|s| s.rearm);
         if rearm {
+            let standby_ram = self
+                .checkpoint
+                .as_ref()
+                .map_or_else(|| self.ram.clone(), |c| c.standby_ram().clone());
             match Vm::create_with_ram(
                 &self.config.machine_spec(),
-                self.ram.clone(),
+                standby_ram,
                 Box::new(std::io::sink()),
             ) {
                 Ok(vm) => {
@@ -545,12 +555,161 @@ impl Guest {
         );
     }
 
+    /// Failover from the last committed checkpoint: the standby's RAM already holds it, so
+    /// only its state is loaded. The failed machine's own memory is left as it was, for the
+    /// crash dump, which is written after the standby runs.
+    fn fail_over_from_checkpoint(
+        &mut self,
+        failure: Failure,
+        detected: Instant,
+        failed_console: SerialSink,
+    ) -> Change {
+        // The failed machine's console was the held output; its uncommitted part goes below.
+        drop(failed_console);
+        if let Some(reason) = self.why_no_failover(&failure, detected) {
+            self.dump_failed_active();
+            return self.finish(GuestEnd::Down { reason });
+        }
+        let Some(checkpoint) = self.checkpoint.as_mut() else {
+            return Change::None;
+        };
+        let Some(committed) = checkpoint.committed().cloned() else {
+            return self.finish(GuestEnd::Down {
+                reason: format!("{failure}; no checkpoint has committed yet"),
+            });
+        };
+        let replay = checkpoint.abandon_epoch();
+        let held = checkpoint.held_output();
+        let t = Instant::now();
+        let Some(standby) = self.standby.take() else {
+            return self.finish(GuestEnd::Down {
+                reason: format!("{failure}; no standby"),
+            });
+        };
+        let resumed = standby.restore(&committed).and_then(|()| {
+            standby.set_serial_sink(Box::new(held));
+            standby.resume()
+        });
+        if let Err(err) = resumed {
+            return self.finish(GuestEnd::Down {
+                reason: format!("{failure}; the standby could not take over: {err}"),
+            });
+        }
+        // Input the guest was given during the lost epoch is given again; it is part of the
+        // new epoch until that commits.
+        let mut replayed = 0;
+        while replayed < replay.len() {
+            let taken = standby.serial_input(&replay[replayed..]);
+            if taken == 0 {
+                break;
+            }
+            replayed += taken;
+        }
+        let failed = self.active.replace(standby);
+        if let Some(checkpoint) = self.checkpoint.as_mut() {
+            checkpoint.record_input(&replay[..replayed]);
+            self.ram = checkpoint.swap_ram(self.ram.clone());
+        }
+        self.armed = false;
+        self.failovers += 1;
+        self.recent_failures.push_back(detected);
+        if self.last_heartbeat.is_some() {
+            self.last_heartbeat = Some(Instant::now());
+        }
+        self.machine_check_injected = false;
+        tracing::info!(
+            phase = "resume",
+            duration_us = us(t.elapsed()),
+            downtime_us = us(detected.elapsed()),
+            replayed_input = replayed,
+            "standby is now the active, from the last checkpoint"
+        );
+        self.retired.extend(failed);
+        self.dump_failed_active();
+        self.needs_recovery = true;
+        Change::NewActive
+    }
+
+    /// Capture and dump of the failed machine of a checkpointed guest, from its own memory
+    /// (off the failover's critical path: nothing else uses that memory now).
+    fn dump_failed_active(&mut self) {
+        let failed = self.retired.last().or(self.active.as_ref());
+        let Some(failed) = failed else { return };
+        let t = Instant::now();
+        match failed.save() {
+            Ok(snapshot) => {
+                tracing::info!(
+                    phase = "capture",
+                    duration_us = us(t.elapsed()),
+                    "failed state captured"
+                );
+                let ram = failed.ram().clone();
+                self.write_dump(&snapshot, &ram);
+            }
+            Err(err) => tracing::warn!(%err, "the failed machine's state could not be captured"),
+        }
+    }
+
+    /// Runs one checkpoint epoch, if the guest is checkpointed and armed.
+    pub fn run_epoch(&mut self) -> Change {
+        if self.end.is_some() || !self.armed || self.machine_check_injected {
+            // An injected machine check taints the state until its failure is handled.
+            return Change::None;
+        }
+        let (Some(active), Some(checkpoint)) = (self.active.as_ref(), self.checkpoint.as_mut())
+        else {
+            return Change::None;
+        };
+        match checkpoint.epoch(active) {
+            Ok(EpochOutcome::Committed) => Change::None,
+            Ok(EpochOutcome::VcpuStopped(events)) => {
+                self.deferred.extend(events);
+                self.on_vcpu_events()
+            }
+            Ok(EpochOutcome::CommittedActiveGone(err)) => {
+                // The vCPU's own report of its end follows and fails the guest over.
+                tracing::debug!(guest = %self.config.name, %err, "active could not resume after an epoch");
+                Change::None
+            }
+            Err(err) => {
+                tracing::warn!(guest = %self.config.name, %err, "checkpoint failed: failover disarmed, rebuilding the standby");
+                self.armed = false;
+                self.retired.extend(self.standby.take());
+                self.needs_recovery = true;
+                Change::StandbyLost
+            }
+        }
+    }
+
+    /// Console input for the guest (from standard input): given to the active and, for a
+    /// checkpointed guest, kept for replay until the epoch that consumed it commits.
+    pub fn console_input(&mut self, bytes: &[u8]) -> usize {
+        let Some(active) = self.active.as_ref() else {
+            return 0;
+        };
+        let taken = active.serial_input(bytes);
+        if let Some(checkpoint) = self.checkpoint.as_mut() {
+            checkpoint.record_input(&bytes[..taken]);
+        }
+        taken
+    }
+
+    /// The epoch length, for a checkpointed guest.
+    pub fn checkpoint_interval(&self) -> Option<Duration> {
+        self.checkpoint.as_ref().map(Checkpoint::interval)
+    }
+
+    /// Epoch counters, for a checkpointed guest.
+    pub fn epoch_stats(&self) -> Option<crate::checkpoint::EpochStats> {
+        self.checkpoint.as_ref().map(|c| c.stats().clone())
+    }
+
     /// Why this failure cannot be failed over, if it cannot.
     fn why_no_failover(&mut self, failure: &Failure, now: Instant) -> Option<String> {
         let Some(standby) = &self.config.standby else {
             return Some(format!("{failure}"));
         };
-        if failure.breaks_guest_state() {
+        if failure.breaks_guest_state() && self.checkpoint.is_none() {
             return Some(format!(
                 "{failure}: the guest's own state is broken, so handing it to the standby \
                  (resume = \"failed-state\") cannot save it; resume = \"checkpoint\" can"
@@ -619,7 +778,7 @@ impl Guest {
         }
     }
 
-    fn write_dump(&mut self, snapshot: &VmSnapshot) {
+    fn write_dump(&mut self, snapshot: &VmSnapshot, ram: &GuestRam) {
         if !self.config.crash_dump {
             return;
         }
@@ -629,7 +788,7 @@ impl Guest {
             .dump_dir
             .join(format!("{}-failure-{}.core", self.config.name, self.dumps));
         let t = Instant::now();
-        match dump::write_core(&path, snapshot, &self.ram) {
+        match dump::write_core(&path, snapshot, ram) {
             Ok(()) => {
                 tracing::info!(phase = "dump", duration_us = us(t.elapsed()), path = %path.display(), "crash dump written")
             }

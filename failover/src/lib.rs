@@ -5,7 +5,9 @@
 //! watches every guest; `fault` is the plan of injected failures; `dump` writes crash dumps.
 //! It uses only `vmm-core`'s public API.
 
+pub mod checkpoint;
 pub mod config;
+pub mod console;
 pub mod dump;
 pub mod fault;
 pub mod guest;

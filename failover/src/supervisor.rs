@@ -52,6 +52,7 @@ enum Source {
     Heartbeat(usize),
     HeartbeatDeadline(usize),
     Fault(usize),
+    Epoch(usize),
 }
 
 impl Source {
@@ -61,6 +62,7 @@ impl Source {
             Source::Heartbeat(i) => (2, i),
             Source::HeartbeatDeadline(i) => (3, i),
             Source::Fault(i) => (4, i),
+            Source::Epoch(i) => (5, i),
         };
         (kind << 24) | index as u32
     }
@@ -72,6 +74,7 @@ impl Source {
             2 => Source::Heartbeat(index),
             3 => Source::HeartbeatDeadline(index),
             4 => Source::Fault(index),
+            5 => Source::Epoch(index),
             _ => return None,
         })
     }
@@ -80,6 +83,8 @@ impl Source {
 struct Watched {
     guest: Guest,
     deadline: TimerFd,
+    /// Fires every checkpoint interval, for a checkpointed guest.
+    epochs: Option<TimerFd>,
     /// The active machine's eventfds currently registered with the loop.
     registered: Vec<RawFd>,
 }
@@ -137,9 +142,19 @@ impl Supervisor {
     }
 
     fn on_failure_or_change(&mut self, index: usize, change: Change, ops: &mut EventOps) {
-        if change != Change::None {
-            self.rewire(index, ops);
-            self.guests[index].guest.recover();
+        match change {
+            Change::None => {}
+            Change::StandbyLost => self.guests[index].guest.recover(),
+            Change::NewActive | Change::Ended => {
+                self.rewire(index, ops);
+                self.guests[index].guest.recover();
+            }
+        }
+        if self.guests[index].guest.end().is_some() {
+            if let Some(epochs) = &self.guests[index].epochs {
+                let _ = ops.remove(Events::new(epochs, EventSet::IN));
+            }
+            self.guests[index].epochs = None;
         }
     }
 
@@ -194,6 +209,13 @@ impl MutEventSubscriber for Supervisor {
             Some(Source::Heartbeat(index)) => self.on_heartbeat(index),
             Some(Source::HeartbeatDeadline(index)) => self.on_deadline(index, ops),
             Some(Source::Fault(index)) => self.on_fault(index, ops),
+            Some(Source::Epoch(index)) => {
+                if let Some(epochs) = &mut self.guests[index].epochs {
+                    let _ = epochs.wait();
+                }
+                let change = self.guests[index].guest.run_epoch();
+                self.on_failure_or_change(index, change, ops);
+            }
             None => {}
         }
     }
@@ -204,6 +226,12 @@ impl MutEventSubscriber for Supervisor {
             let source = Source::HeartbeatDeadline(index).pack();
             if let Err(err) = ops.add(Events::with_data(deadline, source, EventSet::IN)) {
                 tracing::error!(?err, "cannot watch heartbeat deadlines");
+            }
+            if let Some(epochs) = &self.guests[index].epochs {
+                let source = Source::Epoch(index).pack();
+                if let Err(err) = ops.add(Events::with_data(epochs, source, EventSet::IN)) {
+                    tracing::error!(?err, "cannot schedule checkpoints");
+                }
             }
             self.rewire(index, ops);
         }
@@ -231,11 +259,12 @@ fn forward_stdin(supervisor: std::sync::Weak<Mutex<Supervisor>>, index: usize) {
                 return;
             };
             let taken = {
-                let supervisor = supervisor.lock().unwrap_or_else(|e| e.into_inner());
-                match supervisor.guests[index].guest.active() {
-                    Some(vm) => vm.serial_input(pending),
-                    None => return,
+                let mut supervisor = supervisor.lock().unwrap_or_else(|e| e.into_inner());
+                let guest = &mut supervisor.guests[index].guest;
+                if guest.end().is_some() {
+                    return;
                 }
+                guest.console_input(pending)
             };
             pending = &pending[taken..];
             if taken == 0 {
@@ -269,9 +298,19 @@ pub fn run_environment(env: &Environment, faults: &[Fault]) -> Result<Vec<GuestO
         .count();
     let mut guests = Vec::with_capacity(env.guest.len());
     for config in &env.guest {
+        let guest = Guest::start(config, stdout_users > 1)?;
+        let epochs = match guest.checkpoint_interval() {
+            Some(interval) => {
+                let mut timer = TimerFd::new().map_err(timer_error)?;
+                timer.reset(interval, Some(interval)).map_err(timer_error)?;
+                Some(timer)
+            }
+            None => None,
+        };
         guests.push(Watched {
-            guest: Guest::start(config, stdout_users > 1)?,
+            guest,
             deadline: TimerFd::new().map_err(timer_error)?,
+            epochs,
             registered: Vec::new(),
         });
     }

@@ -1,0 +1,217 @@
+//! The epoch engine of `resume = "checkpoint"`: the standby keeps its own copy of guest RAM
+//! and a committed state, both as of the last epoch, so a failure inside the guest is
+//! survived by resuming from the last known-good point.
+//!
+//! An epoch: pause the active → take KVM's dirty log → copy the dirty pages into the
+//! standby's RAM → save the vCPU/VM/device state → resume the active → commit: the state
+//! becomes the committed one, the console output the epoch produced is released, the console
+//! input it consumed is forgotten. Nothing is serialized and nothing that can wait for the
+//! resume (releasing output) runs while the guest is paused.
+//!
+//! Runs on the supervisor thread.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use vmm_core::{GuestRam, SerialSink, Vm, VmError, VmEvent, VmSnapshot};
+
+use crate::console::HeldOutput;
+
+/// A checkpoint could not be completed: the standby's copy is no longer consistent.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint {step} failed: {source}")]
+pub struct EpochError {
+    /// What was being done.
+    pub step: &'static str,
+    /// What failed.
+    pub source: VmError,
+}
+
+/// How an epoch ended.
+#[derive(Debug)]
+pub enum EpochOutcome {
+    /// The epoch committed.
+    Committed,
+    /// A vCPU of the active had stopped; its events are handed back and nothing was taken.
+    VcpuStopped(Vec<VmEvent>),
+    /// The epoch committed but the active could not be resumed (a vCPU thread is gone).
+    CommittedActiveGone(VmError),
+}
+
+/// Epoch counters, for the log and for benchmarks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EpochStats {
+    /// Epochs committed.
+    pub epochs: u64,
+    /// How long the last epoch kept the guest paused.
+    pub last_pause: Duration,
+    /// The longest pause so far.
+    pub max_pause: Duration,
+    /// All pauses added up.
+    pub total_pause: Duration,
+    /// Pages copied by the last epoch.
+    pub last_dirty_pages: u64,
+    /// Pages copied by all epochs.
+    pub total_dirty_pages: u64,
+}
+
+/// One checkpointed guest's standby side.
+pub struct Checkpoint {
+    interval: Duration,
+    standby_ram: GuestRam,
+    committed: Option<VmSnapshot>,
+    held: HeldOutput,
+    console: SerialSink,
+    input_since_commit: Vec<u8>,
+    stats: EpochStats,
+}
+
+impl Checkpoint {
+    /// A checkpoint side with its own RAM, releasing committed output to `console`.
+    pub fn new(interval: Duration, standby_ram: GuestRam, console: SerialSink) -> Self {
+        Checkpoint {
+            interval,
+            standby_ram,
+            committed: None,
+            held: HeldOutput::default(),
+            console,
+            input_since_commit: Vec::new(),
+            stats: EpochStats::default(),
+        }
+    }
+
+    /// The epoch length.
+    pub fn interval(&self) -> Duration {
+        self.interval
+    }
+
+    /// The sink the active VM's console must write to.
+    pub fn held_output(&self) -> HeldOutput {
+        self.held.clone()
+    }
+
+    /// The standby's RAM.
+    pub fn standby_ram(&self) -> &GuestRam {
+        &self.standby_ram
+    }
+
+    /// The last committed state, if an epoch has committed since the standby was synced.
+    pub fn committed(&self) -> Option<&VmSnapshot> {
+        self.committed.as_ref()
+    }
+
+    /// Epoch counters.
+    pub fn stats(&self) -> &EpochStats {
+        &self.stats
+    }
+
+    /// Console input given to the guest: kept until the epoch that consumed it commits.
+    pub fn record_input(&mut self, bytes: &[u8]) {
+        self.input_since_commit.extend_from_slice(bytes);
+    }
+
+    /// Brings the standby's RAM level with the active's, copying the bulk while the active
+    /// runs and only what it dirtied meanwhile with it paused, then commits an epoch.
+    pub fn full_sync(&mut self, active: &Vm) -> Result<EpochOutcome, EpochError> {
+        self.committed = None;
+        active.take_dirty_pages().map_err(|source| EpochError {
+            step: "reset the dirty log",
+            source,
+        })?;
+        self.standby_ram.copy_from(active.ram());
+        self.epoch(active)
+    }
+
+    /// Runs one epoch.
+    pub fn epoch(&mut self, active: &Vm) -> Result<EpochOutcome, EpochError> {
+        let paused = Instant::now();
+        active.pause().map_err(|source| EpochError {
+            step: "pause",
+            source,
+        })?;
+        // A vCPU that stopped reported it before it acknowledged the pause: its state must
+        // not be committed. Hand the events back with nothing taken.
+        let mut stopped = Vec::new();
+        while let Some(event) = active.next_event(Duration::ZERO) {
+            stopped.push(event);
+        }
+        if !stopped.is_empty() {
+            return Ok(EpochOutcome::VcpuStopped(stopped));
+        }
+        let output = self.held.take();
+        let taken = self.take_state(active);
+        let resumed = active.resume();
+        let pause = paused.elapsed();
+        let (snapshot, pages) = match taken {
+            Ok(taken) => taken,
+            Err(err) => {
+                // Failover is about to be disarmed, so nothing can repeat this output: release
+                // it rather than lose it.
+                let _ = self.console.write_all(&output);
+                let _ = self.console.flush();
+                return Err(err);
+            }
+        };
+
+        self.committed = Some(snapshot);
+        self.input_since_commit.clear();
+        if !output.is_empty() {
+            // A console that cannot be written must not stop the guest: the bytes are lost
+            // to that console only.
+            let _ = self.console.write_all(&output);
+            let _ = self.console.flush();
+        }
+        let stats = &mut self.stats;
+        stats.epochs += 1;
+        stats.last_pause = pause;
+        stats.max_pause = stats.max_pause.max(pause);
+        stats.total_pause += pause;
+        stats.last_dirty_pages = pages;
+        stats.total_dirty_pages += pages;
+        match resumed {
+            Ok(()) => Ok(EpochOutcome::Committed),
+            Err(err) => Ok(EpochOutcome::CommittedActiveGone(err)),
+        }
+    }
+
+    /// Dirty pages into the standby's RAM and the active's state, with the active paused.
+    fn take_state(&mut self, active: &Vm) -> Result<(VmSnapshot, u64), EpochError> {
+        let dirty = active.take_dirty_pages().map_err(|source| EpochError {
+            step: "read the dirty log",
+            source,
+        })?;
+        let pages = self
+            .standby_ram
+            .copy_pages_from(active.ram(), &dirty.bitmaps);
+        let snapshot = active.save().map_err(|source| EpochError {
+            step: "save the state",
+            source,
+        })?;
+        Ok((snapshot, pages))
+    }
+
+    /// At failover: drops the output of the uncommitted epoch and returns the console input
+    /// given since the last commit, for replay on the standby.
+    pub fn abandon_epoch(&mut self) -> Vec<u8> {
+        let dropped = self.held.take();
+        if !dropped.is_empty() {
+            tracing::debug!(bytes = dropped.len(), "uncommitted console output dropped");
+        }
+        std::mem::take(&mut self.input_since_commit)
+    }
+
+    /// At failover, once the standby runs: its RAM is the guest's RAM now, and the failed
+    /// machine's RAM (`failed`) becomes the standby side's, to be synced afresh.
+    pub fn swap_ram(&mut self, failed: GuestRam) -> GuestRam {
+        self.committed = None;
+        std::mem::replace(&mut self.standby_ram, failed)
+    }
+
+    /// When the guest ends: what it printed in its last, uncommitted epoch is released, since
+    /// no failover can repeat it any more.
+    pub fn release_remaining(&mut self) {
+        let output = self.held.take();
+        let _ = self.console.write_all(&output);
+        let _ = self.console.flush();
+    }
+}
