@@ -5,6 +5,9 @@
  * With stamp=1 each BSP line ends in " tsc T", the TSC when the line was due, so
  * the guest's own view of an interruption (a failover) is the largest step
  * between consecutive stamps less the interval.
+ * With work=1 each BSP line ends in " work W", the number of times the BSP
+ * went round its wait loop since the previous line: a measure of how much CPU
+ * the guest got, for overhead benchmarks.
  */
 #include "lib.h"
 
@@ -40,6 +43,7 @@ void main(const char *cmdline, u64 ram_end)
     u64 stop_after;
     bool stop = param_u64(cmdline, "stop_after", &stop_after);
     bool stamp = param_or(cmdline, "stamp", 0) != 0;
+    bool work = param_or(cmdline, "work", 0) != 0;
     struct ticker t;
 
     (void)ram_end;
@@ -56,7 +60,9 @@ void main(const char *cmdline, u64 ram_end)
 
     ticker_start(&t, period_ticks);
     for (;;) {
-        ticker_wait(&t);
+        u64 spins = 0;
+        while (!ticker_due(&t, rdtsc()))
+            spins++;
         u64 due = rdtsc();
         u64 n = counter_seq;
         console_lock();
@@ -65,6 +71,10 @@ void main(const char *cmdline, u64 ram_end)
         if (stamp) {
             put_str(" tsc ");
             put_u64(due);
+        }
+        if (work) {
+            put_str(" work ");
+            put_u64(spins);
         }
         put_str("\n");
         heartbeat((u32)n);

@@ -118,7 +118,12 @@ impl Checkpoint {
             step: "reset the dirty log",
             source,
         })?;
-        self.standby_ram.copy_from(active.ram());
+        self.standby_ram
+            .sync_from(active.ram())
+            .map_err(|e| EpochError {
+                step: "copy guest RAM",
+                source: VmError::Memory(e),
+            })?;
         self.epoch(active)
     }
 

@@ -1,6 +1,6 @@
 //! The fault plan: failures injected on purpose, to test, demonstrate and rehearse
 //! failovers. `--fault GUEST:KIND@MILLIS` fires KIND at whichever VM is the guest's active
-//! one MILLIS milliseconds after the guests were started.
+//! one MILLIS milliseconds after understudy began starting the guests.
 
 use std::time::Duration;
 

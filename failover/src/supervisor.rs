@@ -291,6 +291,21 @@ pub fn run_environment(env: &Environment, faults: &[Fault]) -> Result<Vec<GuestO
             .ok_or_else(|| RunError::UnknownFaultGuest(fault.guest.clone()))?;
         planned.push((fault.clone(), guest));
     }
+    // Fault times count from here, before the guests start: starting a checkpointed guest
+    // includes copying its RAM once, which must not shift the plan.
+    let mut faults = Vec::with_capacity(planned.len());
+    for (fault, guest) in planned {
+        let mut timer = TimerFd::new().map_err(timer_error)?;
+        // A zero duration would disarm the timer; the earliest fault fires after 1 ms.
+        timer
+            .reset(fault.after.max(Duration::from_millis(1)), None)
+            .map_err(timer_error)?;
+        faults.push(Planned {
+            fault,
+            guest,
+            timer,
+        });
+    }
     let stdout_users = env
         .guest
         .iter()
@@ -312,19 +327,6 @@ pub fn run_environment(env: &Environment, faults: &[Fault]) -> Result<Vec<GuestO
             deadline: TimerFd::new().map_err(timer_error)?,
             epochs,
             registered: Vec::new(),
-        });
-    }
-    let mut faults = Vec::with_capacity(planned.len());
-    for (fault, guest) in planned {
-        let mut timer = TimerFd::new().map_err(timer_error)?;
-        // A zero duration would disarm the timer; the earliest fault fires after 1 ms.
-        timer
-            .reset(fault.after.max(Duration::from_millis(1)), None)
-            .map_err(timer_error)?;
-        faults.push(Planned {
-            fault,
-            guest,
-            timer,
         });
     }
     let supervisor = Arc::new(Mutex::new(Supervisor { guests, faults }));

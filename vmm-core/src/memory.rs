@@ -29,6 +29,9 @@ pub enum MemoryError {
     /// Mapping the memfd failed.
     #[error("cannot map guest RAM: {0}")]
     Map(#[from] vm_memory::mmap::FromRangesError),
+    /// Copying one RAM into another failed (seeking the memfd's data, punching holes).
+    #[error("cannot copy guest RAM: {0}")]
+    Sync(std::io::Error),
     /// A read or write fell outside guest RAM.
     #[error("guest memory access at {addr:#x} failed: {source}")]
     Access {
@@ -167,6 +170,60 @@ impl GuestRam {
         copied
     }
 
+    /// Makes this RAM an exact copy of `source` while copying only what `source` ever had
+    /// written: a memfd keeps never-written pages as holes, so on a large, mostly untouched
+    /// guest this costs the populated memory, not the RAM size. This RAM is emptied first and
+    /// must not be in use by a running vCPU. Both must be the same size. Returns the bytes
+    /// copied.
+    pub fn sync_from(&self, source: &GuestRam) -> Result<u64, MemoryError> {
+        use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+        use vmm_sys_util::seek_hole::SeekHole;
+
+        let size = self.size.min(source.size);
+        let sync_err = |e: vmm_sys_util::errno::Error| MemoryError::Sync(e.into());
+        fallocate(&*self.backing, FallocateMode::PunchHole, true, 0, self.size)
+            .map_err(sync_err)?;
+        // A second descriptor of the source memfd, so seeking moves no offset anyone else uses.
+        let mut cursor = source.backing.try_clone().map_err(MemoryError::Sync)?;
+        let (dst_regions, src_regions) = (self.regions(), source.regions());
+        let mut copied = 0;
+        let mut offset = 0;
+        while offset < size {
+            let Some(data) = cursor.seek_data(offset).map_err(MemoryError::Sync)? else {
+                break;
+            };
+            if data >= size {
+                break;
+            }
+            let end = cursor
+                .seek_hole(data)
+                .map_err(MemoryError::Sync)?
+                .unwrap_or(size)
+                .min(size);
+            // File offsets run through the regions in order; copy the run region by region.
+            let mut region_start = 0;
+            for ((_, len, dst), (_, _, src)) in dst_regions.iter().zip(&src_regions) {
+                let (from, to) = (data.max(region_start), end.min(region_start + len));
+                if from < to {
+                    let at = from - region_start;
+                    // SAFETY: [at, at + to - from) lies inside both regions' live mappings
+                    // (from, to are clamped to this region), which belong to distinct memfds.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            (src + at) as *const u8,
+                            (dst + at) as *mut u8,
+                            (to - from) as usize,
+                        )
+                    };
+                }
+                region_start += len;
+            }
+            copied += end - data;
+            offset = end;
+        }
+        Ok(copied)
+    }
+
     /// Reads `buf.len()` bytes at guest physical address `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.memory
@@ -221,6 +278,28 @@ mod tests {
         };
         assert_eq!((byte(0), byte(1), byte(3), byte(4)), (0, 2, 4, 0));
         assert_eq!((byte(64), byte(65), byte(255)), (65, 0, 6));
+    }
+
+    #[test]
+    fn sync_from_copies_written_pages_and_clears_the_rest() {
+        let a = GuestRam::new(8 << 20).unwrap();
+        let b = GuestRam::new(8 << 20).unwrap();
+        a.write(0x1000, b"kept").unwrap();
+        a.write((7 << 20) + 5, b"far").unwrap();
+        b.write(0x40_0000, b"stale").unwrap();
+        let copied = b.sync_from(&a).unwrap();
+        assert!(
+            copied < 8 << 20,
+            "copied {copied} bytes of a mostly empty RAM"
+        );
+        let read = |addr, len| {
+            let mut buf = vec![0u8; len];
+            b.read(addr, &mut buf).unwrap();
+            buf
+        };
+        assert_eq!(read(0x1000, 4), b"kept");
+        assert_eq!(read((7 << 20) + 5, 3), b"far");
+        assert_eq!(read(0x40_0000, 5), vec![0u8; 5]);
     }
 
     #[test]
