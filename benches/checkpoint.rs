@@ -114,7 +114,7 @@ fn throughput(standby: &str, name: &str) -> f64 {
 fn failover_downtime(memory_mib: u64, runs: usize) -> f64 {
     let env = format!(
         "[[guest]]\nname = \"counter\"\nkernel = \"{}\"\nmemory_mib = {memory_mib}\n\
-         cmdline = \"interval_ms=20 stop_after=40\"\nserial = \"none\"\ncrash_dump = false\n\
+         cmdline = \"interval_ms=20 stop_after=100\"\nserial = \"none\"\ncrash_dump = false\n\
          [guest.standby]\nresume = \"checkpoint\"\nheartbeat_timeout_ms = 0\n",
         kernel("counter").display()
     );
@@ -164,18 +164,32 @@ fn main() {
             memcpy.as_secs_f64() * 1e3,
         );
     }
-    let unprotected = throughput("", "unprotected");
-    for ms in [5, 20, 100] {
-        let protected = throughput(
-            &format!(
-                "[guest.standby]\nresume = \"checkpoint\"\ncheckpoint_interval_ms = {ms}\n\
-                 heartbeat_timeout_ms = 0\n"
-            ),
-            &format!("epochs-{ms}"),
-        );
+    // Interleaved rounds, so the machine's drift hits every configuration alike.
+    let configs: [(&str, Option<u64>); 4] = [
+        ("unprotected", None),
+        ("5", Some(5)),
+        ("20", Some(20)),
+        ("100", Some(100)),
+    ];
+    let mut work: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
+    for _ in 0..3 {
+        for (i, (name, interval)) in configs.iter().enumerate() {
+            let standby = interval.map_or(String::new(), |ms| {
+                format!(
+                    "[guest.standby]\nresume = \"checkpoint\"\ncheckpoint_interval_ms = {ms}\n\
+                     heartbeat_timeout_ms = 0\n"
+                )
+            });
+            work[i].push(throughput(&standby, name));
+        }
+    }
+    let unprotected = median(work[0].clone());
+    for (i, (_, interval)) in configs.iter().enumerate().skip(1) {
+        let protected = median(work[i].clone());
         println!(
-            "CPU-bound guest under {ms:>3} ms epochs: {:.4} of its unprotected throughput \
-             (overhead {:.2}%)",
+            "CPU-bound guest under {:>3} ms epochs: {:.4} of its unprotected throughput \
+             (overhead {:.2}%, medians of 3 interleaved runs)",
+            interval.unwrap_or_default(),
             protected / unprotected,
             (1.0 - protected / unprotected) * 100.0
         );

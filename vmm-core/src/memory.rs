@@ -224,6 +224,27 @@ impl GuestRam {
         Ok(copied)
     }
 
+    /// Faults every page of this RAM in, writable, without changing its contents, so later
+    /// copies into it do not pay for page allocation. Safe to run while other threads copy
+    /// into the RAM; slow (it touches all of it), so callers run it off any critical path.
+    pub fn populate(&self) -> Result<(), MemoryError> {
+        for (_, len, host) in self.regions() {
+            // SAFETY: the range is a live mapping owned by this GuestRam; MADV_POPULATE_WRITE
+            // only faults pages in and never changes their contents.
+            let ret = unsafe {
+                libc::madvise(
+                    host as *mut libc::c_void,
+                    len as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if ret != 0 {
+                return Err(MemoryError::Sync(std::io::Error::last_os_error()));
+            }
+        }
+        Ok(())
+    }
+
     /// Reads `buf.len()` bytes at guest physical address `addr`.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         self.memory
