@@ -190,3 +190,26 @@ fn readme_pair_demo_fails_over_twice_and_counts_on() {
     );
     assert_eq!(log.matches("standby is now the active").count(), 2, "{log}");
 }
+
+#[test]
+fn checkpoint_pair_config_survives_failures_inside_the_guest() {
+    require_kvm();
+    let out = understudy(&[
+        "run",
+        &config("checkpoint-pair.toml"),
+        "--fault",
+        "counter:mce@800",
+        "--fault",
+        "counter:panic@1600",
+        "--fault",
+        "counter:kill@2400",
+    ]);
+    let (text, log) = (stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert_eq!(
+        numbers_after(&text, "count "),
+        (0..=60).collect::<Vec<_>>(),
+        "{text}"
+    );
+    assert_eq!(log.matches("from the last checkpoint").count(), 3, "{log}");
+}
