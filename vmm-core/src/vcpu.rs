@@ -2,8 +2,11 @@
 //!
 //! A vCPU thread is either *running* guest code or *parked*, waiting for a request. Requests
 //! (run, pause, save, restore, exit) arrive on a channel; a running thread is made to look at
-//! its channel by a kick: a signal whose handler sets `immediate_exit` in the thread's
-//! `kvm_run`, so the kick cannot be lost even if it lands just before `KVM_RUN` is entered.
+//! its channel by a kick: the sender sets `immediate_exit` in the vCPU's `kvm_run` and then
+//! signals the thread. The flag makes a `KVM_RUN` about to be entered return at once; the
+//! signal makes one already blocked in the kernel (a halted vCPU, or one waiting for SIPI)
+//! return. Setting the flag from the sender's side, rather than in the signal handler, means
+//! the kick works even before the thread has run a single instruction of its own.
 //!
 //! Every `KVM_RUN` that returns `EINTR` has first completed any in-flight I/O exit (KVM
 //! finishes a pending `in`/`out` before it honours `immediate_exit`), so a paused vCPU is
@@ -12,7 +15,6 @@
 //! Exits that end the guest or mean it failed become [`VmEvent`]s for the machine's owner;
 //! the thread then parks. It never decides what happens next.
 
-use std::cell::Cell;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -147,21 +149,20 @@ pub(crate) struct VcpuContext {
     pub layout: Arc<VcpuStateLayout>,
 }
 
-thread_local! {
-    // The running thread's kvm_run, for the kick handler. Const-initialised so the handler
-    // never triggers a lazy initialisation inside a signal.
-    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: the signal's only job is to make a blocked KVM_RUN return EINTR. The
+    // sender set immediate_exit before signalling.
 }
 
-extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let run = KVM_RUN.with(|cell| cell.get());
-    if !run.is_null() {
-        // SAFETY: the pointer is this thread's own kvm_run mapping, set before the first
-        // KVM_RUN and cleared before the VcpuFd (and its mapping) is dropped.
-        unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 1) };
-    }
-    std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
-}
+/// A vCPU's `kvm_run` mapping, for setting `immediate_exit` from another thread.
+struct KvmRunFlag(*mut kvm_run);
+
+// SAFETY: the pointer is only used for single-byte volatile writes of `immediate_exit`, which
+// KVM reads with READ_ONCE at KVM_RUN entry; the mapping lives as long as the VcpuFd, which the
+// handle keeps alive (`VcpuHandle::fd`).
+unsafe impl Send for KvmRunFlag {}
+// SAFETY: as above; concurrent byte writes of the same value are harmless.
+unsafe impl Sync for KvmRunFlag {}
 
 /// The signal used to kick vCPU threads out of `KVM_RUN`.
 pub(crate) fn kick_signal() -> libc::c_int {
@@ -181,12 +182,16 @@ pub(crate) struct VcpuHandle {
     pub requests: Sender<VcpuRequest>,
     pub thread: Option<JoinHandle<()>>,
     pub fd: Arc<Mutex<VcpuFd>>,
+    immediate_exit: KvmRunFlag,
 }
 
 impl VcpuHandle {
     /// Sends `request` and makes sure a running thread sees it.
     pub fn send(&self, request: VcpuRequest) -> bool {
         let sent = self.requests.send(request).is_ok();
+        // SAFETY: see KvmRunFlag; the VcpuFd owning the mapping is kept alive by `self.fd`.
+        unsafe { std::ptr::write_volatile(&mut (*self.immediate_exit.0).immediate_exit, 1) };
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         if let Some(thread) = &self.thread {
             // A thread that already ended cannot be signalled; that is fine.
             let _ = thread.kill(kick_signal());
@@ -207,6 +212,8 @@ pub(crate) fn spawn(
 ) -> std::io::Result<VcpuHandle> {
     let (requests, inbox) = std::sync::mpsc::channel();
     let name = format!("{machine}-vcpu{}", context.index);
+    let immediate_exit =
+        KvmRunFlag(vcpu.lock().unwrap_or_else(|e| e.into_inner()).get_kvm_run() as *mut kvm_run);
     let fd = vcpu.clone();
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());
@@ -228,6 +235,7 @@ pub(crate) fn spawn(
         requests,
         thread: Some(thread),
         fd: vcpu,
+        immediate_exit,
     })
 }
 
@@ -272,7 +280,6 @@ struct VcpuThread<'a> {
 
 impl VcpuThread<'_> {
     fn run(mut self) {
-        KVM_RUN.with(|cell| cell.set(self.vcpu.get_kvm_run() as *mut kvm_run));
         let mut running = false;
         loop {
             if !running {
@@ -301,8 +308,6 @@ impl VcpuThread<'_> {
                 }
             }
         }
-        // The kick handler must never touch the mapping once the VcpuFd is dropped.
-        KVM_RUN.with(|cell| cell.set(std::ptr::null_mut()));
     }
 
     /// Handles every queued request after an interrupted `KVM_RUN`.
