@@ -477,30 +477,14 @@ impl Guest {
         }
 
         let t = Instant::now();
-        let Some(standby) = self.standby.take() else {
-            return self.finish(GuestEnd::Down {
-                reason: format!("{failure}; no standby"),
-            });
+        let failed = match self.promote_standby(&snapshot, console, detected) {
+            Ok(failed) => failed,
+            Err(reason) => {
+                return self.finish(GuestEnd::Down {
+                    reason: format!("{failure}; {reason}"),
+                })
+            }
         };
-        let resumed = standby.restore(&snapshot).and_then(|()| {
-            standby.set_serial_sink(console);
-            standby.resume()
-        });
-        if let Err(err) = resumed {
-            return self.finish(GuestEnd::Down {
-                reason: format!("{failure}; the standby could not take over: {err}"),
-            });
-        }
-        let failed = self.active.replace(standby);
-        self.armed = false;
-        self.failovers += 1;
-        self.recent_failures.push_back(detected);
-        // The guest carries on: if it was being judged by its heartbeats, it still is, from
-        // the moment it resumed.
-        if self.last_heartbeat.is_some() {
-            self.last_heartbeat = Some(Instant::now());
-        }
-        self.machine_check_injected = false;
         tracing::info!(
             phase = "resume",
             duration_us = us(t.elapsed()),
@@ -581,42 +565,30 @@ impl Guest {
         let replay = checkpoint.abandon_epoch();
         let held = checkpoint.held_output();
         let t = Instant::now();
-        let Some(standby) = self.standby.take() else {
-            return self.finish(GuestEnd::Down {
-                reason: format!("{failure}; no standby"),
-            });
+        let failed = match self.promote_standby(&committed, Box::new(held), detected) {
+            Ok(failed) => failed,
+            Err(reason) => {
+                return self.finish(GuestEnd::Down {
+                    reason: format!("{failure}; {reason}"),
+                })
+            }
         };
-        let resumed = standby.restore(&committed).and_then(|()| {
-            standby.set_serial_sink(Box::new(held));
-            standby.resume()
-        });
-        if let Err(err) = resumed {
-            return self.finish(GuestEnd::Down {
-                reason: format!("{failure}; the standby could not take over: {err}"),
-            });
-        }
         // Input the guest was given during the lost epoch is given again; it is part of the
         // new epoch until that commits.
         let mut replayed = 0;
-        while replayed < replay.len() {
-            let taken = standby.serial_input(&replay[replayed..]);
-            if taken == 0 {
-                break;
+        if let Some(active) = self.active.as_ref() {
+            while replayed < replay.len() {
+                let taken = active.serial_input(&replay[replayed..]);
+                if taken == 0 {
+                    break;
+                }
+                replayed += taken;
             }
-            replayed += taken;
         }
-        let failed = self.active.replace(standby);
         if let Some(checkpoint) = self.checkpoint.as_mut() {
             checkpoint.record_input(&replay[..replayed]);
             self.ram = checkpoint.swap_ram(self.ram.clone());
         }
-        self.armed = false;
-        self.failovers += 1;
-        self.recent_failures.push_back(detected);
-        if self.last_heartbeat.is_some() {
-            self.last_heartbeat = Some(Instant::now());
-        }
-        self.machine_check_injected = false;
         tracing::info!(
             phase = "resume",
             duration_us = us(t.elapsed()),
@@ -628,6 +600,35 @@ impl Guest {
         self.dump_failed_active();
         self.needs_recovery = true;
         Change::NewActive
+    }
+
+    /// Loads `state` into the standby, attaches `console` and starts it: the standby becomes
+    /// the active. Returns the failed machine, or why the standby could not take over.
+    fn promote_standby(
+        &mut self,
+        state: &VmSnapshot,
+        console: SerialSink,
+        detected: Instant,
+    ) -> Result<Option<Vm>, String> {
+        let standby = self.standby.take().ok_or("no standby")?;
+        standby
+            .restore(state)
+            .and_then(|()| {
+                standby.set_serial_sink(console);
+                standby.resume()
+            })
+            .map_err(|err| format!("the standby could not take over: {err}"))?;
+        let failed = self.active.replace(standby);
+        self.armed = false;
+        self.failovers += 1;
+        self.recent_failures.push_back(detected);
+        // The guest carries on: if it was being judged by its heartbeats, it still is, from
+        // the moment it resumed.
+        if self.last_heartbeat.is_some() {
+            self.last_heartbeat = Some(Instant::now());
+        }
+        self.machine_check_injected = false;
+        Ok(failed)
     }
 
     /// Capture and dump of the failed machine of a checkpointed guest, from its own memory
