@@ -85,6 +85,26 @@ fn fifty_random_faults_of_every_kind_lose_and_repeat_no_line() {
             "{context}: no {kind} fault injected"
         );
     }
+    // The counter the standby resumed with, as its committed heartbeats account it, never
+    // goes back from one failover to the next.
+    let resumed_at: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("from the last checkpoint"))
+        .filter_map(|l| {
+            l.split("heartbeat_seq=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(resumed_at.len(), failovers, "{context}: {log}");
+    assert!(
+        resumed_at.windows(2).all(|w| w[0] <= w[1]),
+        "{context}: the counter went back across failovers: {resumed_at:?}"
+    );
+    assert!(resumed_at.iter().all(|&seq| seq <= 2000), "{context}");
 }
 
 #[test]

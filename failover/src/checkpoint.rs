@@ -64,6 +64,7 @@ pub struct Checkpoint {
     console: SerialSink,
     input_since_commit: Vec<u8>,
     stats: EpochStats,
+    committed_heartbeat: Option<u32>,
 }
 
 impl Checkpoint {
@@ -77,6 +78,7 @@ impl Checkpoint {
             console,
             input_since_commit: Vec::new(),
             stats: EpochStats::default(),
+            committed_heartbeat: None,
         }
     }
 
@@ -98,6 +100,14 @@ impl Checkpoint {
     /// The last committed state, if an epoch has committed since the standby was synced.
     pub fn committed(&self) -> Option<&VmSnapshot> {
         self.committed.as_ref()
+    }
+
+    /// The sequence number of the last heartbeat of a committed epoch: the heartbeat
+    /// sequence as the supervisor accounts it, which, like the console, never repeats or goes
+    /// back across failovers (heartbeats of an epoch that did not commit are sent again by the
+    /// standby).
+    pub fn committed_heartbeat(&self) -> Option<u32> {
+        self.committed_heartbeat
     }
 
     /// Epoch counters.
@@ -158,6 +168,7 @@ impl Checkpoint {
             return Ok(EpochOutcome::VcpuStopped(stopped));
         }
         let output = self.held.take();
+        let beats = active.heartbeats();
         let taken = self.take_state(active);
         let resumed = active.resume();
         let pause = paused.elapsed();
@@ -174,6 +185,9 @@ impl Checkpoint {
 
         self.committed = Some(snapshot);
         self.input_since_commit.clear();
+        if beats.count > 0 {
+            self.committed_heartbeat = Some(beats.last_sequence);
+        }
         if !output.is_empty() {
             // A console that cannot be written must not stop the guest: the bytes are lost
             // to that console only.

@@ -594,6 +594,10 @@ impl Guest {
             duration_us = us(t.elapsed()),
             downtime_us = us(detected.elapsed()),
             replayed_input = replayed,
+            heartbeat_seq = self
+                .checkpoint
+                .as_ref()
+                .and_then(Checkpoint::committed_heartbeat),
             "standby is now the active, from the last checkpoint"
         );
         self.retired.extend(failed);
