@@ -657,8 +657,16 @@ impl Guest {
 
     /// Runs one checkpoint epoch, if the guest is checkpointed and armed.
     pub fn run_epoch(&mut self) -> Change {
-        if self.end.is_some() || !self.armed || self.machine_check_injected {
+        if self.end.is_some() || self.machine_check_injected {
             // An injected machine check taints the state until its failure is handled.
+            return Change::None;
+        }
+        if !self.armed {
+            // Unprotected (the standby could not be rebuilt): no failover can repeat the
+            // guest's output now, so it flows on at the epoch's pace instead of piling up.
+            if let Some(checkpoint) = &mut self.checkpoint {
+                checkpoint.release_remaining();
+            }
             return Change::None;
         }
         let (Some(active), Some(checkpoint)) = (self.active.as_ref(), self.checkpoint.as_mut())
