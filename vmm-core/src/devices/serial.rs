@@ -122,8 +122,8 @@ impl Com1 {
         self.uart.read(offset)
     }
 
-    /// Register write at `offset` from 0x3f8. Output that cannot be written to the sink is
-    /// dropped: a stalled console must not stop the guest.
+    /// Register write at `offset` from 0x3f8. Output the sink refuses (a write error) is
+    /// dropped rather than failing the guest's `out`.
     pub fn write(&mut self, offset: u8, value: u8) {
         if let Err(err) = self.uart.write(offset, value) {
             tracing::debug!(%err, "COM1 write failed");
