@@ -26,6 +26,7 @@ fn spec(memory_mib: u64) -> MachineSpec {
         vcpus: 1,
         hidden_cpu_features: vec![],
         dirty_tracking: false,
+        dirty_ring: false,
     }
 }
 

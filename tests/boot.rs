@@ -17,6 +17,7 @@ fn boot(name: &str, cmdline: &str, vcpus: u8) -> (Vm, Transcript) {
         vcpus,
         hidden_cpu_features: vec![],
         dirty_tracking: false,
+        dirty_ring: false,
     };
     let vm = Vm::create(&spec, transcript.sink()).expect("create machine");
     vm.boot(&BootSource {

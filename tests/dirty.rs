@@ -8,6 +8,15 @@ use vmm_core::{BootSource, GuestRam, MachineSpec, Vm};
 
 #[test]
 fn written_pages_are_reported_and_copying_them_levels_the_copy() {
+    levels_the_copy(false);
+}
+
+#[test]
+fn the_dirty_ring_reports_the_same_as_the_bitmap() {
+    levels_the_copy(true);
+}
+
+fn levels_the_copy(dirty_ring: bool) {
     require_kvm();
     let spec = MachineSpec {
         name: "dirty".into(),
@@ -15,6 +24,7 @@ fn written_pages_are_reported_and_copying_them_levels_the_copy() {
         vcpus: 1,
         hidden_cpu_features: vec![],
         dirty_tracking: true,
+        dirty_ring,
     };
     let console = Transcript::default();
     let vm = Vm::create(&spec, console.sink()).unwrap();

@@ -13,6 +13,7 @@ fn spec(vcpus: u8) -> MachineSpec {
         vcpus,
         hidden_cpu_features: vec![],
         dirty_tracking: false,
+        dirty_ring: false,
     }
 }
 

@@ -9,6 +9,7 @@
 pub mod boot;
 pub mod cpuid;
 pub mod devices;
+pub mod dirty_ring;
 pub mod layout;
 pub mod mce;
 pub mod memory;

@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_run, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_run, KVM_EXIT_DIRTY_RING_FULL, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -441,6 +442,12 @@ impl VcpuThread<'_> {
             VcpuExit::FailEntry(reason, cpu) => Some(VcpuStop::FailedEntry { reason, cpu }),
             VcpuExit::InternalError => Some(self.internal_error()),
             VcpuExit::Intr => None,
+            VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => {
+                // The vCPU dirtied more pages than its ring holds since the last harvest: it
+                // can only go on once the owner harvests, at the next checkpoint.
+                std::thread::sleep(std::time::Duration::from_micros(200));
+                None
+            }
             other => Some(VcpuStop::UnexpectedExit {
                 exit: format!("{other:?}"),
             }),

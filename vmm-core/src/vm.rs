@@ -22,6 +22,7 @@ use crate::cpuid::{vcpu_cpuid, CpuFeature};
 use crate::devices::heartbeat::{HeartbeatStatus, Heartbeats};
 use crate::devices::serial::{Com1, SerialError, SerialSink, COM1_IRQ};
 use crate::devices::{Devices, UnknownAccesses};
+use crate::dirty_ring::{self, DirtyRing};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::memory::{GuestRam, MemoryError};
 use crate::state::{StateError, VcpuState, VcpuStateLayout, VmSnapshot, VmState};
@@ -48,6 +49,10 @@ pub struct MachineSpec {
     /// Whether KVM logs which guest pages the vCPUs write ([`Vm::take_dirty_pages`]).
     #[serde(default)]
     pub dirty_tracking: bool,
+    /// With `dirty_tracking`: read the log from KVM's per-vCPU dirty rings instead of its
+    /// per-memslot bitmaps.
+    #[serde(default)]
+    pub dirty_ring: bool,
 }
 
 /// Errors of machine operations.
@@ -87,6 +92,9 @@ pub enum VmError {
         /// The KVM call that failed.
         source: StateError,
     },
+    /// A dirty ring could not be mapped or reset.
+    #[error("dirty ring: {0}")]
+    DirtyRing(std::io::Error),
     /// An eventfd could not be created (out of file descriptors?).
     #[error("cannot create an eventfd: {0}")]
     EventFd(std::io::Error),
@@ -146,6 +154,8 @@ pub struct Vm {
     events: Mutex<Receiver<VmEvent>>,
     events_ready: EventFd,
     layout: Arc<VcpuStateLayout>,
+    /// One dirty ring per vCPU, when the spec asks for rings.
+    rings: Mutex<Vec<DirtyRing>>,
 }
 
 /// Pages written since the last look, per RAM region.
@@ -173,6 +183,7 @@ struct MachineParts {
     events: Receiver<VmEvent>,
     events_ready: EventFd,
     layout: Arc<VcpuStateLayout>,
+    rings: Mutex<Vec<DirtyRing>>,
 }
 
 impl Vm {
@@ -258,6 +269,7 @@ impl Vm {
             events,
             events_ready,
             layout,
+            rings,
         } = rest?;
         memslots?;
         tracing::debug!(machine = %spec.name, memory_mib = spec.memory_mib, vcpus = spec.vcpus, "machine created");
@@ -270,6 +282,7 @@ impl Vm {
             events: Mutex::new(events),
             events_ready,
             layout,
+            rings,
         })
     }
 
@@ -301,6 +314,16 @@ impl Vm {
         )?;
         let (events_tx, events) = std::sync::mpsc::channel();
         let events_ready = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
+        let use_ring = spec.dirty_tracking && spec.dirty_ring;
+        if use_ring {
+            let cap = kvm_bindings::kvm_enable_cap {
+                cap: kvm_bindings::KVM_CAP_DIRTY_LOG_RING,
+                args: [u64::from(dirty_ring::RING_BYTES), 0, 0, 0],
+                ..Default::default()
+            };
+            kvm_step("KVM_ENABLE_CAP(DIRTY_LOG_RING)", fd.enable_cap(&cap))?;
+        }
+        let mut rings = Vec::new();
         let mut vcpu_fds = Vec::with_capacity(usize::from(spec.vcpus));
         for index in 0..spec.vcpus {
             let vcpu = kvm_step("KVM_CREATE_VCPU", fd.create_vcpu(u64::from(index)))?;
@@ -314,6 +337,11 @@ impl Vm {
             );
             kvm_step("KVM_SET_CPUID2", vcpu.set_cpuid2(&cpuid))?;
             set_local_interrupts(&vcpu)?;
+            if use_ring {
+                rings.push(
+                    DirtyRing::map(&vcpu, dirty_ring::RING_BYTES).map_err(VmError::DirtyRing)?,
+                );
+            }
             vcpu_fds.push(vcpu);
         }
         let layout = Arc::new(VcpuStateLayout {
@@ -339,6 +367,7 @@ impl Vm {
             events,
             events_ready,
             layout,
+            rings: Mutex::new(rings),
         })
     }
 
@@ -539,6 +568,29 @@ impl Vm {
     /// them resets them. Needs `dirty_tracking` in the spec. Writes the VMM makes into guest
     /// memory itself (kernel loading) are not included: KVM cannot see them.
     pub fn take_dirty_pages(&self) -> Result<DirtyPages, VmError> {
+        let mut rings = self.rings.lock().unwrap_or_else(|e| e.into_inner());
+        if !rings.is_empty() {
+            let mut bitmaps: Vec<Vec<u64>> = self
+                .ram
+                .regions()
+                .iter()
+                .map(|(_, len, _)| {
+                    vec![0u64; (len / crate::layout::PAGE_SIZE).div_ceil(64) as usize]
+                })
+                .collect();
+            for ring in rings.iter_mut() {
+                ring.harvest(&mut |slot, page| {
+                    if let Some(word) = bitmaps
+                        .get_mut(slot as usize)
+                        .and_then(|b| b.get_mut((page / 64) as usize))
+                    {
+                        *word |= 1 << (page % 64);
+                    }
+                });
+            }
+            dirty_ring::reset_rings(&self.fd).map_err(VmError::DirtyRing)?;
+            return Ok(DirtyPages { bitmaps });
+        }
         let bitmaps = self
             .ram
             .regions()
