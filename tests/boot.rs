@@ -5,30 +5,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{kernel, numbers_after, require_kvm, Transcript, PATIENCE};
-use vmm_core::{BootSource, MachineSpec, VcpuStop, Vm};
-
-fn boot(name: &str, cmdline: &str, vcpus: u8) -> (Vm, Transcript) {
-    require_kvm();
-    let transcript = Transcript::default();
-    let spec = MachineSpec {
-        name: name.into(),
-        memory_mib: 64,
-        vcpus,
-        hidden_cpu_features: vec![],
-        dirty_tracking: false,
-        dirty_ring: false,
-    };
-    let vm = Vm::create(&spec, transcript.sink()).expect("create machine");
-    vm.boot(&BootSource {
-        kernel: kernel(name),
-        initrd: None,
-        cmdline: cmdline.into(),
-    })
-    .expect("boot");
-    vm.resume().expect("start");
-    (vm, transcript)
-}
+use common::{numbers_after, start, PATIENCE};
+use vmm_core::{VcpuStop, Vm};
 
 fn next_stop(vm: &Vm) -> VcpuStop {
     vm.next_event(PATIENCE)
@@ -38,14 +16,14 @@ fn next_stop(vm: &Vm) -> VcpuStop {
 
 #[test]
 fn hello_prints_its_line_and_exits_through_the_debug_port() {
-    let (vm, transcript) = boot("hello", "", 1);
+    let (vm, transcript) = start("hello", "", 1);
     assert_eq!(next_stop(&vm), VcpuStop::GuestExit { code: 1 });
     assert_eq!(transcript.text(), "hello from understudy\n");
 }
 
 #[test]
 fn counter_counts_up_and_heartbeats_each_line() {
-    let (vm, transcript) = boot("counter", "interval_ms=10 stop_after=20", 1);
+    let (vm, transcript) = start("counter", "interval_ms=10 stop_after=20", 1);
     assert_eq!(next_stop(&vm), VcpuStop::GuestExit { code: 1 });
     let counts = numbers_after(&transcript.text(), "count ");
     assert_eq!(counts, (0..=20).collect::<Vec<_>>());
@@ -55,7 +33,7 @@ fn counter_counts_up_and_heartbeats_each_line() {
 
 #[test]
 fn counter_runs_on_every_vcpu() {
-    let (vm, transcript) = boot("counter", "interval_ms=10 stop_after=20", 3);
+    let (vm, transcript) = start("counter", "interval_ms=10 stop_after=20", 3);
     assert_eq!(next_stop(&vm), VcpuStop::GuestExit { code: 1 });
     let text = transcript.text();
     assert!(text.contains("smp: 3 cpus online"), "{text}");
@@ -73,14 +51,14 @@ fn counter_runs_on_every_vcpu() {
 
 #[test]
 fn crash_ends_in_a_triple_fault() {
-    let (vm, transcript) = boot("crash", "crash_after_ms=100", 1);
+    let (vm, transcript) = start("crash", "crash_after_ms=100", 1);
     assert_eq!(next_stop(&vm), VcpuStop::Shutdown);
     assert!(transcript.text().contains("crash: triple fault now"));
 }
 
 #[test]
 fn hang_stops_heartbeating_but_keeps_its_vcpu() {
-    let (vm, transcript) = boot("hang", "interval_ms=20 hang_after_ms=100", 1);
+    let (vm, transcript) = start("hang", "interval_ms=20 hang_after_ms=100", 1);
     transcript.wait_until("the hang announcement", |t| {
         t.contains("hang: spinning with interrupts off")
     });
@@ -94,7 +72,7 @@ fn hang_stops_heartbeating_but_keeps_its_vcpu() {
 
 #[test]
 fn dirty_reports_the_pages_it_wrote() {
-    let (vm, transcript) = boot("dirty", "dirty_mib_per_s=32 interval_ms=50", 1);
+    let (vm, transcript) = start("dirty", "dirty_mib_per_s=32 interval_ms=50", 1);
     let text = transcript.wait_until("three dirty reports", |t| {
         numbers_after(t, "dirty: seq ").len() >= 3
     });
@@ -114,7 +92,7 @@ fn dirty_reports_the_pages_it_wrote() {
 fn unknown_ports_are_answered_and_counted() {
     // The kernels never touch unknown ports, so any count here would be a VMM bug; the
     // device-level behaviour is covered by vmm-core's unit tests.
-    let (vm, _) = boot("hello", "", 1);
+    let (vm, _) = start("hello", "", 1);
     next_stop(&vm);
     assert_eq!(vm.unknown_accesses().port_writes, 0);
 }

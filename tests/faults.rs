@@ -4,31 +4,11 @@
 
 mod common;
 
-use common::{assert_consecutive, kernel, numbers_after, require_kvm, Transcript, PATIENCE};
-use vmm_core::{BootSource, MachineSpec, VcpuStop, Vm};
-
-fn spec(vcpus: u8) -> MachineSpec {
-    MachineSpec {
-        name: "counter".into(),
-        memory_mib: 64,
-        vcpus,
-        hidden_cpu_features: vec![],
-        dirty_tracking: false,
-        dirty_ring: false,
-    }
-}
+use common::{assert_consecutive, numbers_after, spec, start, Transcript, PATIENCE};
+use vmm_core::{VcpuStop, Vm};
 
 fn running_counter(vcpus: u8) -> (Vm, Transcript) {
-    require_kvm();
-    let console = Transcript::default();
-    let vm = Vm::create(&spec(vcpus), console.sink()).unwrap();
-    vm.boot(&BootSource {
-        kernel: kernel("counter"),
-        initrd: None,
-        cmdline: "interval_ms=10".into(),
-    })
-    .unwrap();
-    vm.resume().unwrap();
+    let (vm, console) = start("counter", "interval_ms=10", vcpus);
     console.wait_until("three counter lines", |t| {
         numbers_after(t, "count ").len() >= 3
     });
@@ -51,7 +31,12 @@ fn dead_vcpu_threads_are_reported_and_their_state_survives() {
     let snapshot = vm.save().expect("state of dead vCPUs is still readable");
 
     let standby_console = Transcript::default();
-    let standby = Vm::create_with_ram(&spec(1), vm.ram().clone(), standby_console.sink()).unwrap();
+    let standby = Vm::create_with_ram(
+        &spec("counter", 1),
+        vm.ram().clone(),
+        standby_console.sink(),
+    )
+    .unwrap();
     standby.restore(&snapshot).unwrap();
     standby.resume().unwrap();
     let after = standby_console.wait_until("the counter on the second machine", |t| {

@@ -3,34 +3,17 @@
 
 mod common;
 
-use common::{assert_consecutive, kernel, numbers_after, require_kvm, Transcript};
-use vmm_core::{BootSource, MachineSpec, Vm, VmSnapshot};
+use common::{assert_consecutive, numbers_after, require_kvm, start, Transcript};
+use vmm_core::{MachineSpec, Vm, VmSnapshot};
 
 fn spec(vcpus: u8) -> MachineSpec {
-    MachineSpec {
-        name: "counter".into(),
-        memory_mib: 64,
-        vcpus,
-        hidden_cpu_features: vec![],
-        dirty_tracking: false,
-        dirty_ring: false,
-    }
+    common::spec("counter", vcpus)
 }
 
 /// Boots `counter`, moves it to a fresh machine after a few lines, and returns both
 /// transcripts.
 fn move_counter(vcpus: u8, via_json: bool) -> (String, String) {
-    require_kvm();
-    let first_console = Transcript::default();
-    let first = Vm::create(&spec(vcpus), first_console.sink()).unwrap();
-    first
-        .boot(&BootSource {
-            kernel: kernel("counter"),
-            initrd: None,
-            cmdline: "interval_ms=10".into(),
-        })
-        .unwrap();
-    first.resume().unwrap();
+    let (first, first_console) = start("counter", "interval_ms=10", vcpus);
     first_console.wait_until("five counter lines", |t| {
         numbers_after(t, "count ").len() >= 5
     });
@@ -130,16 +113,7 @@ fn a_snapshot_is_a_plain_value_that_round_trips() {
 
 #[test]
 fn a_paused_guest_stays_paused_through_saves() {
-    require_kvm();
-    let console = Transcript::default();
-    let vm = Vm::create(&spec(1), console.sink()).unwrap();
-    vm.boot(&BootSource {
-        kernel: kernel("counter"),
-        initrd: None,
-        cmdline: "interval_ms=5".into(),
-    })
-    .unwrap();
-    vm.resume().unwrap();
+    let (vm, console) = start("counter", "interval_ms=5", 1);
     console.wait_until("three counter lines", |t| {
         numbers_after(t, "count ").len() >= 3
     });

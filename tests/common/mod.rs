@@ -17,6 +17,33 @@ pub fn kernel(name: &str) -> PathBuf {
     PathBuf::from(env!("UNDERSTUDY_KERNELS")).join(name)
 }
 
+/// The shape the API tests use: 64 MiB, no dirty tracking.
+pub fn spec(name: &str, vcpus: u8) -> vmm_core::MachineSpec {
+    vmm_core::MachineSpec {
+        name: name.into(),
+        memory_mib: 64,
+        vcpus,
+        hidden_cpu_features: vec![],
+        dirty_tracking: false,
+        dirty_ring: false,
+    }
+}
+
+/// Boots test kernel `name` with `cmdline` on a fresh machine and starts it.
+pub fn start(name: &str, cmdline: &str, vcpus: u8) -> (vmm_core::Vm, Transcript) {
+    require_kvm();
+    let console = Transcript::default();
+    let vm = vmm_core::Vm::create(&spec(name, vcpus), console.sink()).expect("create machine");
+    vm.boot(&vmm_core::BootSource {
+        kernel: kernel(name),
+        initrd: None,
+        cmdline: cmdline.into(),
+    })
+    .expect("boot");
+    vm.resume().expect("start");
+    (vm, console)
+}
+
 /// Fails the test with a clear message when this machine cannot run VMs.
 pub fn require_kvm() {
     if let Err(err) = std::fs::OpenOptions::new()
