@@ -9,12 +9,16 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use vmm_core::{GuestRam, SerialSink, VcpuStop, Vm, VmError, VmEvent, VmSnapshot};
+use vmm_core::{GuestRam, SerialSink, VcpuStop, Vm, VmError, VmEvent};
 
 use crate::checkpoint::{Checkpoint, EpochOutcome};
-use crate::config::{GuestConfig, OnFailure};
+use crate::config::GuestConfig;
 use crate::console::console_sink;
-use crate::dump;
+
+mod failover;
+mod policy;
+
+use failover::sync_standby;
 
 /// How a guest ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,7 +246,7 @@ impl Guest {
 
     /// Brings the standby to the active's state and arms failover; on failure the guest runs
     /// on unprotected, with a warning.
-    fn arm(&mut self) {
+    pub(super) fn arm(&mut self) {
         let (Some(active), Some(standby)) = (&self.active, &self.standby) else {
             return;
         };
@@ -374,7 +378,7 @@ impl Guest {
     }
 
     /// Ends the guest cleanly: standby first, then the active.
-    fn finish(&mut self, end: GuestEnd) -> Change {
+    pub(super) fn finish(&mut self, end: GuestEnd) -> Change {
         self.armed = false;
         if let Some(checkpoint) = &mut self.checkpoint {
             checkpoint.release_remaining();
@@ -419,240 +423,6 @@ impl Guest {
             FaultKind::Panic => return Some(Failure::Panic),
         }
         None
-    }
-
-    /// Handles a failure of the active VM: fail over, restart, or bring the guest down.
-    pub fn on_failure(&mut self, failure: Failure) -> Change {
-        if self.end.is_some() {
-            return Change::None;
-        }
-        let detected = Instant::now();
-        let span =
-            tracing::info_span!("failure", guest = %self.config.name, n = self.failovers + 1);
-        let _entered = span.enter();
-        tracing::error!(phase = "detect", failure = %failure, armed = self.armed, "active failed");
-
-        let Some(active) = self.active.as_ref() else {
-            return Change::None;
-        };
-        // Fence: every vCPU of the failed machine stops for good before anything else, and its
-        // console output stops with it.
-        let t = Instant::now();
-        if let Err(err) = active.pause() {
-            return self.finish(GuestEnd::Down {
-                reason: format!("{failure}; the failed machine could not be fenced: {err}"),
-            });
-        }
-        let console = active.set_serial_sink(Box::new(std::io::sink()));
-        tracing::info!(
-            phase = "fence",
-            duration_us = us(t.elapsed()),
-            "failed machine fenced"
-        );
-        if self.checkpoint.is_some() {
-            return self.fail_over_from_checkpoint(failure, detected, console);
-        }
-
-        let t = Instant::now();
-        let snapshot = match active.save() {
-            Ok(snapshot) => snapshot,
-            Err(err) => {
-                return self.finish(GuestEnd::Down {
-                    reason: format!("{failure}; its state could not be captured: {err}"),
-                })
-            }
-        };
-        tracing::info!(
-            phase = "capture",
-            duration_us = us(t.elapsed()),
-            "state captured"
-        );
-        // Memory is shared with the standby, which changes it as soon as it runs: the dump
-        // has to be written before.
-        self.write_dump(&snapshot, &self.ram.clone());
-
-        let why_not = self.why_no_failover(&failure, detected);
-        if let Some(reason) = why_not {
-            return self.bring_down_or_restart(reason, console);
-        }
-
-        let t = Instant::now();
-        let failed = match self.promote_standby(&snapshot, console, detected) {
-            Ok(failed) => failed,
-            Err(reason) => {
-                return self.finish(GuestEnd::Down {
-                    reason: format!("{failure}; {reason}"),
-                })
-            }
-        };
-        tracing::info!(
-            phase = "resume",
-            duration_us = us(t.elapsed()),
-            downtime_us = us(detected.elapsed()),
-            "standby is now the active"
-        );
-
-        self.retired.extend(failed);
-        self.needs_recovery = true;
-        Change::NewActive
-    }
-
-    /// Recovery, after the supervisor watches the new active: the failed machine is torn
-    /// down and, with `rearm`, rebuilt over the guest's RAM as the new standby. If it cannot
-    /// be rebuilt the guest runs on unprotected, with a warning. Also releases machines
-    /// retired by a restart or an end.
-    pub fn recover(&mut self) {
-        let t = Instant::now();
-        self.retired.clear();
-        if !std::mem::take(&mut self.needs_recovery) || self.end.is_some() {
-            return;
-        }
-        let span = tracing::info_span!("failure", guest = %self.config.name, n = self.failovers);
-        let _entered = span.enter();
-        let rearm = self.config.standby.as_ref().is_some_and(|s| s.rearm);
-        if rearm {
-            let standby_ram = self
-                .checkpoint
-                .as_ref()
-                .map_or_else(|| self.ram.clone(), |c| c.standby_ram().clone());
-            match Vm::create_with_ram(
-                &self.config.machine_spec(),
-                standby_ram,
-                Box::new(std::io::sink()),
-            ) {
-                Ok(vm) => {
-                    self.standby = Some(vm);
-                    self.arm();
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "the failed machine could not be rebuilt; the guest runs unprotected")
-                }
-            }
-        } else {
-            tracing::warn!("rearm = false: the guest runs on without a standby");
-        }
-        tracing::info!(
-            phase = "recover",
-            duration_us = us(t.elapsed()),
-            armed = self.armed,
-            "recovery done"
-        );
-    }
-
-    /// Failover from the last committed checkpoint: the standby's RAM already holds it, so
-    /// only its state is loaded. The failed machine's own memory is left as it was, for the
-    /// crash dump, which is written after the standby runs.
-    fn fail_over_from_checkpoint(
-        &mut self,
-        failure: Failure,
-        detected: Instant,
-        failed_console: SerialSink,
-    ) -> Change {
-        // The failed machine's console was the held output; its uncommitted part goes below.
-        drop(failed_console);
-        if let Some(reason) = self.why_no_failover(&failure, detected) {
-            self.dump_failed_active();
-            return self.finish(GuestEnd::Down { reason });
-        }
-        let Some(checkpoint) = self.checkpoint.as_mut() else {
-            return Change::None;
-        };
-        let Some(committed) = checkpoint.committed().cloned() else {
-            return self.finish(GuestEnd::Down {
-                reason: format!("{failure}; no checkpoint has committed yet"),
-            });
-        };
-        let replay = checkpoint.abandon_epoch();
-        let held = checkpoint.held_output();
-        let t = Instant::now();
-        let failed = match self.promote_standby(&committed, Box::new(held), detected) {
-            Ok(failed) => failed,
-            Err(reason) => {
-                return self.finish(GuestEnd::Down {
-                    reason: format!("{failure}; {reason}"),
-                })
-            }
-        };
-        // Input the guest was given during the lost epoch is given again; it is part of the
-        // new epoch until that commits.
-        let mut replayed = 0;
-        if let Some(active) = self.active.as_ref() {
-            while replayed < replay.len() {
-                let taken = active.serial_input(&replay[replayed..]);
-                if taken == 0 {
-                    break;
-                }
-                replayed += taken;
-            }
-        }
-        if let Some(checkpoint) = self.checkpoint.as_mut() {
-            checkpoint.record_input(&replay[..replayed]);
-            self.ram = checkpoint.swap_ram(self.ram.clone());
-        }
-        tracing::info!(
-            phase = "resume",
-            duration_us = us(t.elapsed()),
-            downtime_us = us(detected.elapsed()),
-            replayed_input = replayed,
-            heartbeat_seq = self
-                .checkpoint
-                .as_ref()
-                .and_then(Checkpoint::committed_heartbeat),
-            "standby is now the active, from the last checkpoint"
-        );
-        self.retired.extend(failed);
-        self.dump_failed_active();
-        self.needs_recovery = true;
-        Change::NewActive
-    }
-
-    /// Loads `state` into the standby, attaches `console` and starts it: the standby becomes
-    /// the active. Returns the failed machine, or why the standby could not take over.
-    fn promote_standby(
-        &mut self,
-        state: &VmSnapshot,
-        console: SerialSink,
-        detected: Instant,
-    ) -> Result<Option<Vm>, String> {
-        let standby = self.standby.take().ok_or("no standby")?;
-        standby
-            .restore(state)
-            .and_then(|()| {
-                standby.set_serial_sink(console);
-                standby.resume()
-            })
-            .map_err(|err| format!("the standby could not take over: {err}"))?;
-        let failed = self.active.replace(standby);
-        self.armed = false;
-        self.failovers += 1;
-        self.recent_failures.push_back(detected);
-        // The guest carries on: if it was being judged by its heartbeats, it still is, from
-        // the moment it resumed.
-        if self.last_heartbeat.is_some() {
-            self.last_heartbeat = Some(Instant::now());
-        }
-        self.machine_check_injected = false;
-        Ok(failed)
-    }
-
-    /// Capture and dump of the failed machine of a checkpointed guest, from its own memory
-    /// (off the failover's critical path: nothing else uses that memory now).
-    fn dump_failed_active(&mut self) {
-        let failed = self.retired.last().or(self.active.as_ref());
-        let Some(failed) = failed else { return };
-        let t = Instant::now();
-        match failed.save() {
-            Ok(snapshot) => {
-                tracing::info!(
-                    phase = "capture",
-                    duration_us = us(t.elapsed()),
-                    "failed state captured"
-                );
-                let ram = failed.ram().clone();
-                self.write_dump(&snapshot, &ram);
-            }
-            Err(err) => tracing::warn!(%err, "the failed machine's state could not be captured"),
-        }
     }
 
     /// Runs one checkpoint epoch, if the guest is checkpointed and armed.
@@ -716,110 +486,4 @@ impl Guest {
     pub fn epoch_stats(&self) -> Option<crate::checkpoint::EpochStats> {
         self.checkpoint.as_ref().map(|c| c.stats().clone())
     }
-
-    /// Why this failure cannot be failed over, if it cannot.
-    fn why_no_failover(&mut self, failure: &Failure, now: Instant) -> Option<String> {
-        let Some(standby) = &self.config.standby else {
-            return Some(format!("{failure}"));
-        };
-        if failure.breaks_guest_state() && self.checkpoint.is_none() {
-            return Some(format!(
-                "{failure}: the guest's own state is broken, so handing it to the standby \
-                 (resume = \"failed-state\") cannot save it; resume = \"checkpoint\" can"
-            ));
-        }
-        if !self.armed {
-            return Some(format!("{failure} while failover was not armed"));
-        }
-        let window = Duration::from_secs(standby.failover_window_s);
-        while self
-            .recent_failures
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
-            self.recent_failures.pop_front();
-        }
-        if self.recent_failures.len() as u32 >= standby.max_failovers {
-            return Some(format!(
-                "{failure}: crash loop, more than {} failovers within {} s",
-                standby.max_failovers, standby.failover_window_s
-            ));
-        }
-        None
-    }
-
-    /// A guest that cannot fail over: restart it (unprotected guests configured so) or bring
-    /// it down.
-    fn bring_down_or_restart(&mut self, reason: String, console: SerialSink) -> Change {
-        if self.config.standby.is_some() || self.config.on_failure == OnFailure::Down {
-            return self.finish(GuestEnd::Down { reason });
-        }
-        let now = Instant::now();
-        let window = Duration::from_secs(self.config.restart_window_s);
-        self.recent_failures
-            .retain(|t| now.duration_since(*t) <= window);
-        if self.recent_failures.len() as u32 >= self.config.max_restarts {
-            return self.finish(GuestEnd::Down {
-                reason: format!(
-                    "{reason}; crash loop, more than {} restarts within {} s",
-                    self.config.max_restarts, self.config.restart_window_s
-                ),
-            });
-        }
-        self.recent_failures.push_back(now);
-        tracing::warn!(guest = %self.config.name, %reason, "restarting the guest");
-        self.retired.extend(self.active.take());
-        let restarted = GuestRam::new(self.config.memory_mib << 20)
-            .map_err(VmError::Memory)
-            .and_then(|ram| {
-                let vm = Vm::create_with_ram(&self.config.machine_spec(), ram.clone(), console)?;
-                vm.boot(&self.config.boot_source())?;
-                vm.resume()?;
-                Ok((ram, vm))
-            });
-        match restarted {
-            Ok((ram, vm)) => {
-                self.ram = ram;
-                self.active = Some(vm);
-                self.last_heartbeat = None;
-                self.machine_check_injected = false;
-                Change::NewActive
-            }
-            Err(err) => self.finish(GuestEnd::Down {
-                reason: format!("{reason}; restart failed: {err}"),
-            }),
-        }
-    }
-
-    fn write_dump(&mut self, snapshot: &VmSnapshot, ram: &GuestRam) {
-        if !self.config.crash_dump {
-            return;
-        }
-        self.dumps += 1;
-        let path = self
-            .config
-            .dump_dir
-            .join(format!("{}-failure-{}.core", self.config.name, self.dumps));
-        let t = Instant::now();
-        match dump::write_core(&path, snapshot, ram) {
-            Ok(()) => {
-                tracing::info!(phase = "dump", duration_us = us(t.elapsed()), path = %path.display(), "crash dump written")
-            }
-            Err(err) => {
-                tracing::warn!(path = %path.display(), %err, "crash dump could not be written")
-            }
-        }
-    }
-}
-
-/// Brings `standby` to `active`'s current state; returns how long the active was paused.
-fn sync_standby(active: &Vm, standby: &Vm) -> Result<Duration, VmError> {
-    let paused = Instant::now();
-    active.pause()?;
-    let saved = active.save();
-    let resumed = active.resume();
-    let pause = paused.elapsed();
-    standby.restore(&saved?)?;
-    resumed?;
-    Ok(pause)
 }
