@@ -1,9 +1,11 @@
 //! One guest under supervision: its active VM and, for a hot-standby guest, its standby VM
-//! over the same RAM; which is which; whether failover is armed; and what happens when the
-//! active fails. Role changes happen here and nowhere else.
+//! (over the same RAM, or over a checkpointed copy); which is which; whether failover is
+//! armed; and what happens when the active fails. Role changes happen here and nowhere else:
+//! the failover phases in `failover`, the decisions about guests that cannot fail over in
+//! `policy`.
 //!
 //! Runs on the supervisor thread. Each failover runs as plain phases, in order, each logged
-//! with its duration inside a `failover` span: detect, fence, capture, dump, resume, recover.
+//! with its duration inside a `failure` span: detect, fence, capture, dump, resume, recover.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
