@@ -248,3 +248,34 @@ impl Checkpoint {
         let _ = self.console.flush();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checkpoint() -> Checkpoint {
+        Checkpoint::new(
+            Duration::from_millis(20),
+            GuestRam::new(2 << 20).unwrap(),
+            Box::new(std::io::sink()),
+        )
+    }
+
+    #[test]
+    fn input_of_the_lost_epoch_is_handed_back_for_replay_once() {
+        let mut checkpoint = checkpoint();
+        checkpoint.record_input(b"ls ");
+        checkpoint.record_input(b"-l\n");
+        assert_eq!(checkpoint.abandon_epoch(), b"ls -l\n");
+        assert!(checkpoint.abandon_epoch().is_empty());
+    }
+
+    #[test]
+    fn output_of_the_lost_epoch_is_dropped() {
+        let mut checkpoint = checkpoint();
+        let mut held = checkpoint.held_output();
+        held.write_all(b"count 7\n").unwrap();
+        checkpoint.abandon_epoch();
+        assert!(checkpoint.held_output().take().is_empty());
+    }
+}
