@@ -4,15 +4,14 @@
 //! Run: `cargo bench --bench boot` (optionally `-- RUNS`). Prints one line per figure; the
 //! figures are whole-process times measured from this process, so they include fork/exec.
 
+mod common;
+
+use common::median;
+
 use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
 
 /// Starts `command`, returns the time until its first stdout byte, then lets it finish.
 fn time_to_first_byte(command: &mut Command) -> Duration {

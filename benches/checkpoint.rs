@@ -8,17 +8,16 @@
 //!
 //! Run: `cargo bench --bench checkpoint` (optionally `-- EPOCHS`, default 20).
 
+mod common;
+
+use common::median;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use failover::checkpoint::{Checkpoint, EpochOutcome};
 use vmm_core::{BootSource, GuestRam, MachineSpec, Vm};
-
-fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
-    v.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
-    v[v.len() / 2]
-}
 
 fn kernel(name: &str) -> std::path::PathBuf {
     Path::new(env!("UNDERSTUDY_KERNELS")).join(name)

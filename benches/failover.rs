@@ -11,13 +11,12 @@
 //!
 //! Run: `cargo bench --bench failover` (optionally `-- RUNS`, default 20).
 
+mod common;
+
+use common::median;
+
 use std::path::Path;
 use std::process::Command;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Seconds since midnight of an RFC 3339 timestamp at the start of a log line.
 fn timestamp(line: &str) -> Option<f64> {

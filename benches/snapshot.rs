@@ -5,15 +5,14 @@
 //!
 //! Run: `cargo bench --bench snapshot` (optionally `-- RUNS`).
 
+mod common;
+
+use common::median;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use vmm_core::{BootSource, MachineSpec, Vm};
-
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
