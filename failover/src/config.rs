@@ -264,7 +264,7 @@ impl GuestConfig {
                 .standby
                 .as_ref()
                 .is_some_and(|s| s.resume == ResumeFrom::Checkpoint),
-            // The bitmap measured faster here for epoch-sized harvests (docs/performance.md).
+            // The bitmap measured as fast or faster than the ring here (docs/performance.md).
             dirty_ring: false,
         }
     }
