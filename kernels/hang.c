@@ -5,26 +5,11 @@ void main(const char *cmdline, u64 ram_end)
 {
     u64 interval_ms = param_or(cmdline, "interval_ms", 100);
     u64 hang_after_ms = param_or(cmdline, "hang_after_ms", 500);
-    u64 khz = tsc_khz();
-    struct ticker t;
 
     (void)ram_end;
-    if (!interval_ms)
-        interval_ms = 1;
     put_str("hang: running\n");
     smp_start(0);
-
-    ticker_start(&t, interval_ms * khz);
-    u64 deadline = t.next + hang_after_ms * khz;
-    for (u64 n = 0; n * interval_ms < hang_after_ms; n++) {
-        ticker_wait(&t);
-        put_str("hang: beat ");
-        put_u64(n);
-        put_str("\n");
-        heartbeat((u32)n);
-    }
-    while ((s64)(rdtsc() - deadline) < 0)
-        ;
+    beat_for("hang: beat ", interval_ms, hang_after_ms);
 
     put_str("hang: spinning with interrupts off\n");
     /*

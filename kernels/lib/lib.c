@@ -265,3 +265,23 @@ void ticker_wait(struct ticker *t)
     while (!ticker_due(t, rdtsc()))
         ;
 }
+
+void beat_for(const char *prefix, u64 interval_ms, u64 duration_ms)
+{
+    u64 khz = tsc_khz();
+    struct ticker t;
+
+    if (!interval_ms)
+        interval_ms = 1;
+    ticker_start(&t, interval_ms * khz);
+    u64 deadline = t.next + duration_ms * khz;
+    for (u64 n = 0; n * interval_ms < duration_ms; n++) {
+        ticker_wait(&t);
+        put_str(prefix);
+        put_u64(n);
+        put_str("\n");
+        heartbeat((u32)n);
+    }
+    while ((s64)(rdtsc() - deadline) < 0)
+        ;
+}

@@ -103,6 +103,12 @@ struct ticker {
 void ticker_start(struct ticker *t, u64 period_ticks); /* first tick is due at once */
 bool ticker_due(struct ticker *t, u64 now);
 void ticker_wait(struct ticker *t);
+/*
+ * Prints "<prefix>N" with heartbeat N every interval_ms (0 counts as 1) for
+ * duration_ms, then returns at the end of duration_ms: the lively part of the
+ * kernels that later fail on purpose.
+ */
+void beat_for(const char *prefix, u64 interval_ms, u64 duration_ms);
 
 /*
  * Multiprocessor start-up (smp.c). Counts the CPUs in the MP table and, if
