@@ -57,13 +57,9 @@
         .asciz "Xen"
         .quad _start32
 
-        .section .text.entry, "ax"
-
-/* PVH: 32-bit protected mode, paging off, %ebx = struct hvm_start_info. */
-        .code32
-        .globl _start32
-_start32:
-        mov     $CR4_PAE, %eax          /* also clears TSD/SMEP/SMAP */
+/* From 32-bit protected mode: PAE, the kernel's page tables, EFER.LME. Paging next. */
+        .macro long_mode_prologue
+        mov     $CR4_PAE, %eax
         mov     %eax, %cr4
         mov     $pml4, %eax
         mov     %eax, %cr3
@@ -71,6 +67,15 @@ _start32:
         xor     %edx, %edx
         mov     $EFER_LME, %eax
         wrmsr
+        .endm
+
+        .section .text.entry, "ax"
+
+/* PVH: 32-bit protected mode, paging off, %ebx = struct hvm_start_info. */
+        .code32
+        .globl _start32
+_start32:
+        long_mode_prologue              /* CR4 write also clears TSD/SMEP/SMAP */
         mov     %cr0, %eax
         or      $CR0_PG, %eax
         mov     %eax, %cr0
@@ -120,14 +125,7 @@ to_user:
  */
         .code32
 ap_start32:
-        mov     $CR4_PAE, %eax
-        mov     %eax, %cr4
-        mov     $pml4, %eax
-        mov     %eax, %cr3
-        mov     $MSR_EFER, %ecx
-        xor     %edx, %edx
-        mov     $EFER_LME, %eax
-        wrmsr
+        long_mode_prologue
         mov     $(CR0_PG | CR0_ET | CR0_PE), %eax
         mov     %eax, %cr0
         ljmp    $SEL_KCODE, $ap64
