@@ -1,0 +1,472 @@
+//! Disk write throughput and IOPS as the guest measures them: the `blk` kernel's own TSC-timed
+//! result lines for sequential writes (64 MiB in 64 KiB and in 1 MiB requests, then a flush)
+//! and 4 KiB random writes (2 s, then a flush), under understudy unprotected, as a
+//! checkpointed pair (default 20 ms epochs) and as a failed-state pair, next to QEMU
+//! `-M microvm`'s virtio-blk on the same kernel when QEMU is installed. 64 MiB of guest RAM,
+//! a fresh 256 MiB sparse raw image for every run, the configurations interleaved run by run
+//! (each round starting at the next one), medians.
+//!
+//! Beside the guest's figures, for each run: the whole process's time, spawn to exit (which
+//! includes what a checkpointed guest's disk still had to apply after its last flush), how
+//! long after the `guest-exited` event the result line reached the console (a checkpointed
+//! guest's output is held until its epoch commits), and, for checkpointed runs, the epoch and
+//! disk-log counters of the last `status` the control socket answered before the guest
+//! exited (it is asked every 50 ms, in every understudy configuration alike; the socket goes
+//! away when the guest exits, while a checkpointed guest's last epochs are still applied).
+//!
+//! Run: `cargo bench --bench disk` (optionally `-- ROUNDS`, default 5).
+
+mod common;
+
+use common::{events, kernel, median, scratch, timestamp};
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+const IMAGE_BYTES: u64 = 256 << 20;
+const RAND_MS: f64 = 2000.0;
+const STATUS_EVERY: Duration = Duration::from_millis(50);
+
+/// What the guest runs on, and how it is protected.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Config {
+    Unprotected,
+    Checkpoint,
+    FailedState,
+    Qemu,
+}
+
+impl Config {
+    const ALL: [Config; 4] = [
+        Config::Unprotected,
+        Config::Checkpoint,
+        Config::FailedState,
+        Config::Qemu,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Config::Unprotected => "understudy, unprotected",
+            Config::Checkpoint => "understudy, checkpointed pair (20 ms epochs)",
+            Config::FailedState => "understudy, failed-state pair",
+            Config::Qemu => "qemu -M microvm, virtio-blk",
+        }
+    }
+
+    /// The `[guest.standby]` table, for a pair.
+    fn standby(self) -> &'static str {
+        match self {
+            Config::Checkpoint => "[guest.standby]\nresume = \"checkpoint\"\n",
+            Config::FailedState => "[guest.standby]\nresume = \"failed-state\"\n",
+            Config::Unprotected | Config::Qemu => "",
+        }
+    }
+}
+
+/// The guest's command lines: two sequential writes and one random.
+const WORKLOADS: [&str; 3] = [
+    "bench=seq bench_mib=64 req_kib=64",
+    "bench=seq bench_mib=64 req_kib=1024",
+    "bench=rand bench_ms=2000",
+];
+const RAND: usize = 2;
+
+/// What one run measured.
+struct Run {
+    /// Bytes (`seq`) or requests (`rand`) from the guest's result line.
+    count: f64,
+    /// Microseconds from the guest's result line, its final flush included.
+    us: f64,
+    /// Spawn to exit.
+    wall: Duration,
+    /// Result line on the console minus the `guest-exited` event, in ms (understudy only).
+    after_exit_ms: Option<f64>,
+    /// The guest's last status before it exited (understudy only).
+    status: Option<Value>,
+}
+
+/// `(count, us)` of `blk: seq write B bytes in U us` or `blk: rand write N requests in U us`.
+fn result_line(line: &str) -> Option<(f64, f64)> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words[..] {
+        ["blk:", _, "write", count, _, "in", us, "us"] => {
+            Some((count.parse().ok()?, us.parse().ok()?))
+        }
+        _ => None,
+    }
+}
+
+/// Seconds since midnight (UTC) of `time`, as in the log's timestamps.
+fn second_of_day(time: SystemTime) -> f64 {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    (since.as_secs() % 86_400) as f64 + f64::from(since.subsec_nanos()) * 1e-9
+}
+
+/// The first guest's status, or `None` if the socket does not answer (not up yet, or gone).
+fn try_status(socket: &Path) -> Option<Value> {
+    let mut stream = UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    writeln!(stream, r#"{{"request":"status"}}"#).ok()?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).ok()?;
+    let reply: Value = serde_json::from_str(&reply).ok()?;
+    (reply["ok"] == true).then(|| reply["result"]["guests"][0].clone())
+}
+
+/// A fresh sparse image at `path` (and no journal left beside it).
+fn fresh_image(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(path.with_extension("img.journal"));
+    File::create(path)
+        .and_then(|f| f.set_len(IMAGE_BYTES))
+        .expect("create the image");
+}
+
+/// Runs `command` to its end, reading its console and log as they come and, with `socket`,
+/// asking it for `status` every [`STATUS_EVERY`].
+fn run(mut command: Command, socket: Option<PathBuf>) -> Run {
+    let start = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let console = std::thread::spawn(move || {
+        let (mut text, mut result) = (String::new(), None);
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(figures) = result_line(&line) {
+                result = Some((figures, SystemTime::now()));
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+        (text, result)
+    });
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let ended = Arc::new(AtomicBool::new(false));
+    let poller = socket.map(|socket| {
+        let ended = ended.clone();
+        std::thread::spawn(move || {
+            let mut last = None;
+            while !ended.load(Ordering::Relaxed) {
+                if let Some(status) = try_status(&socket) {
+                    last = Some(status);
+                }
+                std::thread::sleep(STATUS_EVERY);
+            }
+            last
+        })
+    });
+    let _ = child.wait();
+    let wall = start.elapsed();
+    ended.store(true, Ordering::Relaxed);
+    let (text, result) = console.join().expect("console reader");
+    let log = log.join().expect("log reader");
+    let status = poller.and_then(|p| p.join().expect("status poller"));
+    let Some(((count, us), arrived)) = result else {
+        panic!("no result line from the guest; console:\n{text}\nlog:\n{log}");
+    };
+    let after_exit_ms = events(&log, "guest-exited")
+        .first()
+        .and_then(|line| timestamp(line))
+        .map(|exited| {
+            let mut seconds = second_of_day(arrived) - exited;
+            if seconds < -43_200.0 {
+                seconds += 86_400.0; // midnight passed in between
+            }
+            seconds * 1e3
+        });
+    Run {
+        count,
+        us,
+        wall,
+        after_exit_ms,
+        status,
+    }
+}
+
+fn qemu_installed() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+fn qemu_command(image: &Path, cmdline: &str) -> Command {
+    let mut command = Command::new("qemu-system-x86_64");
+    command.args([
+        "-M",
+        "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities",
+        "-m",
+        "64",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+        "-drive",
+    ]);
+    command
+        .arg(format!(
+            "id=d0,file={},format=raw,if=none,cache=writeback",
+            image.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=d0", "-kernel"])
+        .arg(kernel("blk"))
+        .arg("-append")
+        .arg(cmdline);
+    command
+}
+
+/// One run of `cmdline` under `config`, on a fresh image in `dir`.
+fn measure(config: Config, cmdline: &str, dir: &Path) -> Run {
+    let image = dir.join("disk.img");
+    fresh_image(&image);
+    if config == Config::Qemu {
+        return run(qemu_command(&image, cmdline), None);
+    }
+    let socket = dir.join("ctl.sock");
+    let _ = std::fs::remove_file(&socket);
+    let env = dir.join("env.toml");
+    std::fs::write(
+        &env,
+        format!(
+            "api_socket = \"{}\"\n[[guest]]\nname = \"blk\"\nkernel = \"{}\"\nmemory_mib = 64\n\
+             cmdline = \"{cmdline}\"\ncrash_dump = false\n{}[[guest.disk]]\npath = \"{}\"\n",
+            socket.display(),
+            kernel("blk").display(),
+            config.standby(),
+            image.display()
+        ),
+    )
+    .expect("write env");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_understudy"));
+    command
+        .args(["--log", "info", "run"])
+        .arg(&env)
+        .env_remove("RUST_LOG");
+    run(command, Some(socket))
+}
+
+/// `median (min–max)` of `samples`, or a dash when there are none.
+fn spread(samples: Vec<f64>, decimals: usize) -> String {
+    if samples.is_empty() {
+        return "—".into();
+    }
+    let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "{:.decimals$} ({low:.decimals$}–{high:.decimals$})",
+        median(samples)
+    )
+}
+
+/// Throughput (MB/s, decimal) of a sequential run, IOPS of a random one.
+fn rate(workload: usize, run: &Run) -> f64 {
+    if workload == RAND {
+        run.count / (run.us / 1e6)
+    } else {
+        run.count / run.us
+    }
+}
+
+/// A counter of the status, by JSON pointer.
+fn counter(run: &Run, pointer: &str) -> Option<f64> {
+    run.status.as_ref()?.pointer(pointer)?.as_f64()
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(5);
+    let dir = scratch("disk");
+    let qemu = qemu_installed();
+    let configs: Vec<Config> = Config::ALL
+        .into_iter()
+        .filter(|c| qemu || *c != Config::Qemu)
+        .collect();
+    // One warm-up each, so page cache and KVM module state are alike for all.
+    for config in &configs {
+        measure(*config, WORKLOADS[0], &dir);
+    }
+    // runs[workload][config]
+    let mut runs: Vec<Vec<Vec<Run>>> = (0..WORKLOADS.len())
+        .map(|_| configs.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for round in 0..rounds {
+        for (w, cmdline) in WORKLOADS.iter().enumerate() {
+            for k in 0..configs.len() {
+                let c = (k + round) % configs.len();
+                runs[w][c].push(measure(configs[c], cmdline, &dir));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let medians: Vec<Vec<f64>> = runs
+        .iter()
+        .enumerate()
+        .map(|(w, per_config)| {
+            per_config
+                .iter()
+                .map(|rs| median(rs.iter().map(|r| rate(w, r)).collect()))
+                .collect()
+        })
+        .collect();
+    println!(
+        "disk writes as the blk guest times them (64 MiB RAM, fresh 256 MiB sparse raw image \
+         per run), median (min–max) of {rounds} interleaved rounds:\n"
+    );
+    println!(
+        "| configuration | seq write, 64 KiB requests | seq write, 1 MiB requests | 4 KiB random \
+         writes | random: final flush (U − 2000 ms) |"
+    );
+    println!("| --- | --- | --- | --- | --- |");
+    for (c, config) in configs.iter().enumerate() {
+        let rates = |w: usize| runs[w][c].iter().map(|r| rate(w, r)).collect::<Vec<_>>();
+        let flush = runs[RAND][c].iter().map(|r| r.us / 1e3 - RAND_MS).collect();
+        println!(
+            "| {} | {} MB/s | {} MB/s | {} IOPS | {} ms |",
+            config.label(),
+            spread(rates(0), 0),
+            spread(rates(1), 0),
+            spread(rates(RAND), 0),
+            spread(flush, 1)
+        );
+    }
+    let index = |wanted: Config| configs.iter().position(|c| *c == wanted);
+    let ratio_row = |label: &str, num: Option<usize>, den: Option<usize>| {
+        if let (Some(n), Some(d)) = (num, den) {
+            println!(
+                "| {label} | {:.3} | {:.3} | {:.3} | |",
+                medians[0][n] / medians[0][d],
+                medians[1][n] / medians[1][d],
+                medians[RAND][n] / medians[RAND][d]
+            );
+        }
+    };
+    println!("\n| ratio of medians | seq 64 KiB | seq 1 MiB | random IOPS | |");
+    println!("| --- | --- | --- | --- | --- |");
+    let unprotected = index(Config::Unprotected);
+    ratio_row(
+        "checkpointed / unprotected",
+        index(Config::Checkpoint),
+        unprotected,
+    );
+    ratio_row(
+        "failed-state / unprotected",
+        index(Config::FailedState),
+        unprotected,
+    );
+    ratio_row(
+        "understudy unprotected / qemu",
+        unprotected,
+        index(Config::Qemu),
+    );
+
+    println!(
+        "\nwhole run, spawn → exit (ms), and the result line's arrival on the console after the \
+         guest-exited event (ms; understudy's log), medians:\n"
+    );
+    println!("| configuration | seq 64 KiB | seq 1 MiB | random | result line after exit |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (c, config) in configs.iter().enumerate() {
+        let wall = |w: usize| {
+            let ms = runs[w][c].iter().map(|r| r.wall.as_secs_f64() * 1e3);
+            format!("{:.0}", median(ms.collect()))
+        };
+        let after: Vec<String> = (0..WORKLOADS.len())
+            .map(|w| {
+                let ms: Vec<f64> = runs[w][c].iter().filter_map(|r| r.after_exit_ms).collect();
+                if ms.is_empty() {
+                    "—".into()
+                } else {
+                    format!("{:.1}", median(ms))
+                }
+            })
+            .collect();
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            config.label(),
+            wall(0),
+            wall(1),
+            wall(RAND),
+            after.join(" / ")
+        );
+    }
+
+    if let Some(c) = index(Config::Checkpoint) {
+        println!(
+            "\ncheckpointed pair, last status answered before the guest exited (asked every \
+             {} ms), medians:\n",
+            STATUS_EVERY.as_millis()
+        );
+        println!(
+            "| workload | epochs | mean / max pause | disk commits (synced) | applied | pending | \
+             guest writes served |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        for (w, cmdline) in WORKLOADS.iter().enumerate() {
+            let of = |pointer: &str, scale: f64| -> Option<f64> {
+                let values: Vec<f64> = runs[w][c]
+                    .iter()
+                    .filter_map(|r| counter(r, pointer))
+                    .collect();
+                (!values.is_empty()).then(|| median(values) * scale)
+            };
+            let show = |value: Option<f64>, decimals: usize| {
+                value.map_or("—".into(), |v| format!("{v:.decimals$}"))
+            };
+            let mib = 1.0 / f64::from(1u32 << 20);
+            println!(
+                "| `{cmdline}` | {} | {} / {} ms | {} ({}) | {} MiB | {} MiB | {} |",
+                show(of("/checkpoint/epochs", 1.0), 0),
+                show(of("/checkpoint/mean_pause_us", 1e-3), 2),
+                show(of("/checkpoint/max_pause_us", 1e-3), 2),
+                show(of("/disks/0/epochs/commits", 1.0), 0),
+                show(of("/disks/0/epochs/synced_commits", 1.0), 0),
+                show(of("/disks/0/epochs/applied_bytes", mib), 1),
+                show(of("/disks/0/epochs/pending_bytes", mib), 1),
+                show(of("/disks/0/writes", 1.0), 0),
+            );
+        }
+    }
+
+    if !qemu {
+        println!(
+            "\nqemu-system-x86_64 not installed: no comparison (apt-get install qemu-system-x86)"
+        );
+    } else {
+        let command = qemu_command(Path::new("IMAGE"), "CMDLINE");
+        let args: Vec<String> = command
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        println!("\nqemu: qemu-system-x86_64 {}", args.join(" "));
+    }
+    println!("reproduce: cargo bench --bench disk -- {rounds}");
+}
