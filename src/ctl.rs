@@ -289,6 +289,46 @@ fn status_table(guests: &[GuestStatus]) -> String {
         out.push('\n');
         out.push_str(&table(&rows));
     }
+    let nets: Vec<_> = guests
+        .iter()
+        .flat_map(|g| g.nets.iter().enumerate().map(move |(i, n)| (g, i, n)))
+        .collect();
+    if !nets.is_empty() {
+        let mut rows = vec![[
+            "NICS",
+            "NIC",
+            "HOLDER",
+            "RX",
+            "TX",
+            "DROPPED",
+            "HELD",
+            "HANDOVERS",
+            "REFUSED",
+            "TAP",
+            "MAC",
+        ]
+        .map(String::from)
+        .to_vec()];
+        for (g, index, n) in nets {
+            rows.push(vec![
+                g.name.clone(),
+                index.to_string(),
+                n.holder.map_or("-".to_owned(), |id| format!("#{id}")),
+                n.frames.rx_frames.to_string(),
+                n.frames.tx_frames.to_string(),
+                (n.frames.rx_dropped + n.frames.tx_dropped).to_string(),
+                n.epochs
+                    .as_ref()
+                    .map_or("-".to_owned(), |e| e.held_frames.to_string()),
+                n.revocations.to_string(),
+                n.refused.to_string(),
+                n.tap.clone(),
+                n.mac.clone(),
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table(&rows));
+    }
     out
 }
 

@@ -146,7 +146,7 @@ fn run(
     }
     let outcomes = match run_environment(&env, faults, control) {
         Ok(outcomes) => outcomes,
-        Err(err @ (RunError::UnknownFaultGuest(_) | RunError::Disk(_))) => {
+        Err(err @ (RunError::UnknownFaultGuest(_) | RunError::Disk(_) | RunError::Nic(_))) => {
             eprintln!("understudy: {err}");
             return ExitCode::from(EXIT_INVALID_INPUT);
         }

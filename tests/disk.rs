@@ -369,6 +369,7 @@ fn a_restored_snapshot_continues_mid_io() {
     ));
     let peripherals = vmm_core::Peripherals {
         disks: vec![disk.clone()],
+        ..Default::default()
     };
     let spec = common::spec("blk", 1);
     let first_console = Transcript::default();
@@ -386,7 +387,7 @@ fn a_restored_snapshot_continues_mid_io() {
             cmdline: "passes=2 sectors=256".into(),
         })
         .unwrap();
-    first.grant_disks().unwrap();
+    first.grant_devices().unwrap();
     first.resume().unwrap();
     first_console.wait_until("some sectors", |t| ok_lines(t).len() >= 100);
     first.pause().unwrap();
@@ -410,9 +411,9 @@ fn a_restored_snapshot_continues_mid_io() {
     )
     .unwrap();
     second.ram().copy_from(first.ram());
-    first.revoke_disks(Duration::from_secs(5)).unwrap();
+    first.revoke_devices(Duration::from_secs(5)).unwrap();
     second.restore(&snapshot).unwrap();
-    second.grant_disks().unwrap();
+    second.grant_devices().unwrap();
     second.resume().unwrap();
     let event = second.next_event(PATIENCE).expect("the guest to finish");
     assert_eq!(

@@ -4,10 +4,11 @@
 //!
 //! An epoch: pause the active (vCPUs, then its devices between two requests) → take KVM's
 //! dirty log → copy the dirty pages into the standby's RAM → save the vCPU/VM/device state →
-//! seal the epoch's disk writes → resume the active → commit: the state becomes the
-//! committed one, the epoch's disk writes are applied to the images and then the console
-//! output the epoch produced is released (both by the committer thread, in epoch order, for
-//! a guest with disks), the console input it consumed is forgotten. Nothing is serialized and
+//! seal the epoch's disk writes and transmitted frames → resume the active → commit: the
+//! state becomes the committed one, the epoch's disk writes are applied to the images and
+//! then the console output and the frames the epoch produced are released (by the committer
+//! thread, in epoch order, for a guest with disks or NICs), the console input it consumed is
+//! forgotten. Nothing is serialized and
 //! nothing that can wait for the resume (writing images, releasing output) runs while the
 //! guest is paused.
 //!
@@ -28,6 +29,7 @@ use crate::console::HeldOutput;
 use crate::disk::{EpochDisk, EpochLog};
 use crate::dump::Preserver;
 use crate::metrics::{Histogram, PAGE_BUCKETS, PAUSE_BUCKETS};
+use crate::net::{EpochNet, HeldFrames};
 
 /// A checkpoint could not be completed: the standby's copy is no longer consistent.
 #[derive(Debug, thiserror::Error)]
@@ -99,6 +101,8 @@ pub struct Checkpoint {
     release: Release,
     /// The guest's disks that are written one committed epoch at a time.
     disks: Vec<Arc<EpochDisk>>,
+    /// The guest's NICs whose frames are sent one committed epoch at a time.
+    nets: Vec<Arc<EpochNet>>,
     input_since_commit: Vec<u8>,
     stats: EpochStats,
     committed_heartbeat: Option<u32>,
@@ -119,6 +123,7 @@ impl Checkpoint {
             held: HeldOutput::default(),
             release: Release::Direct(console),
             disks: Vec::new(),
+            nets: Vec::new(),
             input_since_commit: Vec::new(),
             stats: EpochStats::default(),
             committed_heartbeat: None,
@@ -127,10 +132,16 @@ impl Checkpoint {
         }
     }
 
-    /// The guest writes `disks`: each epoch's writes are applied to them when it commits,
-    /// before its output is released, by a committer thread of the guest `guest`.
-    pub fn set_disks(&mut self, guest: &str, disks: Vec<Arc<EpochDisk>>) -> std::io::Result<()> {
-        if disks.is_empty() {
+    /// The guest writes `disks` and transmits on `nets`: each epoch's writes are applied
+    /// to the disks when it commits, before its console output and its frames are released,
+    /// by a committer thread of the guest `guest`.
+    pub fn set_devices(
+        &mut self,
+        guest: &str,
+        disks: Vec<Arc<EpochDisk>>,
+        nets: Vec<Arc<EpochNet>>,
+    ) -> std::io::Result<()> {
+        if disks.is_empty() && nets.is_empty() {
             return Ok(());
         }
         let console = match std::mem::replace(&mut self.release, Release::Gone) {
@@ -149,6 +160,7 @@ impl Checkpoint {
             thread: Some(thread),
         };
         self.disks = disks;
+        self.nets = nets;
         Ok(())
     }
 
@@ -246,7 +258,7 @@ impl Checkpoint {
         let output = self.held.take();
         let beats = active.heartbeats();
         let taken = self.take_state(active);
-        let sealed = self.seal_disks();
+        let sealed = self.seal_devices();
         let resumed = if resume_after {
             active.resume()
         } else {
@@ -301,12 +313,21 @@ impl Checkpoint {
         }
     }
 
-    /// Ends every disk's running epoch log, with the active paused.
-    fn seal_disks(&self) -> Vec<(Arc<EpochDisk>, Arc<EpochLog>)> {
-        self.disks
-            .iter()
-            .filter_map(|disk| disk.seal().map(|log| (disk.clone(), log)))
-            .collect()
+    /// Ends every disk's running epoch log and every NIC's held frames, with the active
+    /// paused.
+    fn seal_devices(&self) -> Sealed {
+        Sealed {
+            logs: self
+                .disks
+                .iter()
+                .filter_map(|disk| disk.seal().map(|log| (disk.clone(), log)))
+                .collect(),
+            frames: self
+                .nets
+                .iter()
+                .filter_map(|net| net.seal().map(|frames| (net.clone(), frames)))
+                .collect(),
+        }
     }
 
     /// Dirty pages into the standby's RAM and the active's state, with the active paused.
@@ -332,12 +353,15 @@ impl Checkpoint {
         Ok((snapshot, pages))
     }
 
-    /// At failover, once the failed machine no longer holds the disks: drops the output and
-    /// the disk writes of the uncommitted epoch and returns the console input given since the
-    /// last commit, for replay on the standby.
+    /// At failover, once the failed machine no longer holds the disks and NICs: drops the
+    /// output, the disk writes and the frames of the uncommitted epoch and returns the console
+    /// input given since the last commit, for replay on the standby.
     pub fn abandon_epoch(&mut self) -> Vec<u8> {
         for disk in &self.disks {
             disk.abandon();
+        }
+        for net in &self.nets {
+            net.abandon();
         }
         let dropped = self.held.take();
         if !dropped.is_empty() {
@@ -376,11 +400,11 @@ impl Checkpoint {
     /// has ended): what it printed and wrote so far is released.
     pub fn release_remaining(&mut self) {
         let output = self.held.take();
-        let sealed = self.seal_disks();
+        let sealed = self.seal_devices();
         self.release.release(output, sealed);
     }
 
-    /// Waits until everything committed so far is on the disks and the console.
+    /// Waits until everything committed so far is on the disks, the console and the wire.
     pub fn drain(&mut self) {
         self.release.drain();
     }
@@ -405,10 +429,10 @@ impl Drop for Checkpoint {
 
 /// Where committed output goes.
 enum Release {
-    /// Straight to the console: the guest has no disk to write first.
+    /// Straight to the console: the guest has no disk to write first and no NIC.
     Direct(SerialSink),
     /// Through the guest's committer thread, which applies each epoch's disk writes before
-    /// it releases the epoch's output.
+    /// it releases the epoch's output and frames.
     Committer {
         queue: Sender<Commit>,
         thread: Option<std::thread::JoinHandle<()>>,
@@ -417,16 +441,29 @@ enum Release {
     Gone,
 }
 
-/// One committed epoch for the committer: its disk writes, then its output. With `done`,
-/// a marker answered once everything before it is released.
-struct Commit {
+/// What an epoch left to release once it commits: disk writes and transmitted frames.
+#[derive(Default)]
+struct Sealed {
     logs: Vec<(Arc<EpochDisk>, Arc<EpochLog>)>,
+    frames: Vec<(Arc<EpochNet>, HeldFrames)>,
+}
+
+impl Sealed {
+    fn is_empty(&self) -> bool {
+        self.logs.is_empty() && self.frames.is_empty()
+    }
+}
+
+/// One committed epoch for the committer: its disk writes, then its output and frames. With
+/// `done`, a marker answered once everything before it is released.
+struct Commit {
+    sealed: Sealed,
     output: Vec<u8>,
     done: Option<Sender<()>>,
 }
 
 impl Release {
-    fn release(&mut self, output: Vec<u8>, logs: Vec<(Arc<EpochDisk>, Arc<EpochLog>)>) {
+    fn release(&mut self, output: Vec<u8>, sealed: Sealed) {
         match self {
             Release::Direct(console) => {
                 if !output.is_empty() {
@@ -437,9 +474,9 @@ impl Release {
                 }
             }
             Release::Committer { queue, .. } => {
-                if !output.is_empty() || !logs.is_empty() {
+                if !output.is_empty() || !sealed.is_empty() {
                     let _ = queue.send(Commit {
-                        logs,
+                        sealed,
                         output,
                         done: None,
                     });
@@ -454,7 +491,7 @@ impl Release {
             let (done, answer) = std::sync::mpsc::channel();
             if queue
                 .send(Commit {
-                    logs: Vec::new(),
+                    sealed: Sealed::default(),
                     output: Vec::new(),
                     done: Some(done),
                 })
@@ -469,11 +506,12 @@ impl Release {
 /// How often a commit that cannot be written to an image is tried before it is given up.
 const APPLY_ATTEMPTS: u32 = 3;
 
-/// The committer thread of a guest with disks: applies each committed epoch's disk writes,
-/// then releases its console output, in epoch order.
+/// The committer thread of a guest with disks or NICs: applies each committed epoch's disk
+/// writes, then releases its console output and sends its frames, in epoch order.
 fn committer(commits: &Receiver<Commit>, mut console: SerialSink) {
     for commit in commits {
-        for (disk, log) in &commit.logs {
+        let Sealed { logs, frames } = commit.sealed;
+        for (disk, log) in &logs {
             let mut attempt = 1;
             while let Err(err) = disk.apply(log) {
                 if attempt == APPLY_ATTEMPTS {
@@ -489,6 +527,9 @@ fn committer(commits: &Receiver<Commit>, mut console: SerialSink) {
         if !commit.output.is_empty() {
             let _ = console.write_all(&commit.output);
             let _ = console.flush();
+        }
+        for (net, held) in frames {
+            net.release(held);
         }
         if let Some(done) = commit.done {
             let _ = done.send(());

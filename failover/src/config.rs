@@ -135,6 +135,46 @@ struct GuestFile {
     dump_dir: Option<PathBuf>,
     max_dumps: Option<u32>,
     disk: Option<Vec<DiskFile>>,
+    net: Option<Vec<NetFile>>,
+}
+
+/// One `[[guest.net]]` table as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetFile {
+    tap: String,
+    mac: Option<String>,
+}
+
+/// A NIC of a guest, resolved: a TAP device and the MAC address the guest is given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NetConfig {
+    /// The TAP device's name.
+    pub tap: String,
+    /// The guest's MAC address.
+    #[serde(serialize_with = "serialize_mac")]
+    pub mac: [u8; 6],
+}
+
+fn serialize_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&vmm_core::devices::net::format_mac(mac))
+}
+
+/// The MAC address a guest's NIC `index` gets when none is given: QEMU's `52:54:00` prefix
+/// and three bytes of a hash of the guest's name and the index, the same on every run.
+pub fn default_mac(guest: &str, index: usize) -> [u8; 6] {
+    // FNV-1a: stable across builds and platforms, unlike the standard library's hasher.
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in guest
+        .bytes()
+        .chain(std::iter::once(0))
+        .chain((index as u32).to_le_bytes())
+    {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let [a, b, c, _] = hash.to_be_bytes();
+    [0x52, 0x54, 0x00, a, b, c]
 }
 
 /// One `[[guest.disk]]` table as written.
@@ -263,6 +303,9 @@ pub struct GuestConfig {
     /// Disks, each a virtio-blk device in this order.
     #[serde(rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
+    /// NICs, each a virtio-net device in this order, after the disks.
+    #[serde(rename = "net", skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
 }
 
 /// The resolved `[guest.cpu]` table.
@@ -350,6 +393,8 @@ impl Environment {
         }
         let mut names = HashSet::new();
         // Every image named so far: its key, and whether that guest writes it.
+        let mut taps: std::collections::HashMap<String, String> = Default::default();
+        let mut macs: std::collections::HashMap<[u8; 6], String> = Default::default();
         let mut images: std::collections::HashMap<PathBuf, (String, bool)> =
             std::collections::HashMap::new();
         let mut stdin_taken = false;
@@ -493,12 +538,14 @@ impl Environment {
             }
             let dump_dir = canonical(base.join(g.dump_dir.unwrap_or_else(|| PathBuf::from("."))));
             let disk_files = g.disk.unwrap_or_default();
-            if disk_files.len() > vmm_core::devices::virtio::MAX_DEVICES {
+            let net_files = g.net.unwrap_or_default();
+            if disk_files.len() + net_files.len() > vmm_core::devices::virtio::MAX_DEVICES {
                 return Err(invalid(
-                    key("disk"),
+                    key(if net_files.is_empty() { "disk" } else { "net" }),
                     format!(
-                        "{} disks; at most {} are supported",
+                        "{} disks and {} NICs; at most {} devices are supported",
                         disk_files.len(),
+                        net_files.len(),
                         vmm_core::devices::virtio::MAX_DEVICES
                     ),
                 ));
@@ -544,6 +591,47 @@ impl Environment {
                 images.insert(path.clone(), (disk_key, !read_only));
                 disks.push(DiskConfig { path, read_only });
             }
+            let mut nets = Vec::with_capacity(net_files.len());
+            for (n, net) in net_files.into_iter().enumerate() {
+                let tap_key = key(&format!("net[{n}].tap"));
+                if let Err(why) = check_tap_name(&net.tap) {
+                    return Err(invalid(tap_key, why));
+                }
+                if let Some(other) = taps.get(&net.tap) {
+                    return Err(invalid(
+                        tap_key,
+                        format!("TAP {} is also {other}; a TAP has one guest", net.tap),
+                    ));
+                }
+                let mac = match &net.mac {
+                    None => default_mac(&g.name, n),
+                    Some(text) => vmm_core::devices::net::parse_mac(text).ok_or_else(|| {
+                        invalid(
+                            key(&format!("net[{n}].mac")),
+                            format!("{text:?} is not a MAC address like \"52:54:00:12:34:56\""),
+                        )
+                    })?,
+                };
+                let mac_key = key(&format!("net[{n}].mac"));
+                if mac[0] & 1 != 0 {
+                    return Err(invalid(
+                        mac_key,
+                        "is a multicast address; a NIC needs a unicast one".into(),
+                    ));
+                }
+                if let Some(other) = macs.get(&mac) {
+                    return Err(invalid(
+                        mac_key,
+                        format!(
+                            "{} is also {other}; two NICs cannot share an address",
+                            vmm_core::devices::net::format_mac(&mac)
+                        ),
+                    ));
+                }
+                taps.insert(net.tap.clone(), tap_key);
+                macs.insert(mac, mac_key);
+                nets.push(NetConfig { tap: net.tap, mac });
+            }
             guests.push(GuestConfig {
                 name: g.name,
                 kernel,
@@ -562,6 +650,7 @@ impl Environment {
                 restart_window_s,
                 standby,
                 disks,
+                nets,
             });
         }
         let api_socket = match file.api_socket {
@@ -586,6 +675,27 @@ impl Environment {
         // TOML cannot fail for this type.
         toml::to_string_pretty(self).unwrap_or_default()
     }
+}
+
+/// Whether `name` can be a Linux interface name.
+fn check_tap_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty; name a TAP device, like \"us-tap0\"".into());
+    }
+    if name.len() >= 16 {
+        return Err(format!(
+            "{name:?} is longer than 15 bytes, the most an interface name has"
+        ));
+    }
+    if name
+        .bytes()
+        .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+    {
+        return Err(format!(
+            "{name:?} cannot be an interface name ('/', ':' and white space are not allowed)"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

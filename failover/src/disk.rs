@@ -91,10 +91,8 @@ impl GuestDisks {
     }
 
     /// What every machine of the guest is given.
-    pub fn peripherals(&self) -> vmm_core::Peripherals {
-        vmm_core::Peripherals {
-            disks: self.0.iter().map(|d| d.disk.clone()).collect(),
-        }
+    pub fn disks(&self) -> Vec<Arc<Disk>> {
+        self.0.iter().map(|d| d.disk.clone()).collect()
     }
 
     /// The epoch logs, for the checkpoint engine.

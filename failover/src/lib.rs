@@ -36,4 +36,5 @@ pub mod fault;
 pub mod guest;
 pub mod liveness;
 pub mod metrics;
+pub mod net;
 pub mod supervisor;

@@ -116,6 +116,31 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "counter",
         "Sector writes of epochs that never committed, dropped at failovers.",
     ),
+    (
+        "understudy_net_frames_total",
+        "counter",
+        "Frames each NIC carried, by direction and outcome.",
+    ),
+    (
+        "understudy_net_bytes_total",
+        "counter",
+        "Bytes of the frames each NIC delivered to and sent for the guest.",
+    ),
+    (
+        "understudy_net_ownership_changes_total",
+        "counter",
+        "Grants and revocations of each NIC between the guest's machines.",
+    ),
+    (
+        "understudy_net_held_frames",
+        "gauge",
+        "Frames a checkpointed guest transmitted that wait for their epoch to commit.",
+    ),
+    (
+        "understudy_net_discarded_frames_total",
+        "counter",
+        "Frames of epochs that never committed, dropped at failovers.",
+    ),
 ];
 
 /// A histogram with fixed upper bounds, counted the Prometheus way (each bucket counts every

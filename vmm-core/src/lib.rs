@@ -23,6 +23,7 @@ pub use boot::{BootError, BootSource};
 pub use cpuid::CpuFeature;
 pub use devices::disk::{Disk, DiskBackend, DiskCounters, ImageError, Ownership, RawImage};
 pub use devices::heartbeat::HeartbeatStatus;
+pub use devices::net::{NetBackend, Nic, NicCounters, Tap, TapError, Transmitted};
 pub use devices::serial::SerialSink;
 pub use devices::{DeviceStates, UnknownAccesses};
 pub use dirty_log::{DirtyLog, DirtyPages};

@@ -22,8 +22,9 @@ use crate::boot::{self, mptable::MAX_VCPUS, BootError, BootSource};
 use crate::cpuid::{vcpu_cpuid, CpuFeature};
 use crate::devices::disk::Disk;
 use crate::devices::heartbeat::{HeartbeatStatus, Heartbeats};
+use crate::devices::net::Nic;
 use crate::devices::serial::{Com1, SerialError, SerialSink, COM1_IRQ};
-use crate::devices::virtio::{self, block::Block, VirtioSlot};
+use crate::devices::virtio::{self, block::Block, net::Net, VirtioSlot};
 use crate::devices::{DeviceRestoreError, Devices, UnknownAccesses};
 use crate::dirty_log::{self, DirtyLog, DirtyPages};
 use crate::dirty_ring::{self, DirtyRing};
@@ -42,7 +43,7 @@ const VCPU_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long dropping a machine waits for its vCPU threads to end.
 const VCPU_EXIT_PATIENCE: Duration = Duration::from_secs(2);
 
-/// Numbers machines for the ownership of their disks.
+/// Numbers machines for the ownership of their disks and NICs.
 static NEXT_MACHINE_ID: AtomicU64 = AtomicU64::new(1);
 
 /// What a machine is given beyond its shape: things that exist outside it and that the
@@ -52,6 +53,15 @@ pub struct Peripherals {
     /// Disks, each a virtio-blk device in this order (device 0 at
     /// [`virtio::MMIO_BASE`]).
     pub disks: Vec<Arc<Disk>>,
+    /// NICs, each a virtio-net device in this order, after the disks.
+    pub nics: Vec<Arc<Nic>>,
+}
+
+impl Peripherals {
+    /// How many virtio devices they make.
+    pub fn device_count(&self) -> usize {
+        self.disks.len() + self.nics.len()
+    }
 }
 
 /// The shape of a machine: what must match for a state to move from one machine to another.
@@ -112,13 +122,15 @@ pub enum VmError {
     /// A virtio device's I/O thread did not stop between two requests in time.
     #[error("virtio device {0} did not stop: a request of its did not finish")]
     DeviceUnresponsive(usize),
-    /// A disk could not change hands.
-    #[error("disk {index}: {source}")]
-    DiskOwnership {
-        /// Which disk.
+    /// A disk or NIC could not change hands.
+    #[error("{kind} {index}: {source}")]
+    DeviceOwnership {
+        /// "disk" or "NIC".
+        kind: &'static str,
+        /// Which one of that kind.
         index: usize,
         /// Why.
-        source: crate::devices::disk::OwnershipError,
+        source: crate::devices::holder::OwnershipError,
     },
     /// Saving or loading state failed.
     #[error("{what}: {source}")]
@@ -186,6 +198,7 @@ pub struct Vm {
     spec: MachineSpec,
     id: u64,
     disks: Vec<Arc<Disk>>,
+    nics: Vec<Arc<Nic>>,
     fd: Arc<VmFd>,
     ram: GuestRam,
     devices: Arc<Devices>,
@@ -236,7 +249,7 @@ impl Vm {
     }
 
     /// As [`Vm::create_with_ram`], with `peripherals` attached. The machine holds none of
-    /// its disks until it is granted them ([`Vm::grant_disks`]).
+    /// its disks and NICs until it is granted them ([`Vm::grant_devices`]).
     pub fn create_with(
         spec: &MachineSpec,
         ram: GuestRam,
@@ -244,10 +257,10 @@ impl Vm {
         peripherals: &Peripherals,
     ) -> Result<Vm, VmError> {
         Self::check_spec(spec)?;
-        if peripherals.disks.len() > virtio::MAX_DEVICES {
+        if peripherals.device_count() > virtio::MAX_DEVICES {
             return Err(VmError::InvalidSpec(format!(
-                "{} disks; at most {} are supported",
-                peripherals.disks.len(),
+                "{} disks and NICs; at most {} are supported",
+                peripherals.device_count(),
                 virtio::MAX_DEVICES
             )));
         }
@@ -335,6 +348,7 @@ impl Vm {
             spec: spec.clone(),
             id,
             disks: peripherals.disks.clone(),
+            nics: peripherals.nics.clone(),
             fd: Arc::new(fd),
             manual_protect,
             ram,
@@ -444,8 +458,8 @@ impl Vm {
         })
     }
 
-    /// One virtio-blk device per disk, each with its interrupt line and notification
-    /// eventfds registered with KVM.
+    /// One virtio-blk device per disk and then one virtio-net device per NIC, each with its
+    /// interrupt line and notification eventfds registered with KVM.
     fn create_virtio(
         spec: &MachineSpec,
         fd: &VmFd,
@@ -453,14 +467,21 @@ impl Vm {
         peripherals: &Peripherals,
         id: u64,
     ) -> Result<Vec<VirtioSlot>, VmError> {
-        let mut slots = Vec::with_capacity(peripherals.disks.len());
-        for (index, disk) in peripherals.disks.iter().enumerate() {
+        let devices =
+            peripherals
+                .disks
+                .iter()
+                .map(|disk| Box::new(Block::new(disk.clone(), id)) as Box<dyn virtio::VirtioDevice>)
+                .chain(peripherals.nics.iter().map(|nic| {
+                    Box::new(Net::new(nic.clone(), id)) as Box<dyn virtio::VirtioDevice>
+                }));
+        let mut slots = Vec::with_capacity(peripherals.device_count());
+        for (index, device) in devices.enumerate() {
             let irq = EventFd::new(EFD_NONBLOCK).map_err(VmError::EventFd)?;
             kvm_step(
                 "KVM_IRQFD",
                 fd.register_irqfd(&irq, virtio::FIRST_IRQ + index as u32),
             )?;
-            let device = Box::new(Block::new(disk.clone(), id));
             let slot = VirtioSlot::new(index, device, ram.memory().clone(), irq, &spec.name)?;
             let notify =
                 slot.base() + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
@@ -484,7 +505,7 @@ impl Vm {
     pub fn boot(&self, source: &BootSource) -> Result<(), VmError> {
         let entry = boot::load_kernel(&self.ram, source, self.spec.vcpus, || {
             let mut options = self.limits.linux_cmdline_options();
-            options.extend((0..self.disks.len()).map(virtio::linux_option));
+            options.extend((0..self.disks.len() + self.nics.len()).map(virtio::linux_option));
             options
         })?;
         let (reply, answer) = std::sync::mpsc::channel();
@@ -761,7 +782,7 @@ impl Vm {
         }
     }
 
-    /// This machine's number, unique in the process: what its disks know it by.
+    /// This machine's number, unique in the process: what its disks and NICs know it by.
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -771,25 +792,47 @@ impl Vm {
         &self.disks
     }
 
-    /// Makes this machine the holder of its disks. Refused for a disk another machine holds
-    /// (it must be revoked first).
-    pub fn grant_disks(&self) -> Result<(), VmError> {
+    /// The NICs attached to this machine.
+    pub fn nics(&self) -> &[Arc<Nic>] {
+        &self.nics
+    }
+
+    /// Makes this machine the holder of its disks and NICs. Refused for one another machine
+    /// holds (it must be revoked first).
+    pub fn grant_devices(&self) -> Result<(), VmError> {
+        let owned = |kind, index, source| VmError::DeviceOwnership {
+            kind,
+            index,
+            source,
+        };
         for (index, disk) in self.disks.iter().enumerate() {
-            disk.grant(self.id)
-                .map_err(|source| VmError::DiskOwnership { index, source })?;
+            disk.grant(self.id).map_err(|e| owned("disk", index, e))?;
+        }
+        for (index, nic) in self.nics.iter().enumerate() {
+            nic.grant(self.id).map_err(|e| owned("NIC", index, e))?;
         }
         Ok(())
     }
 
-    /// Takes this machine's disks from it: its devices stop between two requests (waiting at
-    /// most `patience` for one in progress), and from then on nothing it attempts reaches a
-    /// disk. Its vCPUs must already be stopped (paused or fenced).
-    pub fn revoke_disks(&self, patience: Duration) -> Result<(), VmError> {
+    /// Takes this machine's disks and NICs from it: its devices stop between two requests
+    /// (waiting at most `patience` for one in progress), and from then on nothing it attempts
+    /// reaches a disk or the network. Its vCPUs must already be stopped (paused or fenced).
+    pub fn revoke_devices(&self, patience: Duration) -> Result<(), VmError> {
         let deadline = Instant::now() + patience;
         self.pause_devices(patience)?;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let owned = |kind, index, source| VmError::DeviceOwnership {
+            kind,
+            index,
+            source,
+        };
         for (index, disk) in self.disks.iter().enumerate() {
-            disk.revoke(self.id, deadline.saturating_duration_since(Instant::now()))
-                .map_err(|source| VmError::DiskOwnership { index, source })?;
+            disk.revoke(self.id, left())
+                .map_err(|e| owned("disk", index, e))?;
+        }
+        for (index, nic) in self.nics.iter().enumerate() {
+            nic.revoke(self.id, left())
+                .map_err(|e| owned("NIC", index, e))?;
         }
         Ok(())
     }

@@ -191,6 +191,34 @@ pub struct GuestStatus {
     /// The guest's disks, in device order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskStatus>,
+    /// The guest's NICs, in device order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetStatus>,
+}
+
+/// One NIC of a guest: who holds it, how often it changed hands, the frames it carried.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetStatus {
+    /// The TAP device.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: String,
+    /// The number of the machine holding it (see `machines`); absent while none of the
+    /// guest's current machines does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<u32>,
+    /// Grants so far.
+    pub grants: u64,
+    /// Revocations so far.
+    pub revocations: u64,
+    /// Uses refused because their machine did not hold the NIC.
+    pub refused: u64,
+    /// The frames carried.
+    #[serde(flatten)]
+    pub frames: vmm_core::NicCounters,
+    /// For a checkpointed guest: what the transmit hold holds and sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epochs: Option<crate::net::EpochNetStats>,
 }
 
 /// One disk of a guest: who holds it, how often it changed hands, the I/O it served.

@@ -65,7 +65,11 @@ impl Checkpointed {
         let mut checkpoint = Checkpoint::new(interval, standby_ram, console);
         checkpoint.set_pause_patience(ctx.pause_patience());
         checkpoint
-            .set_disks(&ctx.config.name, ctx.disks.epoch_disks())
+            .set_devices(
+                &ctx.config.name,
+                ctx.disks.epoch_disks(),
+                ctx.nics.epoch_nets(),
+            )
             .map_err(VmError::Thread)?;
         let held = Box::new(checkpoint.held_output());
         Ok((
@@ -242,8 +246,8 @@ impl ResumeMode for Checkpointed {
         self.dump = None;
         // The failed machine's disks are taken from it before its uncommitted writes are
         // dropped: nothing it might still do reaches a disk after that.
-        if let Err(err) = failed.vm.revoke_disks(ctx.pause_patience()) {
-            let why = format!("{failure}; its disks could not be taken from it: {err}");
+        if let Err(err) = failed.vm.revoke_devices(ctx.pause_patience()) {
+            let why = format!("{failure}; its disks and NICs could not be taken from it: {err}");
             return Err(TakeOverFailed::new(why, standby));
         }
         let replay = self.checkpoint.abandon_epoch();

@@ -13,8 +13,8 @@ use vmm_core::{Vm, VmError};
 use super::mode::Handover;
 use super::{us, Change, Guest, GuestEnd, Protection, Run, Running, State, Syncing};
 use crate::control::protocol::{
-    CheckpointStatus, DiskStatus, GuestStatus, HeartbeatStatus, MachineState, MachineStatus, Role,
-    RunState, SnapshotDone, SwitchoverDone,
+    CheckpointStatus, DiskStatus, GuestStatus, HeartbeatStatus, MachineState, MachineStatus,
+    NetStatus, Role, RunState, SnapshotDone, SwitchoverDone,
 };
 use crate::metrics::MetricsPage;
 
@@ -169,12 +169,13 @@ impl Guest {
             ram_resident_bytes: self.active().map_or(0, |vm| vm.ram().resident_bytes()),
             standby_copy_resident_bytes: self.standby_copy_resident_bytes(),
             disks: self.disk_status(),
+            nets: self.net_status(),
         }
     }
 
-    /// Every disk's holder and counters.
-    fn disk_status(&self) -> Vec<DiskStatus> {
-        let machines: Vec<(u64, u32)> = match &self.state {
+    /// The guest's machines now, as (the machine's process-wide id, its number).
+    fn machine_ids(&self) -> Vec<(u64, u32)> {
+        match &self.state {
             State::Running(running) => {
                 let mut machines = vec![(running.active.vm.id(), running.active.id)];
                 if let Protection::Armed(standby) = &running.protection {
@@ -183,7 +184,37 @@ impl Guest {
                 machines
             }
             State::Ended(_) => Vec::new(),
-        };
+        }
+    }
+
+    /// Every NIC's holder and counters.
+    fn net_status(&self) -> Vec<NetStatus> {
+        let machines = self.machine_ids();
+        self.ctx
+            .nics
+            .0
+            .iter()
+            .map(|n| {
+                let ownership = n.nic.ownership();
+                NetStatus {
+                    tap: n.config.tap.clone(),
+                    mac: vmm_core::devices::net::format_mac(&n.config.mac),
+                    holder: ownership.owner.and_then(|owner| {
+                        machines.iter().find(|(vm, _)| *vm == owner).map(|m| m.1)
+                    }),
+                    grants: ownership.grants,
+                    revocations: ownership.revocations,
+                    refused: ownership.refused,
+                    frames: n.nic.counters(),
+                    epochs: n.epoch.as_ref().map(|e| e.stats()),
+                }
+            })
+            .collect()
+    }
+
+    /// Every disk's holder and counters.
+    fn disk_status(&self) -> Vec<DiskStatus> {
+        let machines = self.machine_ids();
         self.ctx
             .disks
             .0
@@ -384,6 +415,82 @@ impl Guest {
                             family,
                             &[("guest", name), ("disk", &disk)],
                             epoch.stats().commits as f64,
+                        );
+                    }
+                }
+            }
+            "understudy_net_frames_total" => {
+                for (index, n) in self.ctx.nics.0.iter().enumerate() {
+                    let c = n.nic.counters();
+                    let nic = index.to_string();
+                    for (direction, outcome, count) in [
+                        ("rx", "delivered", c.rx_frames),
+                        ("rx", "dropped", c.rx_dropped),
+                        ("tx", "sent", c.tx_frames),
+                        ("tx", "dropped", c.tx_dropped),
+                    ] {
+                        page.sample(
+                            family,
+                            &[
+                                ("guest", name),
+                                ("nic", &nic),
+                                ("direction", direction),
+                                ("outcome", outcome),
+                            ],
+                            count as f64,
+                        );
+                    }
+                }
+            }
+            "understudy_net_bytes_total" => {
+                for (index, n) in self.ctx.nics.0.iter().enumerate() {
+                    let c = n.nic.counters();
+                    let nic = index.to_string();
+                    for (direction, count) in [("rx", c.rx_bytes), ("tx", c.tx_bytes)] {
+                        page.sample(
+                            family,
+                            &[("guest", name), ("nic", &nic), ("direction", direction)],
+                            count as f64,
+                        );
+                    }
+                }
+            }
+            "understudy_net_ownership_changes_total" => {
+                for (index, n) in self.ctx.nics.0.iter().enumerate() {
+                    let ownership = n.nic.ownership();
+                    let nic = index.to_string();
+                    for (change, count) in [
+                        ("grant", ownership.grants),
+                        ("revocation", ownership.revocations),
+                    ] {
+                        page.sample(
+                            family,
+                            &[("guest", name), ("nic", &nic), ("change", change)],
+                            count as f64,
+                        );
+                    }
+                }
+            }
+            "understudy_net_held_frames" => {
+                for (index, n) in self.ctx.nics.0.iter().enumerate() {
+                    if let Some(epoch) = &n.epoch {
+                        let nic = index.to_string();
+                        page.sample(
+                            family,
+                            &[("guest", name), ("nic", &nic)],
+                            epoch.stats().held_frames as f64,
+                        );
+                    }
+                }
+            }
+            "understudy_net_discarded_frames_total" => {
+                for (index, n) in self.ctx.nics.0.iter().enumerate() {
+                    if let Some(epoch) = &n.epoch {
+                        let nic = index.to_string();
+                        page.sample(
+                            family,
+                            &[("guest", name), ("nic", &nic)],
+                            epoch.stats().discarded_frames as f64,
                         );
                     }
                 }

@@ -175,13 +175,13 @@ impl Guest {
         let console = active.vm.set_serial_sink(Box::new(std::io::sink()));
         lifecycle!(warn, "restarting", guest = %self.ctx.config.name, %reason, "restarting the guest");
         let (config, builder) = (&self.ctx.config, self.ctx.builder());
-        let revoked = active.vm.revoke_disks(self.ctx.pause_patience());
+        let revoked = active.vm.revoke_devices(self.ctx.pause_patience());
         self.failed = Some((active, AfterRewire::Dump));
         let restarted = revoked.and_then(|()| {
             let ram = GuestRam::new(config.memory_mib << 20)?;
             let vm = builder.create(ram, console)?;
             vm.boot(&config.boot_source())?;
-            vm.grant_disks()?;
+            vm.grant_devices()?;
             vm.resume()?;
             Ok(vm)
         });

@@ -23,6 +23,7 @@ use crate::console::console_sink;
 use crate::control::protocol::{FailureOutcome, FailureRecord};
 use crate::disk::GuestDisks;
 use crate::liveness::Liveness;
+use crate::net::GuestNics;
 
 mod checkpointed;
 mod control;
@@ -76,13 +77,14 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// Starts the guest over its opened `disks`: for a hot-standby guest the standby machine
+    /// Starts the guest over its opened `disks` and `nics`: for a hot-standby guest the standby machine
     /// first, then the active; the standby is then made ready in the background and failover
     /// armed once it is. `stdout_shared` says whether other guests write to standard output
     /// too.
     pub fn start(
         config: &GuestConfig,
         disks: GuestDisks,
+        nics: GuestNics,
         stdout_shared: bool,
     ) -> Result<Guest, StartError> {
         let machine_err = |step| {
@@ -108,6 +110,7 @@ impl Guest {
         let mut ctx = Context {
             config: config.clone(),
             disks,
+            nics,
             jobs,
             record: Record::default(),
             liveness: Liveness::new(config.standby.as_ref().and_then(|s| {
@@ -144,8 +147,8 @@ impl Guest {
             .boot(&config.boot_source())
             .map_err(machine_err("boot"))?;
         active
-            .grant_disks()
-            .map_err(machine_err("give the disks"))?;
+            .grant_devices()
+            .map_err(machine_err("give the disks and NICs"))?;
         active.resume().map_err(machine_err("start"))?;
         let active = Machine::new(active, 1);
         ctx.machines_built = ctx.machines_built.max(1);

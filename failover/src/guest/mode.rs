@@ -207,11 +207,13 @@ pub(crate) fn start_standby(
         .restore(state)
         .map_err(|err| format!("the standby could not load the state: {err}"))?;
     from.vm
-        .revoke_disks(ctx.pause_patience())
-        .map_err(|err| format!("the disks could not be taken from the machine: {err}"))?;
-    if let Err(err) = standby.vm.grant_disks() {
-        let _ = from.vm.grant_disks();
-        return Err(format!("the standby could not be given the disks: {err}"));
+        .revoke_devices(ctx.pause_patience())
+        .map_err(|err| format!("the disks and NICs could not be taken from the machine: {err}"))?;
+    if let Err(err) = standby.vm.grant_devices() {
+        let _ = from.vm.grant_devices();
+        return Err(format!(
+            "the standby could not be given the disks and NICs: {err}"
+        ));
     }
     let console = console.unwrap_or_else(|| from.vm.set_serial_sink(Box::new(std::io::sink())));
     standby.vm.set_serial_sink(console);
@@ -221,8 +223,8 @@ pub(crate) fn start_standby(
         let _ = standby.vm.pause();
         let console = standby.vm.set_serial_sink(Box::new(std::io::sink()));
         from.vm.set_serial_sink(console);
-        let _ = standby.vm.revoke_disks(ctx.pause_patience());
-        let _ = from.vm.grant_disks();
+        let _ = standby.vm.revoke_devices(ctx.pause_patience());
+        let _ = from.vm.grant_devices();
         return Err(format!("the standby could not start: {err}"));
     }
     Ok(())

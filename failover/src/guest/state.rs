@@ -16,6 +16,7 @@ use crate::config::GuestConfig;
 use crate::control::protocol::{FailureRecord, Phase, PhaseTiming};
 use crate::disk::GuestDisks;
 use crate::liveness::Liveness;
+use crate::net::GuestNics;
 
 /// One machine of a guest: the VM and what the guest knows about it.
 pub(crate) struct Machine {
@@ -151,6 +152,8 @@ pub(crate) struct Context {
     pub config: GuestConfig,
     /// The guest's disks, shared by its machines one at a time.
     pub disks: GuestDisks,
+    /// The guest's NICs, shared by its machines one at a time.
+    pub nics: GuestNics,
     pub jobs: Jobs<Finished>,
     pub record: Record,
     pub liveness: Liveness,
@@ -209,12 +212,15 @@ impl Context {
     pub fn builder(&self) -> MachineBuilder {
         MachineBuilder {
             spec: self.config.machine_spec(),
-            peripherals: self.disks.peripherals(),
+            peripherals: vmm_core::Peripherals {
+                disks: self.disks.disks(),
+                nics: self.nics.nics(),
+            },
         }
     }
 }
 
-/// Builds machines of one guest: its shape and its disks.
+/// Builds machines of one guest: its shape, its disks and its NICs.
 #[derive(Clone)]
 pub(crate) struct MachineBuilder {
     spec: vmm_core::MachineSpec,
@@ -222,7 +228,7 @@ pub(crate) struct MachineBuilder {
 }
 
 impl MachineBuilder {
-    /// A machine over `ram` with console output to `console`, holding none of the disks.
+    /// A machine over `ram` with console output to `console`, holding none of the disks and NICs.
     pub fn create(&self, ram: GuestRam, console: vmm_core::SerialSink) -> Result<Vm, VmError> {
         Vm::create_with(&self.spec, ram, console, &self.peripherals)
     }

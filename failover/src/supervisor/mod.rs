@@ -30,6 +30,7 @@ use crate::fault::Fault;
 use crate::guest::{Guest, StartError};
 use crate::liveness::Deadline;
 use crate::metrics::{MetricsPage, FAMILIES};
+use crate::net::{GuestNics, NicOpenError};
 use guest_loop::{Command, GuestThread};
 
 pub use crate::guest::GuestEnd;
@@ -57,6 +58,9 @@ pub enum RunError {
     /// A disk image cannot be opened (missing, unreadable, locked).
     #[error(transparent)]
     Disk(#[from] DiskOpenError),
+    /// A TAP device cannot be opened (missing rights, in use, refused).
+    #[error(transparent)]
+    Nic(#[from] NicOpenError),
     /// A fault names a guest the environment does not have.
     #[error("--fault {0}: no such guest")]
     UnknownFaultGuest(String),
@@ -429,16 +433,21 @@ pub fn run_environment(
         .count();
     let (ended_tx, ended) = std::sync::mpsc::channel();
     let ended_wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup_error("eventfd"))?);
-    // Every disk is opened and locked before any guest starts: one that cannot be stops the
-    // run with nothing started.
+    // Every disk is opened and locked, and every TAP opened, before any guest starts: one
+    // that cannot be stops the run with nothing started.
     let disks = env
         .guest
         .iter()
         .map(GuestDisks::open)
         .collect::<Result<Vec<_>, _>>()?;
+    let nics = env
+        .guest
+        .iter()
+        .map(GuestNics::open)
+        .collect::<Result<Vec<_>, _>>()?;
     let mut guests = Vec::with_capacity(env.guest.len());
-    for ((index, config), disks) in env.guest.iter().enumerate().zip(disks) {
-        let guest = Guest::start(config, disks, stdout_users > 1)?;
+    for (((index, config), disks), nics) in env.guest.iter().enumerate().zip(disks).zip(nics) {
+        let guest = Guest::start(config, disks, nics, stdout_users > 1)?;
         let thread = GuestThread::spawn(guest, index, ended_tx.clone(), ended_wake.clone())
             .map_err(setup_error("guest thread"))?;
         guests.push(thread);

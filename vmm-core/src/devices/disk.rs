@@ -2,21 +2,21 @@
 //!
 //! A [`Disk`] wraps what stores its bytes (a [`DiskBackend`]: a raw image file here, an
 //! epoch-logged overlay of one in checkpointed pairs) and belongs to at most one machine at a
-//! time. Its owner is granted it ([`Disk::grant`]) and gives it up ([`Disk::revoke`]); every
-//! read, write and flush names the machine it comes from, and one from a machine that is not
-//! the owner is refused and counted, never carried out. So when a failed machine's disk is
-//! revoked before its standby is granted it, nothing the failed machine might still attempt
-//! reaches the disk.
+//! time ([`Holder`]): every read, write and flush names the machine it comes from, and one
+//! from a machine that is not the owner is refused and counted, never carried out.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::holder::{Holder, NotHolder};
+pub use super::holder::{Ownership, OwnershipError};
 
 /// Bytes per sector, the unit of every virtio-blk address.
 pub const SECTOR_SIZE: u64 = 512;
@@ -196,19 +196,6 @@ impl DiskBackend for MemoryDisk {
     }
 }
 
-/// Who holds a disk and how often it changed hands.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ownership {
-    /// The machine that holds it, if any (see [`crate::Vm::id`]).
-    pub owner: Option<u64>,
-    /// Grants so far.
-    pub grants: u64,
-    /// Revocations so far.
-    pub revocations: u64,
-    /// Requests refused because the machine making them did not hold the disk.
-    pub refused: u64,
-}
-
 /// I/O a disk served.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskCounters {
@@ -241,22 +228,10 @@ pub enum AccessError {
     Io(#[from] io::Error),
 }
 
-/// Revoking a disk failed.
-#[derive(Debug, thiserror::Error)]
-pub enum OwnershipError {
-    /// Another machine holds it.
-    #[error("the disk is held by machine {0}")]
-    HeldBy(u64),
-    /// The owner's request in progress did not finish in time.
-    #[error("machine {0}'s request on the disk did not finish")]
-    Busy(u64),
-}
-
-struct Access {
-    owner: Option<u64>,
-    in_flight: u32,
-    ownership: Ownership,
-    counters: DiskCounters,
+impl From<NotHolder> for AccessError {
+    fn from(e: NotHolder) -> Self {
+        AccessError::NotOwner { machine: e.machine }
+    }
 }
 
 /// A disk given to a guest: a backend, whether the guest may write it, its identifier, and
@@ -265,8 +240,8 @@ pub struct Disk {
     backend: Arc<dyn DiskBackend>,
     read_only: bool,
     id: [u8; DISK_ID_LEN],
-    access: Mutex<Access>,
-    drained: Condvar,
+    holder: Holder,
+    counters: Mutex<DiskCounters>,
 }
 
 impl Disk {
@@ -280,18 +255,9 @@ impl Disk {
             backend,
             read_only,
             id: bytes,
-            access: Mutex::new(Access {
-                owner: None,
-                in_flight: 0,
-                ownership: Ownership::default(),
-                counters: DiskCounters::default(),
-            }),
-            drained: Condvar::new(),
+            holder: Holder::default(),
+            counters: Mutex::new(DiskCounters::default()),
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Access> {
-        self.access.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Size in bytes.
@@ -312,53 +278,24 @@ impl Disk {
     /// Gives the disk to `machine`. Refused while another machine holds it: that one must
     /// be revoked first.
     pub fn grant(&self, machine: u64) -> Result<(), OwnershipError> {
-        let mut access = self.lock();
-        match access.owner {
-            Some(owner) if owner == machine => Ok(()),
-            Some(owner) => Err(OwnershipError::HeldBy(owner)),
-            None => {
-                access.owner = Some(machine);
-                access.ownership.owner = Some(machine);
-                access.ownership.grants += 1;
-                Ok(())
-            }
-        }
+        self.holder.grant(machine)
     }
 
     /// Takes the disk from `machine`: from this call on its requests are refused, and the
     /// call returns once a request of its still in progress has finished (waiting at most
     /// `patience`). Revoking a machine that does not hold the disk does nothing.
     pub fn revoke(&self, machine: u64, patience: Duration) -> Result<(), OwnershipError> {
-        let mut access = self.lock();
-        if access.owner != Some(machine) {
-            return Ok(());
-        }
-        access.owner = None;
-        access.ownership.owner = None;
-        access.ownership.revocations += 1;
-        let deadline = Instant::now() + patience;
-        while access.in_flight > 0 {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(OwnershipError::Busy(machine));
-            }
-            access = self
-                .drained
-                .wait_timeout(access, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-        Ok(())
+        self.holder.revoke(machine, patience)
     }
 
     /// Who holds the disk, and the count of grants, revocations and refusals.
     pub fn ownership(&self) -> Ownership {
-        self.lock().ownership
+        self.holder.ownership()
     }
 
     /// The I/O served so far.
     pub fn counters(&self) -> DiskCounters {
-        self.lock().counters
+        *self.counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `op` on the backend for `machine`, if it holds the disk.
@@ -367,21 +304,7 @@ impl Disk {
         machine: u64,
         op: impl FnOnce(&dyn DiskBackend) -> io::Result<T>,
     ) -> Result<T, AccessError> {
-        {
-            let mut access = self.lock();
-            if access.owner != Some(machine) {
-                access.ownership.refused += 1;
-                return Err(AccessError::NotOwner { machine });
-            }
-            access.in_flight += 1;
-        }
-        let result = op(self.backend.as_ref());
-        let mut access = self.lock();
-        access.in_flight -= 1;
-        if access.in_flight == 0 {
-            self.drained.notify_all();
-        }
-        Ok(result?)
+        Ok(self.holder.run(machine, || op(self.backend.as_ref()))??)
     }
 
     /// Reads for `machine`.
@@ -401,7 +324,7 @@ impl Disk {
 
     /// Adds a finished request to the counters.
     pub(crate) fn count(&self, update: impl FnOnce(&mut DiskCounters)) {
-        update(&mut self.lock().counters);
+        update(&mut self.counters.lock().unwrap_or_else(|e| e.into_inner()));
     }
 }
 
@@ -488,7 +411,7 @@ pub(crate) mod tests {
             let disk = disk.clone();
             std::thread::spawn(move || disk.write_at(1, 0, &[0; 512]))
         };
-        while disk.lock().in_flight == 0 {
+        while disk.holder.in_flight() == 0 {
             std::thread::yield_now();
         }
         disk.revoke(1, Duration::from_secs(10)).unwrap();

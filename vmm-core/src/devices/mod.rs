@@ -9,6 +9,8 @@
 
 pub mod disk;
 pub mod heartbeat;
+pub mod holder;
+pub mod net;
 pub mod serial;
 pub mod virtio;
 

@@ -16,10 +16,10 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{DescriptorChain, Reader, Writer};
+use virtio_queue::{DescriptorChain, Queue, Reader, Writer};
 use vm_memory::ByteValued;
 
-use super::VirtioDevice;
+use super::{serve_each, ServeContext, VirtioDevice};
 use crate::devices::disk::{AccessError, Disk, DISK_ID_LEN, SECTOR_SIZE};
 use crate::memory::GuestMemoryMmap;
 
@@ -195,6 +195,14 @@ impl VirtioDevice for Block {
         data[..end - start].copy_from_slice(&config[start..end]);
     }
 
+    fn serve_queue(&mut self, _index: usize, queue: &mut Queue, ctx: &ServeContext<'_>) -> bool {
+        serve_each(queue, ctx, |chain| self.serve(chain, ctx.mem))
+    }
+}
+
+impl Block {
+    /// Serves one request; returns how many bytes it wrote into the chain's device-writable
+    /// buffers (the used-ring length).
     fn serve(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
         let mut writer = match Writer::new(mem, chain.clone()) {
             Ok(writer) => writer,
@@ -221,9 +229,7 @@ impl VirtioDevice for Block {
             Err(_) => written,
         }
     }
-}
 
-impl Block {
     fn malformed(&self, why: &str) -> u32 {
         self.disk.count(|c| c.errors += 1);
         tracing::debug!(why, "virtio-blk: malformed request dropped");

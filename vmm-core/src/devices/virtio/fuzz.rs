@@ -80,6 +80,7 @@ pub fn block_queue(data: &[u8]) -> DiskCounters {
             interrupt_status: 0,
             config_generation: 0,
             queues: Vec::new(),
+            device: Vec::new(),
         },
         queues: vec![queue],
         run: Run::Running,

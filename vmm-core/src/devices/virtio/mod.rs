@@ -14,8 +14,9 @@
 
 pub mod block;
 pub mod fuzz;
+pub mod net;
 
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
@@ -139,6 +140,10 @@ pub struct VirtioState {
     pub config_generation: u32,
     /// Every queue.
     pub queues: Vec<QueueSnapshot>,
+    /// The device's own guest-visible state beyond the transport's (a NIC's MAC address and
+    /// link status), as the device encodes it.
+    #[serde(default)]
+    pub device: Vec<u8>,
 }
 
 /// A snapshot's device state does not fit the device.
@@ -163,9 +168,56 @@ pub(crate) trait VirtioDevice: Send + 'static {
     fn queue_max_size(&self) -> u16;
     /// Reads device configuration space from `offset`.
     fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// Serves one request; returns how many bytes it wrote into the chain's device-writable
-    /// buffers (the used-ring length).
-    fn serve(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32;
+    /// Serves queue `index` (the driver accepted `features`) until it is empty, `stop` is
+    /// raised or the device can take no more for now; returns whether it added anything to
+    /// the used ring.
+    fn serve_queue(&mut self, index: usize, queue: &mut Queue, ctx: &ServeContext<'_>) -> bool;
+    /// A descriptor whose readiness means queue `.1` may have work (a NIC's received
+    /// frames), watched edge-triggered: the device must take what is there when served.
+    fn backend_fd(&self) -> Option<(RawFd, usize)> {
+        None
+    }
+    /// The device's own guest-visible state, for [`VirtioState::device`].
+    fn save_device(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Loads what [`VirtioDevice::save_device`] saved.
+    fn restore_device(&mut self, _state: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// What a device serving a queue may look at.
+pub(crate) struct ServeContext<'a> {
+    /// The guest's memory.
+    pub mem: &'a GuestMemoryMmap,
+    /// The features the driver accepted.
+    pub features: u64,
+    /// Raised when the device must stop at the next request boundary.
+    pub stop: &'a AtomicBool,
+}
+
+/// Serves `queue` one chain at a time with `serve`, which returns the used-ring length of
+/// each chain; for devices that complete every request they take.
+pub(crate) fn serve_each(
+    queue: &mut Queue,
+    ctx: &ServeContext<'_>,
+    mut serve: impl FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
+) -> bool {
+    let mut served = false;
+    while !ctx.stop.load(Ordering::Acquire) {
+        let Some(chain) = queue.pop_descriptor_chain(ctx.mem) else {
+            break;
+        };
+        let head = chain.head_index();
+        let len = serve(chain);
+        if let Err(err) = queue.add_used(ctx.mem, head, len) {
+            tracing::warn!(%err, "virtio: the used ring cannot be written");
+            break;
+        }
+        served = true;
+    }
+    served
 }
 
 /// Whether the I/O thread may serve requests.
@@ -219,6 +271,7 @@ impl Inner {
             interrupt_status: 0,
             config_generation: self.state.config_generation,
             queues: Vec::new(),
+            device: Vec::new(),
         };
     }
 
@@ -261,7 +314,8 @@ impl Inner {
     /// A register write; returns the queue to serve if it was a notification.
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<u32> {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
-            // Block configuration space is read-only (writeback is not offered).
+            // Configuration space is read-only for every device here (no writeback, no MAC
+            // change through it).
             return None;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
@@ -370,6 +424,7 @@ impl Inner {
             .iter()
             .map(|q| QueueSnapshot::from(q.state()))
             .collect();
+        state.device = self.device.save_device();
         state
     }
 
@@ -403,9 +458,11 @@ impl Inner {
                     .map_err(|e| error(format!("queue state not accepted: {e}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        self.device.restore_device(&state.device).map_err(error)?;
         self.queues = queues;
         self.state = state.clone();
         self.state.queues.clear();
+        self.state.device.clear();
         Ok(())
     }
 
@@ -426,19 +483,12 @@ impl Inner {
         if !queue.is_valid(mem) {
             return;
         }
-        let mut served = false;
-        while !stop.load(Ordering::Acquire) {
-            let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-                break;
-            };
-            let head = chain.head_index();
-            let len = device.serve(chain, mem);
-            if let Err(err) = queue.add_used(&*mem, head, len) {
-                tracing::warn!(%err, "virtio: the used ring cannot be written");
-                break;
-            }
-            served = true;
-        }
+        let ctx = ServeContext {
+            mem,
+            features: state.driver_features,
+            stop,
+        };
+        let served = device.serve_queue(index, queue, &ctx);
         if served && queue.needs_notification(&*mem).unwrap_or(true) {
             state.interrupt_status |= VIRTIO_MMIO_INT_VRING;
             if let Err(err) = irq.write(1) {
@@ -530,6 +580,7 @@ impl VirtioSlot {
                 interrupt_status: 0,
                 config_generation: 0,
                 queues: Vec::new(),
+                device: Vec::new(),
             },
             device,
             queues: Vec::new(),
@@ -538,6 +589,7 @@ impl VirtioSlot {
             irq,
         };
         inner.reset();
+        let backend = inner.device.backend_fd();
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             stop: AtomicBool::new(false),
@@ -556,11 +608,21 @@ impl VirtioSlot {
                 )
                 .map_err(error("cannot watch an eventfd"))?;
         }
+        if let Some((fd, _)) = backend {
+            let token = shared.notify.len() as u64 + 1;
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token),
+                )
+                .map_err(error("cannot watch the device's backend"))?;
+        }
         let thread = std::thread::Builder::new()
             .name(format!("{machine}-virtio{index}"))
             .spawn({
                 let shared = shared.clone();
-                move || io_thread(&shared, &epoll)
+                move || io_thread(&shared, &epoll, backend.map(|(_, queue)| queue))
             })
             .map_err(error("cannot start the I/O thread"))?;
         Ok(VirtioSlot {
@@ -677,8 +739,8 @@ impl Drop for VirtioSlot {
 }
 
 /// The I/O thread: waits for notifications and serves the queues while it may.
-fn io_thread(shared: &Shared, epoll: &Epoll) {
-    let mut events = vec![EpollEvent::default(); shared.notify.len() + 1];
+fn io_thread(shared: &Shared, epoll: &Epoll, backend_queue: Option<usize>) {
+    let mut events = vec![EpollEvent::default(); shared.notify.len() + 2];
     loop {
         let ready = match epoll.wait(-1, &mut events) {
             Ok(n) => n,
@@ -695,6 +757,11 @@ fn io_thread(shared: &Shared, epoll: &Epoll) {
                 0 => {
                     let _ = shared.wake.read();
                     all = true;
+                }
+                n if n > shared.notify.len() => {
+                    if let Some(queue) = backend_queue {
+                        queues[queue] = true;
+                    }
                 }
                 n => {
                     let _ = shared.notify[n - 1].read();
