@@ -7,7 +7,7 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=kernels/Makefile");
     println!("cargo:rerun-if-changed=kernels/lib");
-    for kernel in ["hello", "counter", "crash", "hang", "dirty", "blk"] {
+    for kernel in ["hello", "counter", "crash", "hang", "dirty", "blk", "net"] {
         println!("cargo:rerun-if-changed=kernels/{kernel}.c");
     }
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));

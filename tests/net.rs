@@ -1,0 +1,417 @@
+//! A guest's NIC through failovers, in network namespaces each test makes for itself: the
+//! `net` kernel on a TAP inside the namespace, the peer a plain UDP socket there, no traffic
+//! leaving the machine. These tests need root (to make namespaces and TAP devices) and
+//! iproute2's `ip`; without them they fail and say so.
+
+mod common;
+
+use std::net::UdpSocket;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::running::Running;
+use common::{env_file, numbers_after, stderr, PATIENCE};
+use serde_json::{json, Value};
+
+/// The guest's address and the peer's, on the TAP's subnet.
+const GUEST_IP: &str = "10.0.0.2";
+const PEER_IP: &str = "10.0.0.1";
+/// Where the guest sends its numbered datagrams.
+const PEER_PORT: u16 = 5000;
+/// Where the guest answers echoes.
+const ECHO_PORT: u16 = 7;
+
+/// A network namespace holding a TAP `tap0` with the peer's address, removed on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(test: &str) -> Netns {
+        let name = format!("us-{test}-{}", std::process::id());
+        let netns = Netns { name };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &netns.name])
+            .output();
+        netns.ip(&["netns", "add", &netns.name]);
+        netns.ip(&["-n", &netns.name, "link", "set", "lo", "up"]);
+        netns.ip(&[
+            "-n",
+            &netns.name,
+            "tuntap",
+            "add",
+            "dev",
+            "tap0",
+            "mode",
+            "tap",
+        ]);
+        netns.ip(&[
+            "-n",
+            &netns.name,
+            "addr",
+            "add",
+            &format!("{PEER_IP}/24"),
+            "dev",
+            "tap0",
+        ]);
+        netns.ip(&["-n", &netns.name, "link", "set", "tap0", "up"]);
+        netns
+    }
+
+    /// Runs `ip ARGS`, failing the test with what it said if it fails.
+    fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
+            panic!("cannot run `ip` ({e}): these tests need iproute2 (apt-get install iproute2)")
+        });
+        assert!(
+            out.status.success(),
+            "`ip {}` failed: {}; these tests need root, network namespaces and TAP devices",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+
+    /// Runs `f` on a thread inside the namespace: sockets it makes and processes it starts
+    /// live there.
+    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let path = Path::new("/var/run/netns").join(&self.name);
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let ns = std::fs::File::open(&path)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    // SAFETY: setns on a descriptor this thread owns; it changes only this
+                    // thread's network namespace.
+                    let done = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+                    assert_eq!(done, 0, "setns: {}", std::io::Error::last_os_error());
+                    f()
+                })
+                .join()
+                .unwrap()
+        })
+    }
+
+    /// The peer's socket at `port`.
+    fn socket(&self, port: u16) -> UdpSocket {
+        self.enter(|| {
+            let socket = UdpSocket::bind((PEER_IP, port)).expect("bind the peer's socket");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            socket
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+struct XorShift(u64);
+
+impl XorShift {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn seed() -> u64 {
+    std::env::var("UNDERSTUDY_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        })
+}
+
+/// An environment with one `net` guest on `tap0`, protected as `resume` ("" for none).
+fn net_env(test: &str, resume: &str, cmdline: &str) -> std::path::PathBuf {
+    let standby = if resume.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "[guest.standby]\nresume = \"{resume}\"\nheartbeat_timeout_ms = 300\nmax_failovers = 1000\n"
+        )
+    };
+    env_file(
+        test,
+        &format!(
+            "[[guest]]\nname = \"net\"\nkernel = \"KERNELS/net\"\nmemory_mib = 64\n\
+             cmdline = \"ip={GUEST_IP} peer={PEER_IP} port={PEER_PORT} {cmdline}\"\n\
+             serial = \"file:console.log\"\ncrash_dump = false\n{standby}\
+             [[guest.net]]\ntap = \"tap0\"\nmac = \"52:54:00:12:34:56\"\n"
+        ),
+    )
+}
+
+/// The `net` guest's status, or `None` once the socket no longer answers.
+fn net_status(run: &Running) -> Option<Value> {
+    let reply = try_request(&run.socket, &json!({"request": "status"}))?;
+    reply["result"]["guests"]
+        .as_array()?
+        .iter()
+        .find(|g| g["name"] == "net")
+        .cloned()
+}
+
+fn try_request(socket: &Path, request: &Value) -> Option<Value> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(PATIENCE)).ok()?;
+    writeln!(stream, "{request}").ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
+
+/// Waits until the pair is armed with `failures` failures handled; `false` if the guest
+/// ended first.
+fn wait_armed(run: &Running, failures: u64, context: &str) -> bool {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let Some(guest) = net_status(run) else {
+            return false;
+        };
+        let handled = guest["last_failure"]["number"].as_u64().unwrap_or(0);
+        if guest["armed"] == true && handled == failures {
+            return true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: never re-armed: {guest}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Every `seq N` payload the peer received.
+fn sequence_numbers(datagrams: &[Vec<u8>]) -> Vec<u64> {
+    datagrams
+        .iter()
+        .map(|d| {
+            let text = String::from_utf8_lossy(d);
+            text.trim()
+                .strip_prefix("seq ")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("the peer received {text:?}, not a numbered datagram"))
+        })
+        .collect()
+}
+
+#[test]
+fn checkpointed_datagrams_reach_the_peer_exactly_once_through_many_faults() {
+    let netns = Netns::new("cp");
+    let peer = netns.socket(PEER_PORT);
+    let count = 400;
+    let env = net_env(
+        "net-cp-faults",
+        "checkpoint",
+        &format!("tick_ms=15 count={count}"),
+    );
+    let console = env.with_file_name("console.log");
+    let mut run = netns.enter(|| Running::start(&env, &[]));
+    let seed = seed();
+    let context = format!("seed {seed} (set UNDERSTUDY_FAULT_SEED to repeat)");
+    let mut random = XorShift(seed);
+    let kinds = ["kill", "mce", "panic", "hang"];
+    let received = std::sync::Mutex::new(Vec::new());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut injected = 0u64;
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let mut buf = [0u8; 2048];
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                if let Ok(n) = peer.recv(&mut buf) {
+                    received.lock().unwrap().push(buf[..n].to_vec());
+                }
+            }
+            // What the last epochs released after the guest ended.
+            while let Ok(n) = peer.recv(&mut buf) {
+                received.lock().unwrap().push(buf[..n].to_vec());
+            }
+        });
+        while injected < 20 && wait_armed(&run, injected, &context) {
+            std::thread::sleep(Duration::from_millis(random.next() % 200));
+            let kind = kinds[(random.next() % kinds.len() as u64) as usize];
+            let fault = json!({"request": "fault", "guest": "net", "kind": kind});
+            match try_request(&run.socket, &fault) {
+                Some(reply) if reply["ok"] == true => injected += 1,
+                _ => break,
+            }
+        }
+        let code = run.wait_for_exit().code();
+        assert_eq!(
+            code,
+            Some(1),
+            "{context}: the guest's own exit status; log:\n{}",
+            run.log.text()
+        );
+        stop.store(true, std::sync::atomic::Ordering::Release);
+    });
+    eprintln!("{injected} faults injected; {context}");
+    assert!(
+        injected >= 3,
+        "{context}: the guest finished after {injected} faults; too few"
+    );
+    let text = std::fs::read_to_string(&console).unwrap();
+    let sent = numbers_after(&text, "sent ");
+    let expected: Vec<u64> = (1..=count).collect();
+    assert_eq!(
+        sent, expected,
+        "{context}: the console is not exactly once:\n{text}"
+    );
+    let received = sequence_numbers(&received.into_inner().unwrap());
+    assert_eq!(
+        received, expected,
+        "{context}: the peer did not receive every datagram exactly once and in order"
+    );
+}
+
+/// Sends echo requests from the peer until `rounds` of `faults` are through: after every
+/// failover the guest must answer again. Returns the guest's status at the end.
+fn echo_through_failovers(test: &str, resume: &str, kinds: &[&str], faults: u64) -> Value {
+    let netns = Netns::new(test);
+    let peer = netns.socket(6000);
+    let env = net_env(&format!("net-echo-{test}"), resume, "tick_ms=0");
+    let mut run = netns.enter(|| Running::start(&env, &[]));
+    let seed = seed();
+    let context = format!("seed {seed} (set UNDERSTUDY_FAULT_SEED to repeat)");
+    let mut random = XorShift(seed);
+    let mut sequence = 0u64;
+    // Sends echoes until `answers` of them come back, each a fresh request.
+    let mut echo = |answers: u32| {
+        let deadline = Instant::now() + PATIENCE;
+        let mut got = 0;
+        let mut buf = [0u8; 2048];
+        while got < answers {
+            assert!(
+                Instant::now() < deadline,
+                "{context}: no echo answered after {sequence} requests"
+            );
+            sequence += 1;
+            let request = format!("ping {sequence}");
+            peer.send_to(request.as_bytes(), (GUEST_IP, ECHO_PORT))
+                .unwrap();
+            // An answer to an earlier request may still be on its way: read until this one.
+            let until = Instant::now() + Duration::from_millis(200);
+            while Instant::now() < until {
+                if let Ok((n, from)) = peer.recv_from(&mut buf) {
+                    assert_eq!(from.port(), ECHO_PORT, "an answer from {from}");
+                    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    assert!(answer.starts_with("ping "), "echo answered {answer:?}");
+                    if answer == request {
+                        got += 1;
+                        break;
+                    }
+                }
+            }
+        }
+    };
+    assert!(wait_armed(&run, 0, &context), "{context}: the guest ended");
+    echo(3);
+    for failure in 1..=faults {
+        std::thread::sleep(Duration::from_millis(random.next() % 100));
+        let kind = kinds[(random.next() % kinds.len() as u64) as usize];
+        run.ok(json!({"request": "fault", "guest": "net", "kind": kind}));
+        assert!(
+            wait_armed(&run, failure, &context),
+            "{context}: the guest ended"
+        );
+        echo(2);
+    }
+    let status = run.status("net");
+    let metrics = run.ok(json!({"request": "metrics"}));
+    run.ok(json!({"request": "shutdown"}));
+    run.wait_for_exit();
+    let page = metrics["text"].as_str().unwrap_or_default().to_owned();
+    for family in [
+        "understudy_net_frames_total",
+        "understudy_net_ownership_changes_total",
+    ] {
+        assert!(page.contains(family), "no {family} in the metrics:\n{page}");
+    }
+    status
+}
+
+#[test]
+fn a_checkpointed_guest_keeps_answering_echoes_across_failovers() {
+    let status =
+        echo_through_failovers("cpecho", "checkpoint", &["kill", "mce", "panic", "hang"], 5);
+    let nic = &status["nets"][0];
+    assert_eq!(nic["tap"], "tap0", "{status}");
+    assert_eq!(nic["mac"], "52:54:00:12:34:56", "{status}");
+    assert_eq!(nic["refused"], 0, "{status}");
+    assert!(nic["tx_frames"].as_u64().unwrap() > 0, "{status}");
+    assert!(
+        nic["epochs"]["released_frames"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+    assert_eq!(nic["holder"], status["machines"][0]["id"], "{status}");
+}
+
+#[test]
+fn a_failed_state_guest_keeps_answering_echoes_and_the_tap_changes_hands() {
+    let status = echo_through_failovers("fsecho", "failed-state", &["kill", "hang"], 5);
+    let nic = &status["nets"][0];
+    // The TAP went from each failed machine to its standby: revoked before it was granted,
+    // and nothing the failed machines attempted afterwards got through.
+    assert_eq!(nic["revocations"], 5, "{status}");
+    assert_eq!(nic["grants"], 6, "{status}");
+    assert_eq!(nic["refused"], 0, "{status}");
+    assert!(nic.get("epochs").is_none(), "{status}");
+    assert!(nic["rx_frames"].as_u64().unwrap() > 0, "{status}");
+}
+
+#[test]
+fn nics_that_cannot_be_used_are_refused_before_anything_starts() {
+    let netns = Netns::new("bad");
+    let refused = |text: &str, needle: &str| {
+        let env = env_file("net-bad", &text.replace("KERNEL", "KERNELS/net"));
+        let out = netns.enter(|| common::understudy(&["run", env.to_str().unwrap()]));
+        assert_eq!(out.status.code(), Some(2), "{text}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains(needle),
+            "{needle:?} not in:\n{}",
+            stderr(&out)
+        );
+    };
+    let guest = "[[guest]]\nname = \"g\"\nkernel = \"KERNEL\"\nmemory_mib = 64\n";
+    // Not a TAP: `lo` exists and is a loopback device.
+    refused(
+        &format!("{guest}[[guest.net]]\ntap = \"lo\"\n"),
+        "net[0].tap: TAP lo",
+    );
+    refused(
+        &format!("{guest}[[guest.net]]\ntap = \"a-name-too-long-for-linux\"\n"),
+        "net[0].tap",
+    );
+    refused(
+        &format!("{guest}[[guest.net]]\ntap = \"tap0\"\nmac = \"52:54:00:12:34\"\n"),
+        "net[0].mac",
+    );
+    refused(
+        &format!("{guest}[[guest.net]]\ntap = \"tap0\"\nmac = \"01:00:5e:00:00:01\"\n"),
+        "multicast",
+    );
+    refused(
+        &format!("{guest}[[guest.net]]\ntap = \"tap0\"\nmtu = 9000\n"),
+        "mtu",
+    );
+    refused(
+        &format!("{guest}[[guest.net]]\ntap = \"tap0\"\n[[guest]]\nname = \"h\"\nkernel = \"KERNEL\"\n[[guest.net]]\ntap = \"tap0\"\n"),
+        "guest[1].net[0].tap",
+    );
+}
