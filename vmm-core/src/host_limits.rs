@@ -531,10 +531,11 @@ pub fn complete_refused_instruction(
         return Ok(None);
     }
     let mut regs = vcpu.get_regs().map_err(step("KVM_GET_REGS"))?;
-    let Some(code) = read_virtual(vcpu, ram, regs.rip, MAX_INSTRUCTION_LENGTH)? else {
+    let code = read_code(vcpu, ram, regs.rip)?;
+    let Some(&opcode) = code.first() else {
         return Ok(None);
     };
-    let (name, length, exception) = match code[0] {
+    let (name, length, exception) = match opcode {
         INT3 => ("int3", 1, Some((BREAKPOINT_VECTOR, None))),
         FWAIT => {
             let fpu = vcpu.get_fpu().map_err(step("KVM_GET_FPU"))?;
@@ -714,7 +715,10 @@ fn complete_mxcsr(
         let Some(bytes) = read_virtual(vcpu, ram, op.address, 4)? else {
             return Ok(None);
         };
-        let value = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let Ok(word) = <[u8; 4]>::try_from(bytes.as_slice()) else {
+            return Ok(None);
+        };
+        let value = u32::from_le_bytes(word);
         if value & MXCSR_RESERVED != 0 {
             return Ok(Some(Some((GENERAL_PROTECTION_VECTOR, Some(0)))));
         }
@@ -727,41 +731,98 @@ fn complete_mxcsr(
     Ok(Some(None))
 }
 
-/// Up to `len` bytes at guest virtual `address`, within its page; `None` if unmapped.
+/// The guest physical addresses of the bytes `address..address + len` (guest virtual), one
+/// run per page they touch; `None` if any of those pages is not mapped (or, with `write`,
+/// not writable), or the range wraps around the address space.
+fn translate_range(
+    vcpu: &VcpuFd,
+    address: u64,
+    len: usize,
+    write: bool,
+) -> Result<Option<Vec<(u64, usize)>>, StateError> {
+    if address.checked_add(len as u64).is_none() {
+        return Ok(None);
+    }
+    let mut runs = Vec::new();
+    let mut done = 0usize;
+    while done < len {
+        let at = address + done as u64;
+        let translation = vcpu.translate_gva(at).map_err(|source| StateError {
+            step: "KVM_TRANSLATE",
+            source,
+        })?;
+        if translation.valid == 0 || (write && translation.writeable == 0) {
+            return Ok(None);
+        }
+        let n = (0x1000 - (at & 0xfff) as usize).min(len - done);
+        runs.push((translation.physical_address, n));
+        done += n;
+    }
+    Ok(Some(runs))
+}
+
+/// Up to [`MAX_INSTRUCTION_LENGTH`] bytes of code at guest virtual `rip`: as many as are
+/// mapped before the first page that is not (an instruction may end just before it).
+fn read_code(vcpu: &VcpuFd, ram: &GuestRam, rip: u64) -> Result<Vec<u8>, StateError> {
+    let mut code = Vec::with_capacity(MAX_INSTRUCTION_LENGTH);
+    while code.len() < MAX_INSTRUCTION_LENGTH {
+        let at = rip.wrapping_add(code.len() as u64);
+        let n = (0x1000 - (at & 0xfff) as usize).min(MAX_INSTRUCTION_LENGTH - code.len());
+        match read_virtual(vcpu, ram, at, n)? {
+            Some(bytes) => code.extend_from_slice(&bytes),
+            None => break,
+        }
+    }
+    Ok(code)
+}
+
+/// The `len` bytes at guest virtual `address`, across pages if they straddle one; `None` if
+/// any of them is not mapped to guest RAM.
 fn read_virtual(
     vcpu: &VcpuFd,
     ram: &GuestRam,
     address: u64,
     len: usize,
 ) -> Result<Option<Vec<u8>>, StateError> {
-    let translation = vcpu.translate_gva(address).map_err(|source| StateError {
-        step: "KVM_TRANSLATE",
-        source,
-    })?;
-    let in_page = (0x1000 - (address & 0xfff)) as usize;
-    let mut bytes = vec![0u8; len.min(in_page)];
-    if translation.valid == 0 || ram.read(translation.physical_address, &mut bytes).is_err() {
+    let Some(runs) = translate_range(vcpu, address, len, false)? else {
         return Ok(None);
+    };
+    let mut bytes = vec![0u8; len];
+    let mut done = 0;
+    for (physical, n) in runs {
+        if ram.read(physical, &mut bytes[done..done + n]).is_err() {
+            return Ok(None);
+        }
+        done += n;
     }
     Ok(Some(bytes))
 }
 
-/// Writes `data` at guest virtual `address` if it is mapped writable and within one page.
+/// Writes `data` at guest virtual `address`, across pages if it straddles one, if every byte
+/// is mapped writable to guest RAM; nothing is written otherwise.
 fn write_virtual(
     vcpu: &VcpuFd,
     ram: &GuestRam,
     address: u64,
     data: &[u8],
 ) -> Result<bool, StateError> {
-    let translation = vcpu.translate_gva(address).map_err(|source| StateError {
-        step: "KVM_TRANSLATE",
-        source,
-    })?;
-    let fits = (address & 0xfff) as usize + data.len() <= 0x1000;
-    Ok(translation.valid != 0
-        && translation.writeable != 0
-        && fits
-        && ram.write(translation.physical_address, data).is_ok())
+    let Some(runs) = translate_range(vcpu, address, data.len(), true)? else {
+        return Ok(false);
+    };
+    if runs
+        .iter()
+        .any(|&(physical, n)| physical.checked_add(n as u64).is_none_or(|end| end > ram.size()))
+    {
+        return Ok(false);
+    }
+    let mut done = 0;
+    for (physical, n) in runs {
+        if ram.write(physical, &data[done..done + n]).is_err() {
+            return Ok(false);
+        }
+        done += n;
+    }
+    Ok(true)
 }
 
 /// Runs every candidate the host's CPUID offers in one pass, each refusal stopping it once,
