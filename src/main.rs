@@ -61,8 +61,8 @@ enum Command {
     Ctl {
         /// The control socket.
         socket: PathBuf,
-        /// Print the reply as the server's JSON line.
-        #[arg(long)]
+        /// Print the reply as the server's JSON line (before or after the request).
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         request: ctl::CtlRequest,

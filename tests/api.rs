@@ -570,9 +570,16 @@ fn ctl_prints_tables_json_and_errors_with_distinct_statuses() {
     );
     assert!(table.contains("CHECKPOINTS"), "{table}");
 
-    let out = common::understudy(&["ctl", "--json", socket, "status"]);
-    let reply: Value = serde_json::from_str(&common::stdout(&out)).unwrap();
-    assert_eq!(reply["result"]["guests"][0]["name"], "counter");
+    // --json before the socket, and after the request as other tools take it.
+    for args in [
+        ["ctl", "--json", socket, "status"],
+        ["ctl", socket, "status", "--json"],
+    ] {
+        let out = common::understudy(&args);
+        let reply: Value = serde_json::from_str(&common::stdout(&out))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}: {}", common::stderr(&out)));
+        assert_eq!(reply["result"]["guests"][0]["name"], "counter");
+    }
 
     let out = common::understudy(&["ctl", socket, "switchover", "counter"]);
     assert_eq!(out.status.code(), Some(0), "{}", common::stderr(&out));
