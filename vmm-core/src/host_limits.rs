@@ -809,10 +809,11 @@ fn write_virtual(
     let Some(runs) = translate_range(vcpu, address, data.len(), true)? else {
         return Ok(false);
     };
-    if runs
-        .iter()
-        .any(|&(physical, n)| physical.checked_add(n as u64).is_none_or(|end| end > ram.size()))
-    {
+    if runs.iter().any(|&(physical, n)| {
+        physical
+            .checked_add(n as u64)
+            .is_none_or(|end| end > ram.size())
+    }) {
         return Ok(false);
     }
     let mut done = 0;
