@@ -787,4 +787,8 @@ fn io_thread(shared: &Shared, epoll: &Epoll, backend_queue: Option<usize>) {
 }
 
 #[cfg(test)]
+mod driver;
+#[cfg(test)]
+mod net_tests;
+#[cfg(test)]
 mod tests;

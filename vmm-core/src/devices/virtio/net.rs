@@ -21,6 +21,7 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::{ServeContext, VirtioDevice};
 use crate::devices::net::{Nic, Transmitted, MAX_FRAME, VNET_HDR_LEN};
@@ -188,10 +189,12 @@ impl Net {
             }
             used.push((*head, written as u32));
         }
-        for (head, len) in used {
-            if let Err(err) = queue.add_used(ctx.mem, head, len) {
-                tracing::warn!(%err, "virtio: the used ring cannot be written");
-            }
+        // All at once: a guest that finds fewer of them used than the header's num_buffers
+        // (it may look while the device writes) drops the frame and takes the rest for
+        // frames of their own.
+        if let Err(err) = add_used_together(queue, ctx.mem, &used) {
+            tracing::warn!(%err, "virtio: the used ring cannot be written");
+            return Delivery::Dropped;
         }
         Delivery::Delivered
     }
@@ -253,6 +256,47 @@ impl Net {
         reader.read_exact(&mut self.tx_buffer[..len]).ok()?;
         Some(len)
     }
+}
+
+/// Adds the buffers `used` (head, length) to the used ring so that the guest sees them all
+/// used at once: their entries first, then the used index past all of them. Nothing is
+/// added if one cannot be. (The queue counts only the last as added, which matters only to
+/// `VIRTIO_RING_F_EVENT_IDX`, not offered.)
+fn add_used_together(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    used: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    let Some((&(last, last_len), rest)) = used.split_last() else {
+        return Ok(());
+    };
+    let start = queue.next_used();
+    let size = queue.size();
+    for (i, &(head, len)) in rest.iter().enumerate() {
+        if head >= size {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        // Where the queue would put it: after the flags and index, 8 bytes an entry.
+        let entry = u64::from(start.wrapping_add(i as u16) % size);
+        let addr = queue
+            .used_ring()
+            .checked_add(4 + 8 * entry)
+            .map(GuestAddress)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, addr)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    // The last goes in through the queue, which writes the used index after its entry with
+    // release ordering: the guest sees the entries before it no later than the index.
+    queue.set_next_used(start.wrapping_add(rest.len() as u16));
+    let added = queue.add_used(mem, last, last_len);
+    if added.is_err() {
+        queue.set_next_used(start);
+    }
+    added
 }
 
 impl VirtioDevice for Net {

@@ -1,46 +1,25 @@
 //! The transport and virtio-blk driven as a guest driver would, over real guest RAM.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::*;
 use virtio_bindings::virtio_mmio::*;
-use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::block::Block;
+use super::driver::{read_reg, write_reg, Driver, QUEUE};
 use super::VirtioSlot;
 use crate::devices::disk::tests::mem_disk;
 use crate::devices::disk::Disk;
 use crate::devices::disk::MemoryDisk;
 use crate::memory::GuestRam;
 
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
 const HEADER: u64 = 0x4000;
 const STATUS: u64 = 0x4100;
 const DATA: u64 = 0x10000;
-const QUEUE: u16 = 16;
 const MACHINE: u64 = 7;
-
-/// A minimal polled driver, as the `blk` test kernel is.
-struct Driver {
-    ram: GuestRam,
-    slot: VirtioSlot,
-    avail_idx: u16,
-}
-
-fn read_reg(slot: &VirtioSlot, offset: u32) -> u32 {
-    let mut data = [0u8; 4];
-    slot.read(u64::from(offset), &mut data);
-    u32::from_le_bytes(data)
-}
-
-fn write_reg(slot: &VirtioSlot, offset: u32, value: u32) {
-    slot.write(u64::from(offset), &value.to_le_bytes());
-}
 
 fn slot_over(ram: &GuestRam, disk: Arc<Disk>) -> VirtioSlot {
     VirtioSlot::new(
@@ -53,105 +32,13 @@ fn slot_over(ram: &GuestRam, disk: Arc<Disk>) -> VirtioSlot {
     .unwrap()
 }
 
+/// The `blk` test kernel's side of a disk: one queue, `FLUSH` accepted, requests one at a
+/// time.
 impl Driver {
     fn new(disk: Arc<Disk>) -> Driver {
         let ram = GuestRam::new(2 << 20).unwrap();
         let slot = slot_over(&ram, disk);
-        let driver = Driver {
-            ram,
-            slot,
-            avail_idx: 0,
-        };
-        driver.probe();
-        driver.slot.resume();
-        driver
-    }
-
-    fn probe(&self) {
-        let slot = &self.slot;
-        write_reg(slot, VIRTIO_MMIO_STATUS, 0);
-        write_reg(
-            slot,
-            VIRTIO_MMIO_STATUS,
-            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
-        );
-        write_reg(slot, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-        write_reg(slot, VIRTIO_MMIO_DRIVER_FEATURES, 1); // VERSION_1
-        write_reg(slot, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-        write_reg(slot, VIRTIO_MMIO_DRIVER_FEATURES, 1 << VIRTIO_BLK_F_FLUSH);
-        write_reg(
-            slot,
-            VIRTIO_MMIO_STATUS,
-            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
-        );
-        assert_ne!(
-            read_reg(slot, VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_FEATURES_OK,
-            0
-        );
-        write_reg(slot, VIRTIO_MMIO_QUEUE_SEL, 0);
-        write_reg(slot, VIRTIO_MMIO_QUEUE_NUM, u32::from(QUEUE));
-        write_reg(slot, VIRTIO_MMIO_QUEUE_DESC_LOW, DESC as u32);
-        write_reg(slot, VIRTIO_MMIO_QUEUE_AVAIL_LOW, AVAIL as u32);
-        write_reg(slot, VIRTIO_MMIO_QUEUE_USED_LOW, USED as u32);
-        write_reg(slot, VIRTIO_MMIO_QUEUE_READY, 1);
-        write_reg(
-            slot,
-            VIRTIO_MMIO_STATUS,
-            VIRTIO_CONFIG_S_ACKNOWLEDGE
-                | VIRTIO_CONFIG_S_DRIVER
-                | VIRTIO_CONFIG_S_FEATURES_OK
-                | VIRTIO_CONFIG_S_DRIVER_OK,
-        );
-    }
-
-    fn used_idx(&self) -> u16 {
-        let mut idx = [0u8; 2];
-        self.ram.read(USED + 2, &mut idx).unwrap();
-        u16::from_le_bytes(idx)
-    }
-
-    /// Makes a chain of `(addr, len, device_writable)` available without notifying.
-    fn make_available(&mut self, chain: &[(u64, u32, bool)]) {
-        for (i, (addr, len, writable)) in chain.iter().enumerate() {
-            let mut flags = if *writable { VRING_DESC_F_WRITE } else { 0 } as u16;
-            if i + 1 < chain.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-            }
-            let mut desc = [0u8; 16];
-            desc[0..8].copy_from_slice(&addr.to_le_bytes());
-            desc[8..12].copy_from_slice(&len.to_le_bytes());
-            desc[12..14].copy_from_slice(&flags.to_le_bytes());
-            desc[14..16].copy_from_slice(&(i as u16 + 1).to_le_bytes());
-            self.ram.write(DESC + 16 * i as u64, &desc).unwrap();
-        }
-        let slot = u64::from(self.avail_idx % QUEUE);
-        self.ram
-            .write(AVAIL + 4 + 2 * slot, &0u16.to_le_bytes())
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.ram
-            .write(AVAIL + 2, &self.avail_idx.to_le_bytes())
-            .unwrap();
-    }
-
-    /// Submits a chain and waits for it to be used; returns the used length.
-    fn submit(&mut self, chain: &[(u64, u32, bool)]) -> u32 {
-        self.make_available(chain);
-        let before = self.used_idx();
-        write_reg(&self.slot, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
-        self.wait_used(before.wrapping_add(1))
-    }
-
-    fn wait_used(&self, idx: u16) -> u32 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.used_idx() != idx {
-            assert!(Instant::now() < deadline, "request not completed");
-            std::thread::sleep(Duration::from_micros(100));
-        }
-        let slot = u64::from(idx.wrapping_sub(1) % QUEUE);
-        let mut len = [0u8; 4];
-        self.ram.read(USED + 4 + 8 * slot + 4, &mut len).unwrap();
-        u32::from_le_bytes(len)
+        Driver::start(ram, slot, 1 << VIRTIO_BLK_F_FLUSH)
     }
 
     fn header(&self, kind: u32, sector: u64) {
@@ -173,13 +60,16 @@ impl Driver {
         self.header(kind, sector);
         let writable = kind != VIRTIO_BLK_T_OUT;
         let used = if len > 0 {
-            self.submit(&[
-                (HEADER, 16, false),
-                (DATA, len, writable),
-                (STATUS, 1, true),
-            ])
+            self.submit(
+                0,
+                &[
+                    (HEADER, 16, false),
+                    (DATA, len, writable),
+                    (STATUS, 1, true),
+                ],
+            )
         } else {
-            self.submit(&[(HEADER, 16, false), (STATUS, 1, true)])
+            self.submit(0, &[(HEADER, 16, false), (STATUS, 1, true)])
         };
         (self.status(), used)
     }
@@ -278,7 +168,7 @@ fn what_the_device_writes_into_guest_ram_is_marked_dirty() {
     };
     assert!(page_dirty(DATA), "data page not marked");
     assert!(page_dirty(STATUS), "status page not marked");
-    assert!(page_dirty(USED), "used ring not marked");
+    assert!(page_dirty(driver.used_ring(0)), "used ring not marked");
 }
 
 #[test]
@@ -306,15 +196,21 @@ fn bad_requests_get_an_error_status_and_change_nothing() {
     assert_eq!(driver.request(99, 0, 512).0, VIRTIO_BLK_S_UNSUPP);
     // A header too short to be one.
     driver.header(VIRTIO_BLK_T_OUT, 0);
-    driver.submit(&[(HEADER, 8, false), (STATUS, 1, true)]);
+    driver.submit(0, &[(HEADER, 8, false), (STATUS, 1, true)]);
     assert_eq!(driver.status(), VIRTIO_BLK_S_IOERR);
     // No status byte at all: dropped with nothing written.
     driver.header(VIRTIO_BLK_T_OUT, 0);
-    assert_eq!(driver.submit(&[(HEADER, 16, false), (DATA, 512, false)]), 0);
+    assert_eq!(
+        driver.submit(0, &[(HEADER, 16, false), (DATA, 512, false)]),
+        0
+    );
     // A buffer outside guest RAM.
     driver.header(VIRTIO_BLK_T_IN, 0);
     assert_eq!(
-        driver.submit(&[(HEADER, 16, false), (1 << 40, 512, true), (STATUS, 1, true)]),
+        driver.submit(
+            0,
+            &[(HEADER, 16, false), (1 << 40, 512, true), (STATUS, 1, true)]
+        ),
         0
     );
     assert!(backend.contents().iter().all(|b| *b == 0));
@@ -378,10 +274,13 @@ fn a_paused_device_serves_nothing_and_a_restored_one_serves_what_was_left() {
     assert!(driver.slot.pause_within(Duration::from_secs(1)));
     driver.ram.write(DATA, &[9; 512]).unwrap();
     driver.header(VIRTIO_BLK_T_OUT, 2);
-    driver.make_available(&[(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)]);
+    driver.make_available(
+        0,
+        &[(HEADER, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+    );
     write_reg(&driver.slot, VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     std::thread::sleep(Duration::from_millis(50));
-    assert_eq!(driver.used_idx(), 0, "a paused device served a request");
+    assert_eq!(driver.used_idx(0), 0, "a paused device served a request");
     // Saved with the request still available, and loaded into another device over the same
     // memory: that one serves it without any further notification.
     let state = driver.slot.save();
@@ -391,7 +290,7 @@ fn a_paused_device_serves_nothing_and_a_restored_one_serves_what_was_left() {
     other.restore(&state).unwrap();
     other.resume();
     driver.slot = other;
-    assert_eq!(driver.wait_used(1), 1);
+    assert_eq!(driver.wait_used(0, 1), 1);
     assert_eq!(driver.status(), VIRTIO_BLK_S_OK);
     assert_eq!(&backend.contents()[1024..1536], &[9; 512][..]);
     assert_eq!(driver.slot.save().queues[0].next_avail, 1);
