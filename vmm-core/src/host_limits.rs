@@ -41,8 +41,11 @@
 //!
 //! On hardware with VT-x or AMD-V nothing is refused and nothing is changed. The probe runs
 //! all candidates in one pass, exiting only at refusals: it costs a few milliseconds (mostly
-//! building its VM), once per process, on whichever thread builds the first machine, and its
-//! answer is cached for every later one.
+//! building its VM), on whichever thread builds the first machine, and its answer serves every
+//! later one. The answer is also kept between runs, per host ([`cache`]), so a run on a host
+//! already probed pays only for reading a small file.
+
+mod cache;
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -363,10 +366,16 @@ impl HostLimits {
         static LIMITS: OnceLock<HostLimits> = OnceLock::new();
         LIMITS
             .get_or_init(|| {
+                if let Some(limits) = cache::load() {
+                    limits.log("cached");
+                    return limits;
+                }
                 let started = Instant::now();
                 match probe(kvm) {
                     Ok(limits) => {
-                        limits.log(started.elapsed().as_micros());
+                        let took = format!("probed in {} us", started.elapsed().as_micros());
+                        limits.log(&took);
+                        cache::store(&limits);
                         limits
                     }
                     Err(err) => {
@@ -431,6 +440,10 @@ impl HostLimits {
                 match probed {
                     Ok(calls) => {
                         calls.log(started.elapsed().as_micros());
+                        cache::store(&HostLimits {
+                            system_calls: Some(calls),
+                            ..self.clone()
+                        });
                         calls
                     }
                     Err(err) => {
@@ -451,35 +464,40 @@ impl HostLimits {
             .any(|r| r.workaround == Workaround::CompleteInt3)
     }
 
-    fn log(&self, probe_us: u128) {
+    /// One line for what was found (`how`: cached, or how long the probe took); the details
+    /// at debug level.
+    fn log(&self, how: &str) {
         if self.refused.is_empty() {
-            tracing::debug!(
-                probe_us,
-                "the host KVM runs every probed instruction at CPL0"
-            );
+            tracing::debug!(how, "the host KVM runs every probed instruction at CPL0");
             return;
         }
-        tracing::info!(
-            probe_us,
-            "the host KVM emulates guest kernel code and refuses some instructions there; working around them"
-        );
+        let names: Vec<&str> = self.refused.iter().map(|r| r.instruction).collect();
+        if self
+            .refused
+            .iter()
+            .any(|r| r.workaround == Workaround::None)
+        {
+            tracing::warn!(how, refused = %names.join(", "), "the host KVM refuses some instructions at guest CPL0, and not all can be worked around: a guest kernel that uses them will fail");
+        } else {
+            tracing::info!(how, refused = %names.join(", "), "the host KVM refuses some instructions at guest CPL0; working around them");
+        }
         for Refusal {
             instruction,
             workaround,
         } in &self.refused
         {
             match workaround {
-                Workaround::HideFeature(feature) => tracing::info!(
+                Workaround::HideFeature(feature) => tracing::debug!(
                     "host refuses `{instruction}` at CPL0: {feature:?} is hidden from every guest's CPUID"
                 ),
-                Workaround::LinuxOption(option) => tracing::info!(
+                Workaround::LinuxOption(option) => tracing::debug!(
                     "host refuses `{instruction}` at CPL0 and hiding its CPUID flag does not take: Linux kernels are booted with `{option}`"
                 ),
-                Workaround::CompleteInt3 => tracing::info!(
+                Workaround::CompleteInt3 => tracing::debug!(
                     "host refuses `{instruction}` at CPL0: each refused int3 is completed by injecting #BP (and a refused fwait, by doing what it does)"
                 ),
-                Workaround::None => tracing::warn!(
-                    "host refuses `{instruction}` at CPL0 and understudy cannot work around it: a guest kernel that uses it will fail"
+                Workaround::None => tracing::debug!(
+                    "host refuses `{instruction}` at CPL0 and understudy cannot work around it"
                 ),
             }
         }
