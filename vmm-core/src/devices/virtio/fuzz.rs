@@ -72,6 +72,7 @@ pub fn block_queue(data: &[u8]) -> DiskCounters {
         run: Run::Running,
         mem: ram.memory().clone(),
         irq: EventFd::new(0).expect("an eventfd"),
+        watching_backend: false,
     };
     let go = AtomicBool::new(false);
     inner.serve_queue(0, &go);
@@ -250,6 +251,7 @@ pub fn net_queues(data: &[u8]) -> NicCounters {
         run: Run::Running,
         mem: ram.memory().clone(),
         irq: EventFd::new(0).expect("an eventfd"),
+        watching_backend: false,
     };
     let go = AtomicBool::new(false);
     inner.serve_queue(super::net::TX, &go);

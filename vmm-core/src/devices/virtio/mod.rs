@@ -239,6 +239,8 @@ struct Inner {
     run: Run,
     mem: GuestMemoryMmap,
     irq: EventFd,
+    /// Whether the I/O thread's epoll watches the backend now.
+    watching_backend: bool,
 }
 
 impl Inner {
@@ -507,9 +509,43 @@ struct Shared {
     /// Wakes the I/O thread to look at its run state and every queue.
     wake: EventFd,
     notify: Vec<EventFd>,
+    /// What the I/O thread waits on.
+    epoll: Epoll,
+    /// The device's backend descriptor (a TAP), watched only while the device runs: a
+    /// paused device (a standby's, or any between epochs) is not woken by frames it would
+    /// not take.
+    backend: Option<RawFd>,
 }
 
 impl Shared {
+    /// Starts or stops watching the backend; `inner` is the locked device.
+    fn watch_backend(&self, inner: &mut Inner, watch: bool) {
+        let Some(fd) = self.backend else {
+            return;
+        };
+        if inner.watching_backend == watch {
+            return;
+        }
+        let token = self.notify.len() as u64 + 1;
+        let (operation, events) = if watch {
+            (
+                ControlOperation::Add,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            )
+        } else {
+            (ControlOperation::Delete, EventSet::empty())
+        };
+        match self
+            .epoll
+            .ctl(operation, fd, EpollEvent::new(events, token))
+        {
+            Ok(()) => inner.watching_backend = watch,
+            Err(err) => {
+                tracing::warn!(%err, watch, "virtio: the backend's watch cannot be changed")
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -587,17 +623,21 @@ impl VirtioSlot {
             run: Run::Paused,
             mem,
             irq,
+            watching_backend: false,
         };
         inner.reset();
         let backend = inner.device.backend_fd();
+        let epoll = Epoll::new().map_err(error("cannot create an epoll instance"))?;
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             stop: AtomicBool::new(false),
             fenced: AtomicBool::new(false),
             wake,
             notify,
+            epoll,
+            backend: backend.map(|(fd, _)| fd),
         });
-        let epoll = Epoll::new().map_err(error("cannot create an epoll instance"))?;
+        let epoll = &shared.epoll;
         let fds = std::iter::once(&shared.wake).chain(shared.notify.iter());
         for (token, fd) in fds.enumerate() {
             epoll
@@ -608,21 +648,11 @@ impl VirtioSlot {
                 )
                 .map_err(error("cannot watch an eventfd"))?;
         }
-        if let Some((fd, _)) = backend {
-            let token = shared.notify.len() as u64 + 1;
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, token),
-                )
-                .map_err(error("cannot watch the device's backend"))?;
-        }
         let thread = std::thread::Builder::new()
             .name(format!("{machine}-virtio{index}"))
             .spawn({
                 let shared = shared.clone();
-                move || io_thread(&shared, &epoll, backend.map(|(_, queue)| queue))
+                move || io_thread(&shared, backend.map(|(_, queue)| queue))
             })
             .map_err(error("cannot start the I/O thread"))?;
         Ok(VirtioSlot {
@@ -673,6 +703,7 @@ impl VirtioSlot {
                 if inner.run == Run::Running {
                     inner.run = Run::Paused;
                 }
+                self.shared.watch_backend(&mut inner, false);
                 true
             }
             None => false,
@@ -695,6 +726,7 @@ impl VirtioSlot {
             if inner.run == Run::Paused {
                 inner.run = Run::Running;
             }
+            self.shared.watch_backend(&mut inner, true);
         }
         let _ = self.shared.wake.write(1);
     }
@@ -739,7 +771,8 @@ impl Drop for VirtioSlot {
 }
 
 /// The I/O thread: waits for notifications and serves the queues while it may.
-fn io_thread(shared: &Shared, epoll: &Epoll, backend_queue: Option<usize>) {
+fn io_thread(shared: &Shared, backend_queue: Option<usize>) {
+    let epoll = &shared.epoll;
     let mut events = vec![EpollEvent::default(); shared.notify.len() + 2];
     loop {
         let ready = match epoll.wait(-1, &mut events) {
