@@ -244,7 +244,7 @@ impl GuestLoop {
             let _ = ops.remove(Events::empty_raw(fd));
         }
         if self.guest.end().is_some() {
-            let _ = self.deadline.disarm();
+            self.disarm_deadline();
             if let Some(epochs) = self.epochs.take() {
                 let _ = ops.remove(Events::new(&epochs, EventSet::IN));
             }
@@ -275,6 +275,14 @@ impl GuestLoop {
         }
         if self.guest.end().is_some() {
             self.maybe_report_end();
+        }
+    }
+
+    /// Stops the heartbeat deadline (the guest ended or is paused). A timer that cannot be
+    /// stopped fires once more and is judged then, so this only logs.
+    fn disarm_deadline(&mut self) {
+        if let Err(err) = self.deadline.disarm() {
+            tracing::warn!(guest = self.guest.name(), %err, "cannot stop the heartbeat deadline");
         }
     }
 
@@ -382,7 +390,7 @@ impl GuestLoop {
             }
             Request::Pause { .. } => match self.guest.pause() {
                 Ok(()) => {
-                    let _ = self.deadline.disarm();
+                    self.disarm_deadline();
                     Reply::ok(serde_json::json!({}))
                 }
                 Err(err) => reply_for(&err),
