@@ -7,9 +7,12 @@ use std::process::Command;
 fn main() {
     println!("cargo:rerun-if-changed=kernels/Makefile");
     println!("cargo:rerun-if-changed=kernels/lib");
-    for kernel in ["hello", "counter", "crash", "hang", "dirty", "blk", "net"] {
+    for kernel in [
+        "hello", "counter", "crash", "hang", "dirty", "blk", "net", "hostile",
+    ] {
         println!("cargo:rerun-if-changed=kernels/{kernel}.c");
     }
+    println!("cargo:rerun-if-changed=kernels/hostile_entry.S");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

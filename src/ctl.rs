@@ -54,7 +54,8 @@ pub enum CtlRequest {
         /// The guest.
         guest: String,
     },
-    /// Write a consistent snapshot (state.json, memory.raw) into a new directory.
+    /// Write a consistent snapshot (state.snap, memory.raw) into a new directory; `run
+    /// --restore` starts a guest from it.
     Snapshot {
         /// The guest.
         guest: String,
@@ -163,7 +164,7 @@ fn print_result(request: &Request, result: serde_json::Value) {
         Request::Snapshot { guest, .. } => {
             if let Ok(done) = serde_json::from_value::<SnapshotDone>(result) {
                 println!(
-                    "{guest}: snapshot in {} (state.json, memory.raw with {} KiB of data; paused {})",
+                    "{guest}: snapshot in {} (state.snap, memory.raw with {} KiB of data; paused {})",
                     done.path.display(),
                     done.memory_bytes_written >> 10,
                     millis(done.paused_us)

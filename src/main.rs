@@ -11,6 +11,8 @@ use clap::{Parser, Subcommand};
 use failover::config::Environment;
 use failover::control::ControlSocket;
 use failover::fault::Fault;
+use failover::guest::StartError;
+use failover::restore::RestoreArg;
 use failover::supervisor::{run_environment, ControlOptions, GuestEnd, RunError};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -18,7 +20,8 @@ use tracing_subscriber::Layer;
 
 mod ctl;
 
-/// Exit status when the environment file or the command line is invalid; nothing started.
+/// Exit status when the environment file or the command line is invalid, or a snapshot to
+/// restore is refused; nothing started.
 const EXIT_INVALID_INPUT: u8 = 2;
 /// Exit status when a guest failed (triple fault, panic, KVM error...).
 const EXIT_GUEST_FAILED: u8 = 3;
@@ -47,6 +50,11 @@ enum Command {
         /// the guests started. Repeatable.
         #[arg(long = "fault", value_name = "GUEST:KIND@MILLIS")]
         faults: Vec<Fault>,
+        /// Start a guest from the snapshot in DIR (written by `ctl SOCKET snapshot`) instead
+        /// of booting its kernel; GUEST= says which guest when the file has more than one.
+        /// Repeatable, once per guest.
+        #[arg(long = "restore", value_name = "[GUEST=]DIR")]
+        restores: Vec<RestoreArg>,
         /// Serve the control socket at this path (overrides the file's `api_socket`).
         #[arg(long, value_name = "PATH")]
         api_socket: Option<PathBuf>,
@@ -117,6 +125,7 @@ fn load(path: &Path) -> Result<Environment, ExitCode> {
 fn run(
     path: &Path,
     faults: &[Fault],
+    restores: &[RestoreArg],
     api_socket: Option<&Path>,
     metrics_addr: Option<std::net::SocketAddr>,
 ) -> ExitCode {
@@ -144,9 +153,15 @@ fn run(
             }
         }
     }
-    let outcomes = match run_environment(&env, faults, control) {
+    let outcomes = match run_environment(&env, faults, restores, control) {
         Ok(outcomes) => outcomes,
-        Err(err @ (RunError::UnknownFaultGuest(_) | RunError::Disk(_) | RunError::Nic(_))) => {
+        Err(
+            err @ (RunError::UnknownFaultGuest(_)
+            | RunError::Restore(_)
+            | RunError::Start(StartError::Restore { .. })
+            | RunError::Disk(_)
+            | RunError::Nic(_)),
+        ) => {
             eprintln!("understudy: {err}");
             return ExitCode::from(EXIT_INVALID_INPUT);
         }
@@ -199,10 +214,17 @@ fn main() -> ExitCode {
         Command::Run {
             env,
             faults,
+            restores,
             api_socket,
             metrics_addr,
             ..
-        } => run(&env, &faults, api_socket.as_deref(), metrics_addr),
+        } => run(
+            &env,
+            &faults,
+            &restores,
+            api_socket.as_deref(),
+            metrics_addr,
+        ),
         Command::Ctl {
             socket,
             json,

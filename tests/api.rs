@@ -485,13 +485,9 @@ fn pause_holds_the_guest_without_a_false_failover_and_snapshot_writes_it() {
     let _ = std::fs::remove_dir_all(&dir);
     let done = run.ok(json!({"request": "snapshot", "guest": "counter", "path": dir}));
     assert!(done["memory_bytes_written"].as_u64().unwrap() > 0, "{done}");
-    let state: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("state.json")).unwrap()).unwrap();
-    assert_eq!(
-        state["vcpus"].as_array().map(Vec::len),
-        Some(1),
-        "state.json"
-    );
+    let snapshot = vmm_core::Snapshot::load(&dir).unwrap();
+    assert_eq!(snapshot.state().vcpus.len(), 1);
+    assert_eq!(snapshot.machine().spec.memory_mib, 64);
     assert_eq!(
         std::fs::metadata(dir.join("memory.raw")).unwrap().len(),
         64 << 20

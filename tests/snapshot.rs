@@ -1,10 +1,11 @@
-//! Capture and restore: a running guest is paused, its whole state saved as plain values,
-//! loaded into a second machine, and the guest carries on there as if nothing happened.
+//! Capture and restore: a running guest is paused, its whole state saved as plain values (or
+//! written to a snapshot directory and read back), loaded into a second machine, and the
+//! guest carries on there as if nothing happened.
 
 mod common;
 
 use common::{assert_consecutive, numbers_after, require_kvm, start, Transcript};
-use vmm_core::{MachineSpec, Vm, VmSnapshot};
+use vmm_core::{MachineSpec, Snapshot, Vm, VmSnapshot};
 
 fn spec(vcpus: u8) -> MachineSpec {
     common::spec("counter", vcpus)
@@ -84,6 +85,52 @@ fn restored_two_vcpu_counter_continues_on_both_vcpus() {
 fn snapshot_survives_serialization() {
     let (before, after) = move_counter(1, true);
     assert_continued(&before, &after);
+}
+
+#[test]
+fn a_snapshot_written_to_disk_loads_into_a_fresh_machine_that_carries_on() {
+    let (first, first_console) = start("counter", "interval_ms=10", 1);
+    first_console.wait_until("five counter lines", |t| {
+        numbers_after(t, "count ").len() >= 5
+    });
+    let dir = std::env::temp_dir().join(format!("understudy-snapshot-api-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).unwrap();
+    first.pause().unwrap();
+    let written = Snapshot::write(&first, &dir).unwrap();
+    assert!(written.memory_bytes > 0 && written.memory_bytes < 64 << 20);
+    let before = first_console.text();
+    drop(first);
+
+    let snapshot = Snapshot::load(&dir).unwrap();
+    assert_eq!(snapshot.machine().spec.memory_mib, 64);
+    assert_eq!(snapshot.state().vcpus.len(), 1);
+    let second_console = Transcript::default();
+    let second = Vm::create(&spec(1), second_console.sink()).unwrap();
+    let loaded = snapshot.restore_into(&second).unwrap();
+    assert_eq!(loaded, written.memory_bytes, "every page written is loaded");
+    assert_eq!(
+        second.ram().resident_bytes(),
+        loaded,
+        "the memory file's holes stay holes"
+    );
+    second.resume().unwrap();
+    let after = second_console.wait_until("five more counter lines", |t| {
+        numbers_after(t, "count ").len() >= 5
+    });
+    second.pause().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_continued(&before, &after);
+
+    // A machine of another shape is refused before anything is loaded into it.
+    let two_vcpus = Vm::create(&spec(2), Box::new(std::io::sink())).unwrap();
+    let err = snapshot.restore_into(&two_vcpus).unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("does not fit: the snapshot's machine has 1 vCPUs, this one 2"),
+        "{err}"
+    );
+    assert_eq!(two_vcpus.ram().resident_bytes(), 0);
 }
 
 #[test]

@@ -11,6 +11,8 @@ use vmm_core::boot::probe_kernel;
 use vmm_core::vm::MAX_MEMORY_MIB;
 use vmm_core::CpuFeature;
 
+pub mod fuzz;
+
 /// Largest vCPU count a guest may have.
 pub const MAX_VCPUS: u8 = vmm_core::boot::mptable::MAX_VCPUS;
 const DEFAULT_MEMORY_MIB: u64 = 128;
@@ -261,7 +263,7 @@ struct EnvironmentFile {
 }
 
 /// A guest, validated, with every default filled in and paths absolute.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestConfig {
     /// Unique name.
     pub name: String,
@@ -274,10 +276,8 @@ pub struct GuestConfig {
     /// Kernel command line.
     pub cmdline: String,
     /// Initial ramdisk.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub initrd: Option<PathBuf>,
     /// Console output.
-    #[serde(serialize_with = "serialize_display")]
     pub serial: SerialOutput,
     /// Console input.
     pub serial_input: SerialInput,
@@ -298,14 +298,78 @@ pub struct GuestConfig {
     /// The restart crash-loop window, in seconds.
     pub restart_window_s: u64,
     /// Present for a hot-standby guest.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub standby: Option<StandbyConfig>,
     /// Disks, each a virtio-blk device in this order.
-    #[serde(rename = "disk", skip_serializing_if = "Vec::is_empty")]
     pub disks: Vec<DiskConfig>,
     /// NICs, each a virtio-net device in this order, after the disks.
-    #[serde(rename = "net", skip_serializing_if = "Vec::is_empty")]
     pub nets: Vec<NetConfig>,
+}
+
+/// As the environment file has it (what `to_toml` writes), less what does not apply: no
+/// `initrd`, `standby`, `disk` or `net` key for none, and no `on_failure` beside a standby,
+/// where the key is refused.
+impl Serialize for GuestConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        // Every field, so that a new one cannot be left out unnoticed.
+        let GuestConfig {
+            name,
+            kernel,
+            memory_mib,
+            vcpus,
+            cmdline,
+            initrd,
+            serial,
+            serial_input,
+            cpu,
+            crash_dump,
+            dump_dir,
+            max_dumps,
+            on_failure,
+            max_restarts,
+            restart_window_s,
+            standby,
+            disks,
+            nets,
+        } = self;
+        let mut table = serializer.serialize_struct("GuestConfig", 18)?;
+        table.serialize_field("name", name)?;
+        table.serialize_field("kernel", kernel)?;
+        table.serialize_field("memory_mib", memory_mib)?;
+        table.serialize_field("vcpus", vcpus)?;
+        table.serialize_field("cmdline", cmdline)?;
+        match initrd {
+            Some(initrd) => table.serialize_field("initrd", initrd)?,
+            None => table.skip_field("initrd")?,
+        }
+        table.serialize_field("serial", &serial.to_string())?;
+        table.serialize_field("serial_input", serial_input)?;
+        table.serialize_field("cpu", cpu)?;
+        table.serialize_field("crash_dump", crash_dump)?;
+        table.serialize_field("dump_dir", dump_dir)?;
+        table.serialize_field("max_dumps", max_dumps)?;
+        match standby {
+            None => table.serialize_field("on_failure", on_failure)?,
+            Some(_) => table.skip_field("on_failure")?,
+        }
+        table.serialize_field("max_restarts", max_restarts)?;
+        table.serialize_field("restart_window_s", restart_window_s)?;
+        match standby {
+            Some(standby) => table.serialize_field("standby", standby)?,
+            None => table.skip_field("standby")?,
+        }
+        if disks.is_empty() {
+            table.skip_field("disk")?;
+        } else {
+            table.serialize_field("disk", disks)?;
+        }
+        if nets.is_empty() {
+            table.skip_field("net")?;
+        } else {
+            table.serialize_field("net", nets)?;
+        }
+        table.end()
+    }
 }
 
 /// The resolved `[guest.cpu]` table.
@@ -313,13 +377,6 @@ pub struct GuestConfig {
 pub struct CpuConfig {
     /// Features hidden from CPUID.
     pub hide: Vec<CpuFeature>,
-}
-
-fn serialize_display<S: serde::Serializer, T: std::fmt::Display>(
-    value: &T,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(value)
 }
 
 impl GuestConfig {
@@ -824,6 +881,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("guest[0].on_failure"), "{err}");
+    }
+
+    /// Found by the environment-file fuzz target (its seeded run): `check` printed
+    /// `on_failure = "down"` for a hot-standby guest, a key refused there, so its output was
+    /// not a valid environment file.
+    #[test]
+    fn what_check_prints_for_a_standby_guest_reads_back_as_itself() {
+        let env = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.standby]\n").unwrap();
+        let written = env.to_toml();
+        assert!(!written.contains("on_failure"), "{written}");
+        assert_eq!(parse(&written).unwrap(), env, "{written}");
+        let unprotected = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n").unwrap();
+        assert!(unprotected.to_toml().contains("on_failure = \"down\""));
     }
 
     #[test]

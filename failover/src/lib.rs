@@ -7,8 +7,9 @@
 //! waits for; `console` holds the console sinks (including output held until its epoch
 //! commits); `disk` opens a guest's disk images and keeps a checkpointed guest's image as of
 //! its last committed epoch; `supervisor` is the top-level event loop and the loop each guest runs on;
-//! `fault` is the plan of injected failures; `dump` writes crash dumps while the guest runs
-//! on; `control` is the control socket and its protocol; `metrics` renders counters as
+//! `fault` is the plan of injected failures; `restore` matches `--restore` snapshots to
+//! their guests and checks them before anything starts; `dump` writes crash dumps while the
+//! guest runs on; `control` is the control socket and its protocol; `metrics` renders counters as
 //! Prometheus text. It uses only `vmm-core`'s public API.
 
 /// The `tracing` target of lifecycle events: guest started, armed, failure detected, each
@@ -37,4 +38,5 @@ pub mod guest;
 pub mod liveness;
 pub mod metrics;
 pub mod net;
+pub mod restore;
 pub mod supervisor;

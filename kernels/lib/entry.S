@@ -220,6 +220,7 @@ gdt_desc:
 /* Identity map of the first 4 GiB with 2 MiB pages, all user-accessible. */
         .section .data.pagetables, "aw"
         .balign 4096
+        .globl pml4                     /* hostile.c maps more through it */
 pml4:
         .quad   pdpt + PTE_TABLE
         .fill   511, 8, 0

@@ -2,9 +2,9 @@
 //! capture and restore of its complete state as plain values.
 //!
 //! It knows nothing of pairs, roles or failover: a [`Vm`] can be created, booted, run,
-//! paused, saved and restored into another `Vm` of the same [`MachineSpec`], and it reports
-//! every way a vCPU stops as a [`VmEvent`]. What to do about those events is its owner's
-//! business.
+//! paused, saved and restored into another `Vm` of the same [`MachineSpec`], written to disk
+//! as a [`Snapshot`] and loaded back from one, and it reports every way a vCPU stops as a
+//! [`VmEvent`]. What to do about those events is its owner's business.
 
 pub mod boot;
 pub mod cpuid;
@@ -15,6 +15,11 @@ pub mod host_limits;
 pub mod layout;
 pub mod mce;
 pub mod memory;
+#[cfg(any(test, feature = "seeded-inputs"))]
+#[doc(hidden)]
+pub mod seeded_inputs;
+pub mod snapshot;
+pub mod snapshot_fuzz;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
@@ -29,6 +34,7 @@ pub use devices::{DeviceStates, UnknownAccesses};
 pub use dirty_log::{DirtyLog, DirtyPages};
 pub use host_limits::HostLimits;
 pub use memory::{GuestRam, MemoryError};
+pub use snapshot::{Snapshot, SnapshotError};
 pub use state::{VcpuState, VmSnapshot, VmState};
 pub use vcpu::{VcpuStop, VmEvent, ANSWER_BOOST};
 pub use vm::{MachineSpec, Peripherals, Vm, VmError};

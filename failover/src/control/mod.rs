@@ -2,6 +2,7 @@
 //! own (`server`), whose requests the supervisor carries out; and a `GET /metrics` HTTP
 //! endpoint (`http`) that asks the same queue. `docs/api.md` documents both.
 
+pub mod fuzz;
 pub mod http;
 pub mod protocol;
 pub mod server;

@@ -292,55 +292,81 @@ struct Connection {
     queue: RequestQueue,
 }
 
+/// Where a connection's requests are carried out: the supervisor, through a
+/// [`RequestQueue`]; or, for the control-line fuzz target, a stand-in.
+pub(super) trait Carry {
+    /// Carries out `request` and returns its reply.
+    fn ask(&self, request: Request) -> Reply;
+    /// The reply of an [`Carry::ask`] has reached its client, or never will.
+    fn delivered(&self);
+}
+
+impl Carry for RequestQueue {
+    fn ask(&self, request: Request) -> Reply {
+        RequestQueue::ask(self, request)
+    }
+
+    fn delivered(&self) {
+        RequestQueue::delivered(self)
+    }
+}
+
 /// One line read from a client.
 enum Line {
+    /// A line, without its newline.
     Complete(Vec<u8>),
+    /// More than [`MAX_REQUEST_BYTES`] without a newline.
     TooLong,
+    /// The client closed the connection (or it failed); a line it did not finish is lost.
     Closed,
 }
 
 impl Connection {
     fn run(self, stream: UnixStream) {
-        let Ok(write_half) = stream.try_clone() else {
+        let Ok(writer) = stream.try_clone() else {
             return;
         };
-        let mut writer = write_half;
-        let mut reader = BufReader::new(stream);
-        loop {
-            let reply = match read_line(&mut reader) {
-                Line::Closed => return,
-                Line::TooLong => {
-                    let reply = Reply::error(
-                        ErrorKind::TooLong,
-                        format!("a request line is at most {MAX_REQUEST_BYTES} bytes"),
-                    );
-                    let _ = writer.write_all(reply.to_line().as_bytes());
-                    return;
-                }
-                Line::Complete(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
-                Line::Complete(line) => match parse_request(&line) {
-                    Ok(request) => {
-                        let reply = self.queue.ask(request);
-                        let written = writer.write_all(reply.to_line().as_bytes());
-                        self.queue.delivered();
-                        if written.is_err() {
-                            // The client left or stopped reading; the request was carried out.
-                            return;
-                        }
-                        continue;
-                    }
-                    Err(reply) => reply,
-                },
-            };
-            if writer.write_all(reply.to_line().as_bytes()).is_err() {
+        serve_lines(&mut BufReader::new(stream), writer, &self.queue);
+    }
+}
+
+/// Serves one connection: reads request lines from `reader` until it closes or a line is too
+/// long, has `carry` carry out each request, and writes every reply to `writer`.
+pub(super) fn serve_lines(reader: &mut impl BufRead, mut writer: impl Write, carry: &impl Carry) {
+    loop {
+        let reply = match read_line(reader) {
+            Line::Closed => return,
+            Line::TooLong => {
+                let reply = Reply::error(
+                    ErrorKind::TooLong,
+                    format!("a request line is at most {MAX_REQUEST_BYTES} bytes"),
+                );
+                let _ = writer.write_all(reply.to_line().as_bytes());
                 return;
             }
+            Line::Complete(line) if line.iter().all(u8::is_ascii_whitespace) => continue,
+            Line::Complete(line) => match parse_request(&line) {
+                Ok(request) => {
+                    let reply = carry.ask(request);
+                    let written = writer.write_all(reply.to_line().as_bytes());
+                    carry.delivered();
+                    if written.is_err() {
+                        // The client left or stopped reading; the request was carried out.
+                        return;
+                    }
+                    continue;
+                }
+                Err(reply) => reply,
+            },
+        };
+        if writer.write_all(reply.to_line().as_bytes()).is_err() {
+            return;
         }
     }
 }
 
 /// Reads up to a newline, never holding more than [`MAX_REQUEST_BYTES`].
-fn read_line(reader: &mut BufReader<UnixStream>) -> Line {
+fn read_line(reader: &mut impl BufRead) -> Line {
     let mut line = Vec::new();
     loop {
         let available = match reader.fill_buf() {

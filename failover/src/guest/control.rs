@@ -5,10 +5,10 @@
 //! thread, between the events it watches. Errors are [`GuestError`]s; the control layer turns
 //! them into replies.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use vmm_core::{Vm, VmError};
+use vmm_core::{Snapshot, VmError};
 
 use super::mode::Handover;
 use super::{us, Change, Guest, GuestEnd, Protection, Run, Running, State, Syncing};
@@ -545,9 +545,10 @@ impl Guest {
         self.finish(GuestEnd::Stopped)
     }
 
-    /// Writes a consistent snapshot to the new directory `path`: `state.json` (every vCPU,
-    /// the VM and the devices) and `memory.raw` (guest RAM, sparse). The guest is paused
-    /// while it is written.
+    /// Writes a consistent snapshot to the new directory `path`, in the format of
+    /// [`vmm_core::snapshot`]: the state file (every vCPU, the VM, the devices, and the
+    /// machine's shape) and the memory file (guest RAM, sparse). The guest is paused while it
+    /// is written.
     pub fn snapshot(&mut self, path: &Path) -> Result<SnapshotDone, GuestError> {
         let guest = self.ctx.config.name.clone();
         let failed = |what: String, why: String| GuestError::Failed {
@@ -564,7 +565,7 @@ impl Guest {
         if !was_paused {
             running.active.vm.pause().map_err(pause_err)?;
         }
-        let written = write_snapshot(&running.active.vm, path);
+        let written = Snapshot::write(&running.active.vm, path);
         let resumed = if was_paused {
             Ok(())
         } else {
@@ -572,7 +573,9 @@ impl Guest {
         };
         let paused = begun.elapsed();
 
-        let memory_bytes_written = written.map_err(|(what, why)| failed(what, why))?;
+        let memory_bytes_written = written
+            .map_err(|e| failed("write the snapshot".into(), e.to_string()))?
+            .memory_bytes;
         resumed.map_err(resume_err)?;
         lifecycle!(
             info,
@@ -686,26 +689,6 @@ impl Guest {
         );
         (Ok(done), Change::NewActive)
     }
-}
-
-/// Writes `state.json` and `memory.raw` of the paused `active` into `dir`; returns the bytes
-/// of memory written, or what failed and why.
-fn write_snapshot(active: &Vm, dir: &Path) -> Result<u64, (String, String)> {
-    let state = active
-        .save()
-        .map_err(|e| ("save the state".to_owned(), e.to_string()))?;
-    let state_path = dir.join("state.json");
-    let json =
-        serde_json::to_vec(&state).map_err(|e| ("encode the state".to_owned(), e.to_string()))?;
-    let write = |p: &PathBuf| format!("write {}", p.display());
-    std::fs::write(&state_path, json).map_err(|e| (write(&state_path), e.to_string()))?;
-    let memory_path = dir.join("memory.raw");
-    let memory = std::fs::File::create(&memory_path)
-        .map_err(|e| (format!("create {}", memory_path.display()), e.to_string()))?;
-    active
-        .ram()
-        .write_to(&memory)
-        .map_err(|e| (write(&memory_path), e.to_string()))
 }
 
 /// How an ended guest ended, in words.

@@ -144,6 +144,14 @@ pub enum StartError {
         /// What failed.
         source: VmError,
     },
+    /// The snapshot to start from could not be loaded into the machine.
+    #[error("guest {guest}: cannot restore: {source}")]
+    Restore {
+        /// The guest.
+        guest: String,
+        /// What failed.
+        source: vmm_core::SnapshotError,
+    },
     /// The console could not be opened.
     #[error(transparent)]
     Console(#[from] ConsoleError),

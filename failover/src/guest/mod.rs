@@ -59,6 +59,16 @@ pub(crate) fn us(d: Duration) -> u64 {
     d.as_micros() as u64
 }
 
+/// How a guest's first active machine gets its guest.
+#[derive(Debug)]
+pub enum StartFrom {
+    /// Its kernel is booted.
+    Boot,
+    /// It loads this snapshot (read and checked against the guest already) and carries on
+    /// where it was saved.
+    Snapshot(Box<vmm_core::Snapshot>),
+}
+
 /// One supervised guest.
 pub struct Guest {
     ctx: Context,
@@ -77,15 +87,17 @@ pub struct Guest {
 }
 
 impl Guest {
-    /// Starts the guest over its opened `disks` and `nics`: for a hot-standby guest the standby machine
-    /// first, then the active; the standby is then made ready in the background and failover
-    /// armed once it is. `stdout_shared` says whether other guests write to standard output
-    /// too.
+    /// Starts the guest over its opened `disks` and `nics`: for a hot-standby guest the
+    /// standby machine first, then the active, which boots the kernel or loads a snapshot as
+    /// `from` says; the standby is then made ready in the background and failover armed once
+    /// it is, the same way after either. `stdout_shared` says whether other guests write to
+    /// standard output too.
     pub fn start(
         config: &GuestConfig,
         disks: GuestDisks,
         nics: GuestNics,
         stdout_shared: bool,
+        from: StartFrom,
     ) -> Result<Guest, StartError> {
         let machine_err = |step| {
             let guest = config.name.clone();
@@ -143,25 +155,59 @@ impl Guest {
             .builder()
             .create(ram, active_console)
             .map_err(machine_err("create machine"))?;
-        active
-            .boot(&config.boot_source())
-            .map_err(machine_err("boot"))?;
+        // The snapshot's directory and the bytes of RAM loaded from it, when restored.
+        let restored = match &from {
+            StartFrom::Boot => {
+                active
+                    .boot(&config.boot_source())
+                    .map_err(machine_err("boot"))?;
+                None
+            }
+            StartFrom::Snapshot(snapshot) => {
+                let loaded =
+                    snapshot
+                        .restore_into(&active)
+                        .map_err(|source| StartError::Restore {
+                            guest: config.name.clone(),
+                            source,
+                        })?;
+                let dir = snapshot.dir();
+                Some((
+                    std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()),
+                    loaded,
+                ))
+            }
+        };
         active
             .grant_devices()
             .map_err(machine_err("give the disks and NICs"))?;
         active.resume().map_err(machine_err("start"))?;
         let active = Machine::new(active, 1);
         ctx.machines_built = ctx.machines_built.max(1);
-        lifecycle!(
-            info,
-            "guest-started",
-            guest = %config.name,
-            memory_mib = config.memory_mib,
-            vcpus = config.vcpus,
-            standby = standby.is_some(),
-            setup_us = us(begun.elapsed()),
-            "guest started"
-        );
+        match restored {
+            Some((path, memory_bytes_loaded)) => lifecycle!(
+                info,
+                "guest-restored",
+                guest = %config.name,
+                path = %path.display(),
+                memory_mib = config.memory_mib,
+                vcpus = config.vcpus,
+                standby = standby.is_some(),
+                memory_bytes_loaded,
+                setup_us = us(begun.elapsed()),
+                "guest restored from a snapshot"
+            ),
+            None => lifecycle!(
+                info,
+                "guest-started",
+                guest = %config.name,
+                memory_mib = config.memory_mib,
+                vcpus = config.vcpus,
+                standby = standby.is_some(),
+                setup_us = us(begun.elapsed()),
+                "guest started"
+            ),
+        }
         let protection = match (mode.as_mut(), standby) {
             (Some(mode), Some(standby)) => mode.sync(&mut ctx, &active, standby),
             _ => Protection::Unprotected,

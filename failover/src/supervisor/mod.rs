@@ -27,10 +27,11 @@ use crate::control::{
 };
 use crate::disk::{DiskOpenError, GuestDisks};
 use crate::fault::Fault;
-use crate::guest::{Guest, StartError};
+use crate::guest::{Guest, StartError, StartFrom};
 use crate::liveness::Deadline;
 use crate::metrics::{MetricsPage, FAMILIES};
 use crate::net::{GuestNics, NicOpenError};
+use crate::restore::{RestoreArg, RestoreError};
 use guest_loop::{Command, GuestThread};
 
 pub use crate::guest::GuestEnd;
@@ -61,6 +62,10 @@ pub enum RunError {
     /// A TAP device cannot be opened (missing rights, in use, refused).
     #[error(transparent)]
     Nic(#[from] NicOpenError),
+    /// A `--restore` snapshot is refused (missing, corrupt, not of the guest's shape) or
+    /// names no guest of the environment.
+    #[error(transparent)]
+    Restore(#[from] RestoreError),
     /// A fault names a guest the environment does not have.
     #[error("--fault {0}: no such guest")]
     UnknownFaultGuest(String),
@@ -397,11 +402,13 @@ fn setup_error(what: &str) -> impl Fn(std::io::Error) -> RunError + '_ {
     move |err| RunError::EventLoop(format!("{what}: {err}"))
 }
 
-/// Starts every guest of `env`, fires the planned `faults`, serves the `control` front ends
-/// given, and returns once every guest has ended, with how each ended.
+/// Starts every guest of `env` (those named in `restores` from their snapshot), fires the
+/// planned `faults`, serves the `control` front ends given, and returns once every guest has
+/// ended, with how each ended.
 pub fn run_environment(
     env: &Environment,
     faults: &[Fault],
+    restores: &[RestoreArg],
     control: ControlOptions,
 ) -> Result<Vec<GuestOutcome>, RunError> {
     // Before any thread starts, so that none of them takes these signals.
@@ -433,8 +440,9 @@ pub fn run_environment(
         .count();
     let (ended_tx, ended) = std::sync::mpsc::channel();
     let ended_wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup_error("eventfd"))?);
-    // Every disk is opened and locked, and every TAP opened, before any guest starts: one
-    // that cannot be stops the run with nothing started.
+    // Every snapshot is read and checked, every disk opened and locked, and every TAP opened,
+    // before any guest starts: one that cannot be stops the run with nothing started.
+    let snapshots = crate::restore::load_snapshots(env, restores)?;
     let disks = env
         .guest
         .iter()
@@ -446,8 +454,19 @@ pub fn run_environment(
         .map(GuestNics::open)
         .collect::<Result<Vec<_>, _>>()?;
     let mut guests = Vec::with_capacity(env.guest.len());
-    for (((index, config), disks), nics) in env.guest.iter().enumerate().zip(disks).zip(nics) {
-        let guest = Guest::start(config, disks, nics, stdout_users > 1)?;
+    let starts = snapshots.into_iter().map(|snapshot| match snapshot {
+        Some(snapshot) => StartFrom::Snapshot(Box::new(snapshot)),
+        None => StartFrom::Boot,
+    });
+    for ((((index, config), disks), nics), from) in env
+        .guest
+        .iter()
+        .enumerate()
+        .zip(disks)
+        .zip(nics)
+        .zip(starts)
+    {
+        let guest = Guest::start(config, disks, nics, stdout_users > 1, from)?;
         let thread = GuestThread::spawn(guest, index, ended_tx.clone(), ended_wake.clone())
             .map_err(setup_error("guest thread"))?;
         guests.push(thread);

@@ -6,6 +6,7 @@
 //! snapshot never comes here: a restored machine's memory already holds all of it.
 
 pub mod acpi;
+pub mod fuzz;
 pub mod mptable;
 pub mod regs;
 
@@ -18,7 +19,7 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{BzImage, Elf, KernelLoader};
-use vm_memory::GuestAddress;
+use vm_memory::{GuestAddress, GuestMemoryBackend, ReadVolatile};
 
 use crate::layout::{
     CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START,
@@ -66,6 +67,14 @@ pub enum BootError {
         /// What linux-loader said.
         source: linux_loader::loader::Error,
     },
+    /// The kernel's entry point is not in guest RAM: it would fault at its first instruction.
+    #[error("kernel {path} is entered at {entry:#x}, which is not in the guest's RAM")]
+    EntryOutsideRam {
+        /// The file.
+        path: PathBuf,
+        /// The entry point its headers give.
+        entry: u64,
+    },
     /// The command line is too long or contains what Linux cannot parse.
     #[error("invalid kernel command line: {0}")]
     Cmdline(String),
@@ -110,13 +119,19 @@ enum KernelFormat {
     BzImage,
 }
 
-fn detect_format(path: &Path, file: &mut File) -> Result<KernelFormat, BootError> {
+/// A kernel image being read: the file, or bytes in memory (the fuzz target's).
+trait KernelImage: Read + ReadVolatile + Seek {}
+
+impl<T: Read + ReadVolatile + Seek> KernelImage for T {}
+
+fn detect_format(path: &Path, file: &mut impl KernelImage) -> Result<KernelFormat, BootError> {
     let read_err = |source| BootError::ReadFile {
         what: "kernel",
         path: path.to_owned(),
         source,
     };
-    let len = file.metadata().map_err(read_err)?.len();
+    let len = file.seek(SeekFrom::End(0)).map_err(read_err)?;
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
     let mut head = [0u8; 0x206];
     let got = file.read(&mut head).map_err(read_err)?;
     file.seek(SeekFrom::Start(0)).map_err(read_err)?;
@@ -166,6 +181,7 @@ fn e820_table(ram: &GuestRam) -> Vec<boot_e820_entry> {
 fn load_initrd(
     ram: &GuestRam,
     path: &Path,
+    read: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
     addr_max: u64,
     kernel_end: u64,
 ) -> Result<(u64, u64), BootError> {
@@ -174,7 +190,7 @@ fn load_initrd(
         path: path.to_owned(),
         source,
     };
-    let data = std::fs::read(path).map_err(read_err)?;
+    let data = read(path).map_err(read_err)?;
     let size = data.len() as u64;
     let limit = ram.size().min(MMIO_GAP_START).min(addr_max + 1);
     let too_large = || BootError::InitrdTooLarge {
@@ -203,7 +219,7 @@ pub fn probe_kernel(path: &Path) -> Result<(), BootError> {
 
 /// Whether the ELF kernel in `file` is Linux: a `vmlinux` carries ELF notes owned by "Linux"
 /// (its version and build id), which other kernels have no reason to.
-fn elf_is_linux(file: &mut File) -> bool {
+fn elf_is_linux(file: &mut impl KernelImage) -> bool {
     // Any read error just means "not recognisably Linux"; loading reports real errors.
     let mut header = [0u8; 64];
     if file.read_exact(&mut header).is_err() {
@@ -220,11 +236,16 @@ fn elf_is_linux(file: &mut File) -> bool {
         u64::from(u16_at(&header, 0x38)),
     );
     for index in 0..phnum {
+        // The headers' own numbers: where an entry would be may not be an offset at all.
+        let Some(at) = index
+            .checked_mul(phentsize)
+            .and_then(|offset| offset.checked_add(phoff))
+        else {
+            break;
+        };
         let mut ph = [0u8; 56];
         if phentsize < 56
-            || file
-                .seek(SeekFrom::Start(phoff + index * phentsize))
-                .is_err()
+            || file.seek(SeekFrom::Start(at)).is_err()
             || file.read_exact(&mut ph).is_err()
             || u32_at(&ph, 0) != PT_NOTE
         {
@@ -283,32 +304,52 @@ pub fn load_kernel(
     vcpus: u8,
     linux_options: impl FnOnce() -> Vec<String>,
 ) -> Result<KernelEntry, BootError> {
-    let path = &source.kernel;
-    let mut file = File::open(path).map_err(|source| BootError::ReadFile {
+    let mut file = File::open(&source.kernel).map_err(|err| BootError::ReadFile {
         what: "kernel",
-        path: path.clone(),
-        source,
+        path: source.kernel.clone(),
+        source: err,
     })?;
+    load_image(
+        ram,
+        &mut file,
+        source,
+        |path| std::fs::read(path),
+        vcpus,
+        linux_options,
+    )
+}
+
+/// [`load_kernel`] with the kernel already open as `file` and the initrd, if `source` names
+/// one, read by `read_initrd`; `source`'s paths are otherwise only named in errors.
+fn load_image(
+    ram: &GuestRam,
+    file: &mut impl KernelImage,
+    source: &BootSource,
+    read_initrd: impl FnOnce(&Path) -> std::io::Result<Vec<u8>>,
+    vcpus: u8,
+    linux_options: impl FnOnce() -> Vec<String>,
+) -> Result<KernelEntry, BootError> {
+    let path = &source.kernel;
     let load_err = |source| BootError::Load {
         path: path.clone(),
         source,
     };
     let mem = ram.memory();
     let himem = Some(GuestAddress(HIMEM_START));
-    let (entry, loaded, linux) = match detect_format(path, &mut file)? {
+    let (entry, loaded, linux) = match detect_format(path, file)? {
         KernelFormat::Elf => {
-            let linux = elf_is_linux(&mut file);
+            let linux = elf_is_linux(file);
             file.seek(SeekFrom::Start(0))
                 .map_err(|source| BootError::ReadFile {
                     what: "kernel",
                     path: path.clone(),
                     source,
                 })?;
-            let loaded = Elf::load(mem, None, &mut file, himem).map_err(load_err)?;
+            let loaded = Elf::load(mem, None, file, himem).map_err(load_err)?;
             (loaded.kernel_load.0, loaded, linux)
         }
         KernelFormat::BzImage => {
-            let loaded = BzImage::load(mem, None, &mut file, himem).map_err(load_err)?;
+            let loaded = BzImage::load(mem, None, file, himem).map_err(load_err)?;
             (
                 loaded.kernel_load.0 + BZIMAGE_64BIT_ENTRY_OFFSET,
                 loaded,
@@ -316,6 +357,12 @@ pub fn load_kernel(
             )
         }
     };
+    if !mem.address_in_range(GuestAddress(entry)) {
+        return Err(BootError::EntryOutsideRam {
+            path: path.clone(),
+            entry,
+        });
+    }
     let cmdline_text = if linux {
         let full = with_options(&source.cmdline, &linux_options());
         if full != source.cmdline {
@@ -357,7 +404,7 @@ pub fn load_kernel(
             0 => DEFAULT_INITRD_ADDR_MAX,
             max => u64::from(max),
         };
-        let (start, size) = load_initrd(ram, initrd, addr_max, loaded.kernel_end)?;
+        let (start, size) = load_initrd(ram, initrd, read_initrd, addr_max, loaded.kernel_end)?;
         params.hdr.ramdisk_image = start as u32;
         params.hdr.ramdisk_size = size as u32;
     }

@@ -2,12 +2,14 @@
 //!
 //! Backing RAM with a memfd (rather than anonymous memory) lets another VM of the same process
 //! map the very same pages later, so a standby can take over a guest's memory without copying
-//! it. This module allocates, copies and describes RAM, and (`trap`) holds writes to a mapping
-//! until its owner has seen the page; registering RAM with KVM is `vm`'s job.
+//! it. This module allocates, copies and describes RAM, (`trap`) holds writes to a mapping
+//! until its owner has seen the page, and (`paging`) translates guest-virtual addresses as
+//! the guest's CPU does; registering RAM with KVM is `vm`'s job.
 //!
 //! A memfd keeps pages nobody ever wrote as holes: they cost no host memory, and every copy
 //! here skips them, so RAM costs what the guest touched, not its configured size.
 
+pub(crate) mod paging;
 pub mod trap;
 
 use std::fs::File;
@@ -46,6 +48,9 @@ pub enum MemoryError {
     /// Writing guest RAM to a file failed.
     #[error("cannot write guest RAM to a file: {0}")]
     Save(std::io::Error),
+    /// Reading guest RAM from a file failed.
+    #[error("cannot read guest RAM from a file: {0}")]
+    Load(std::io::Error),
     /// A read or write fell outside guest RAM.
     #[error("guest memory access at {addr:#x} failed: {source}")]
     Access {
@@ -81,6 +86,29 @@ fn host_address(regions: &[(u64, u64, u64)], offset: u64) -> Option<u64> {
         region_start += len;
     }
     None
+}
+
+/// The offset ranges `[start, end)` below `size` of `file` that hold data; everything else
+/// is a hole.
+fn data_runs(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use vmm_sys_util::seek_hole::SeekHole;
+
+    // A second descriptor, so seeking moves no offset anyone else uses.
+    let mut cursor = file.try_clone()?;
+    let mut runs = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let Some(data) = cursor.seek_data(offset)? else {
+            break;
+        };
+        if data >= size {
+            break;
+        }
+        let end = cursor.seek_hole(data)?.unwrap_or(size).min(size);
+        runs.push((data, end));
+        offset = end;
+    }
+    Ok(runs)
 }
 
 impl GuestRam {
@@ -328,6 +356,59 @@ impl GuestRam {
         Ok(written)
     }
 
+    /// Makes this RAM the contents of `file`, laid out as [`GuestRam::write_to`] writes it.
+    /// This RAM is emptied first; the file's holes, and its pages of zeros, stay holes here,
+    /// so loading costs what the guest had used, not the RAM size. A file shorter than this
+    /// RAM is an error; what lies past the RAM's size is ignored. Must not run while a vCPU
+    /// uses this RAM. Returns the bytes loaded.
+    pub fn read_from(&self, file: &File) -> Result<u64, MemoryError> {
+        use std::os::unix::fs::FileExt;
+        use vmm_sys_util::fallocate::{fallocate, FallocateMode};
+
+        const PAGE: usize = 4096;
+        const CHUNK: usize = 1 << 20;
+        let length = file.metadata().map_err(MemoryError::Load)?.len();
+        if length < self.size {
+            return Err(MemoryError::Load(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the file has {length} bytes, the RAM {}", self.size),
+            )));
+        }
+        fallocate(&*self.backing, FallocateMode::PunchHole, true, 0, self.size)
+            .map_err(|e| MemoryError::Load(e.into()))?;
+        let mut buf = vec![0u8; CHUNK];
+        let mut loaded = 0;
+        for (start, end) in data_runs(file, self.size).map_err(MemoryError::Load)? {
+            let mut offset = start;
+            while offset < end {
+                let len = ((end - offset) as usize).min(CHUNK);
+                let chunk = &mut buf[..len];
+                file.read_exact_at(chunk, offset)
+                    .map_err(MemoryError::Load)?;
+                // Runs of zeros are skipped a page at a time (counted from the run's start,
+                // which is a page boundary wherever holes are whole pages); what is written
+                // lands at its own offset either way.
+                let mut pages = chunk.chunks(PAGE).enumerate().peekable();
+                while let Some((first, page)) = pages.next() {
+                    if is_zero(page) {
+                        continue;
+                    }
+                    let mut last = first;
+                    while let Some((i, _)) = pages.next_if(|(_, p)| !is_zero(p)) {
+                        last = i;
+                    }
+                    let span = &chunk[first * PAGE..((last + 1) * PAGE).min(len)];
+                    self.backing
+                        .write_all_at(span, offset + (first * PAGE) as u64)
+                        .map_err(MemoryError::Load)?;
+                    loaded += span.len() as u64;
+                }
+                offset += len as u64;
+            }
+        }
+        Ok(loaded)
+    }
+
     /// Reads RAM at memfd offset `offset` (the regions in order, as [`GuestRam::write_to`]
     /// lays them out) without going through any mapping: a hole reads as zeros and stays a
     /// hole, and no trap on a mapping sees the read.
@@ -345,28 +426,7 @@ impl GuestRam {
 
     /// The file-offset ranges below `size` that hold data (everything else is a hole).
     fn data_runs(&self, size: u64) -> Result<Vec<(u64, u64)>, MemoryError> {
-        use vmm_sys_util::seek_hole::SeekHole;
-
-        // A second descriptor of the memfd, so seeking moves no offset anyone else uses.
-        let mut cursor = self.backing.try_clone().map_err(MemoryError::Sync)?;
-        let mut runs = Vec::new();
-        let mut offset = 0;
-        while offset < size {
-            let Some(data) = cursor.seek_data(offset).map_err(MemoryError::Sync)? else {
-                break;
-            };
-            if data >= size {
-                break;
-            }
-            let end = cursor
-                .seek_hole(data)
-                .map_err(MemoryError::Sync)?
-                .unwrap_or(size)
-                .min(size);
-            runs.push((data, end));
-            offset = end;
-        }
-        Ok(runs)
+        data_runs(&self.backing, size).map_err(MemoryError::Sync)
     }
 
     /// Calls `f(file_offset, host_address, len)` for each piece of the file-offset range
@@ -441,6 +501,49 @@ impl GuestRam {
         self.memory
             .write_slice(data, GuestAddress(addr))
             .map_err(|source| MemoryError::Access { addr, source })
+    }
+
+    /// Whether `len` bytes from guest physical `addr` are all RAM.
+    pub(crate) fn contains(&self, addr: u64, len: u64) -> bool {
+        usize::try_from(len)
+            .is_ok_and(|len| GuestMemoryBackend::check_range(&self.memory, GuestAddress(addr), len))
+    }
+
+    /// The aligned 64-bit word at guest physical `addr`, read in one access, as the CPU reads
+    /// a page-table entry.
+    pub(crate) fn load_u64(&self, addr: u64) -> Result<u64, MemoryError> {
+        self.memory
+            .load(GuestAddress(addr), std::sync::atomic::Ordering::Acquire)
+            .map_err(|source| MemoryError::Access { addr, source })
+    }
+
+    /// Replaces the aligned 64-bit word at guest physical `addr` with `new` if it still holds
+    /// `current`, in one atomic step, as the CPU sets a page-table entry's accessed and dirty
+    /// flags; the page counts as written by the VMM. Whether it did.
+    pub(crate) fn compare_exchange_u64(
+        &self,
+        addr: u64,
+        current: u64,
+        new: u64,
+    ) -> Result<bool, MemoryError> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::VolatileMemory;
+        let access = |source| MemoryError::Access { addr, source };
+        let slice = self
+            .memory
+            .get_slice(GuestAddress(addr), 8)
+            .map_err(access)?;
+        let word = slice
+            .get_atomic_ref::<AtomicU64>(0)
+            .map_err(|e| access(vm_memory::GuestMemoryError::from(e)))?;
+        let swapped = word
+            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if swapped {
+            slice.bitmap().mark_dirty(0, 8);
+        }
+        Ok(swapped)
     }
 }
 
@@ -539,6 +642,35 @@ mod tests {
         assert_eq!(&saved[0x2000..0x2008], b"page two");
         assert_eq!(&saved[(6 << 20) + 4095..(6 << 20) + 4101], b"across");
         assert!(saved[..0x2000].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn read_from_loads_what_write_to_wrote_and_keeps_holes() {
+        let saved = GuestRam::new(8 << 20).unwrap();
+        saved.write(0x2000, b"page two").unwrap();
+        saved.write((6 << 20) + 4095, b"across").unwrap();
+        saved.write(0x5000, &[0u8; 4096]).unwrap();
+        let path = std::env::temp_dir().join(format!("ram-read-from-{}", std::process::id()));
+        saved.write_to(&File::create(&path).unwrap()).unwrap();
+
+        let loaded = GuestRam::new(8 << 20).unwrap();
+        loaded.write(0x40_0000, b"stale").unwrap();
+        let bytes = loaded.read_from(&File::open(&path).unwrap()).unwrap();
+        assert_eq!(bytes, 3 * 4096, "one page, then two across a page boundary");
+        assert_eq!(loaded.resident_bytes(), 3 * 4096, "holes stay holes");
+        let read = |addr, len| {
+            let mut buf = vec![0u8; len];
+            loaded.read(addr, &mut buf).unwrap();
+            buf
+        };
+        assert_eq!(read(0x2000, 8), b"page two");
+        assert_eq!(read((6 << 20) + 4095, 6), b"across");
+        assert_eq!(read(0x40_0000, 5), vec![0u8; 5], "emptied first");
+
+        let short = GuestRam::new(16 << 20).unwrap();
+        let err = short.read_from(&File::open(&path).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("8388608 bytes"), "{err}");
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

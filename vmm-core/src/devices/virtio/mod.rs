@@ -28,7 +28,8 @@ use virtio_bindings::virtio_config::{
     VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
+use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -206,7 +207,7 @@ pub(crate) fn serve_each(
 ) -> bool {
     let mut served = false;
     while !ctx.stop.load(Ordering::Acquire) {
-        let Some(chain) = queue.pop_descriptor_chain(ctx.mem) else {
+        let Some(chain) = pop_chain(queue, ctx.mem) else {
             break;
         };
         let head = chain.head_index();
@@ -218,6 +219,53 @@ pub(crate) fn serve_each(
         served = true;
     }
     served
+}
+
+/// Whether `queue` can be served: ready, its descriptor table and both rings in guest RAM.
+/// What virtio-queue's `is_valid` checks, without its error-level log line: how often this is
+/// asked (each notification) is the guest's choice, and a broken or hostile driver must not
+/// be able to flood the VMM's log.
+fn queue_usable(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+    use vm_memory::GuestMemoryBackend;
+    let size = u64::from(queue.size());
+    let in_ram = |at: u64, len: u64| {
+        usize::try_from(len)
+            .is_ok_and(|len| GuestMemoryBackend::check_range(mem, GuestAddress(at), len))
+    };
+    // Descriptors of 16 bytes; rings of flags, index, the entries and the event word.
+    queue.ready()
+        && in_ram(queue.desc_table(), 16 * size)
+        && in_ram(queue.avail_ring(), 6 + 2 * size)
+        && in_ram(queue.used_ring(), 6 + 8 * size)
+}
+
+/// The next chain the driver made available, if any. A head outside the queue (which no
+/// used-ring entry could name) is passed over, and an available index that runs further ahead
+/// than the queue holds ends the look; both are the driver's fault and logged at debug level
+/// only, where virtio-queue's own `pop_descriptor_chain` logs at error level each time.
+pub(crate) fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+) -> Option<DescriptorChain<&'m GuestMemoryMmap>> {
+    let size = queue.size();
+    let mut available = match queue.iter(mem) {
+        Ok(available) => available,
+        Err(err) => {
+            tracing::debug!(%err, "virtio: the available ring cannot be read");
+            return None;
+        }
+    };
+    loop {
+        let chain = available.next()?;
+        if chain.head_index() < size {
+            return Some(chain);
+        }
+        tracing::debug!(
+            head = chain.head_index(),
+            size,
+            "virtio: an available head outside the queue is passed over"
+        );
+    }
 }
 
 /// Whether the I/O thread may serve requests.
@@ -332,14 +380,34 @@ impl Inner {
             status & VIRTIO_CONFIG_S_DRIVER != 0 && status & VIRTIO_CONFIG_S_FEATURES_OK == 0;
         let configuring =
             status & VIRTIO_CONFIG_S_FEATURES_OK != 0 && status & VIRTIO_CONFIG_S_DRIVER_OK == 0;
-        let address = |queue: &mut Queue, offset: u32| match offset {
-            VIRTIO_MMIO_QUEUE_DESC_LOW => queue.set_desc_table_address(Some(value), None),
-            VIRTIO_MMIO_QUEUE_DESC_HIGH => queue.set_desc_table_address(None, Some(value)),
-            VIRTIO_MMIO_QUEUE_AVAIL_LOW => queue.set_avail_ring_address(Some(value), None),
-            VIRTIO_MMIO_QUEUE_AVAIL_HIGH => queue.set_avail_ring_address(None, Some(value)),
-            VIRTIO_MMIO_QUEUE_USED_LOW => queue.set_used_ring_address(Some(value), None),
-            VIRTIO_MMIO_QUEUE_USED_HIGH => queue.set_used_ring_address(None, Some(value)),
-            _ => {}
+        // A misaligned address or a size that is no power of two is not taken, silently: the
+        // queue keeps its old one (virtio-queue's setters would log each at error level, as
+        // often as the guest likes).
+        let address = |queue: &mut Queue, offset: u32| {
+            let half = |old: u64, high: bool| {
+                if high {
+                    (old & 0xffff_ffff) | (u64::from(value) << 32)
+                } else {
+                    (old & !0xffff_ffff) | u64::from(value)
+                }
+            };
+            let high = matches!(
+                offset,
+                VIRTIO_MMIO_QUEUE_DESC_HIGH
+                    | VIRTIO_MMIO_QUEUE_AVAIL_HIGH
+                    | VIRTIO_MMIO_QUEUE_USED_HIGH
+            );
+            let _ =
+                match offset {
+                    VIRTIO_MMIO_QUEUE_DESC_LOW | VIRTIO_MMIO_QUEUE_DESC_HIGH => queue
+                        .try_set_desc_table_address(GuestAddress(half(queue.desc_table(), high))),
+                    VIRTIO_MMIO_QUEUE_AVAIL_LOW | VIRTIO_MMIO_QUEUE_AVAIL_HIGH => queue
+                        .try_set_avail_ring_address(GuestAddress(half(queue.avail_ring(), high))),
+                    VIRTIO_MMIO_QUEUE_USED_LOW | VIRTIO_MMIO_QUEUE_USED_HIGH => {
+                        queue.try_set_used_ring_address(GuestAddress(half(queue.used_ring(), high)))
+                    }
+                    _ => Ok(()),
+                };
         };
         match offset as u32 {
             VIRTIO_MMIO_DEVICE_FEATURES_SEL => self.state.device_features_sel = value,
@@ -357,8 +425,8 @@ impl Inner {
             }
             VIRTIO_MMIO_QUEUE_SEL => self.state.queue_sel = value,
             VIRTIO_MMIO_QUEUE_NUM if configuring => {
-                if let Some(queue) = self.selected_queue() {
-                    queue.set_size(value as u16);
+                if let (Some(queue), Ok(size)) = (self.selected_queue(), u16::try_from(value)) {
+                    let _ = queue.try_set_size(size);
                 }
             }
             VIRTIO_MMIO_QUEUE_READY if configuring => {
@@ -482,7 +550,7 @@ impl Inner {
         let Some(queue) = queues.get_mut(index) else {
             return;
         };
-        if !queue.is_valid(mem) {
+        if !queue_usable(queue, mem) {
             return;
         }
         let ctx = ServeContext {

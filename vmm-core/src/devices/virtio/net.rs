@@ -126,7 +126,7 @@ impl Net {
         let mut room = 0usize;
         let mut malformed = false;
         while room < total && (merge || chains.is_empty()) && chains.len() < ring {
-            let Some(chain) = queue.pop_descriptor_chain(ctx.mem) else {
+            let Some(chain) = super::pop_chain(queue, ctx.mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -203,7 +203,7 @@ impl Net {
     fn transmit(&mut self, queue: &mut Queue, ctx: &ServeContext<'_>) -> bool {
         let mut served = false;
         while !ctx.stop.load(Ordering::Acquire) {
-            let Some(chain) = queue.pop_descriptor_chain(ctx.mem) else {
+            let Some(chain) = super::pop_chain(queue, ctx.mem) else {
                 break;
             };
             let head = chain.head_index();
