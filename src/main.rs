@@ -28,9 +28,21 @@ const EXIT_GUEST_FAILED: u8 = 3;
 /// Exit status when the host could not run a guest (no KVM, out of memory...).
 const EXIT_HOST_ERROR: u8 = 4;
 
+/// What `understudy --help` ends with: the exit statuses (docs/config.md has them in full).
+const EXIT_STATUSES: &str = "\
+Exit statuses of `understudy run`:
+  guest's own   one guest that ended itself through the debug-exit port: ((v << 1) | 1) & 0xff
+  0             every guest ended cleanly, powered off, reset, or was stopped (shutdown, SIGINT, SIGTERM)
+  2             invalid command line or environment file, a disk or TAP that cannot be opened,
+                a refused --restore snapshot: nothing was started
+  3             a guest went down: it failed and could not be failed over or restarted
+  4             the host could not run a guest (no /dev/kvm, a KVM call failed, a kernel not loadable)
+`understudy check` exits 0 or 2; `understudy ctl` and `status` exit 0 (done), 1 (refused),
+2 (bad command line) or 4 (socket unreachable).";
+
 /// A KVM hypervisor whose guests survive failures.
 #[derive(Parser)]
-#[command(name = "understudy", version, about)]
+#[command(name = "understudy", version, about, after_help = EXIT_STATUSES)]
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `debug`, `vmm_core=debug`);
     /// RUST_LOG overrides it.

@@ -213,3 +213,14 @@ fn checkpoint_pair_config_survives_failures_inside_the_guest() {
     );
     assert_eq!(log.matches("from the last checkpoint").count(), 3, "{log}");
 }
+
+#[test]
+fn help_lists_the_exit_statuses() {
+    let out = understudy(&["--help"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let help = stdout(&out);
+    assert!(help.contains("Exit statuses of `understudy run`"), "{help}");
+    for line in ["  2 ", "  3 ", "  4 "] {
+        assert!(help.contains(line), "no {line:?} in:\n{help}");
+    }
+}
