@@ -931,7 +931,7 @@ static void floods(void)
         keepalive();
         put_str(line);
     }
-    for (u32 i = 0; i < 16384; i++) {
+    for (u32 i = 0; i < 8192; i++) {
         outl(PORT_HEARTBEAT, (u32)garbage());
         outw(PORT_HEARTBEAT, (u16)garbage());
         outb(PORT_HEARTBEAT, (u8)garbage());

@@ -538,7 +538,7 @@ impl SystemCalls {
 ///   without CR4.OSFXSR or with CR0.EM; #NM with CR0.TS; #GP(0), or #SS(0) for a stack
 ///   reference, when a byte of the operand is not canonical; #PF (CR2, error code) as the
 ///   guest's page tables say, with the accessed and dirty flags set as the CPU sets them
-///   ([`crate::memory::paging`]); #GP(0) for reserved MXCSR bits; otherwise MXCSR is loaded
+///   (`memory::paging`); #GP(0) for reserved MXCSR bits; otherwise MXCSR is loaded
 ///   or stored and RIP moves past it. An operand outside RAM (MMIO) or under protection keys
 ///   cannot be done exactly and stays a failure.
 /// - Any instruction longer than 15 bytes (all prefixes, as far as it was read): #GP(0).
