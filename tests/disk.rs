@@ -223,8 +223,7 @@ fn expected_failovers(log: &str, injected: u32) -> u32 {
         .unwrap_or_default();
     let last = log
         .lines()
-        .filter(|l| l.contains("event=\"fault-injected\""))
-        .last()
+        .rfind(|l| l.contains("event=\"fault-injected\""))
         .unwrap_or_default();
     let outrun = last.contains("fault=hang")
         && !after_last.contains("event=\"failure-detected\"")
