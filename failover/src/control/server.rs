@@ -297,7 +297,7 @@ struct Connection {
 pub(super) trait Carry {
     /// Carries out `request` and returns its reply.
     fn ask(&self, request: Request) -> Reply;
-    /// The reply of an [`Carry::ask`] has reached its client, or never will.
+    /// The reply of a [`Carry::ask`] has reached its client, or never will.
     fn delivered(&self);
 }
 
