@@ -351,7 +351,10 @@ mod tests {
         }
         // How many stay valid depends on which example configs are usable here (an image
         // that does not exist makes one invalid), not only on the mutations.
-        assert!(valid >= 40, "the mutations were hardly ever valid ({valid})");
+        assert!(
+            valid >= 40,
+            "the mutations were hardly ever valid ({valid})"
+        );
     }
 
     #[test]
