@@ -9,8 +9,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::running::Running;
-use common::{env_file, kernel, require_kvm, stderr, understudy, Transcript, PATIENCE};
+use common::running::{try_request, Running};
+use common::{env_file, kernel, require_kvm, stderr, understudy, Transcript, XorShift, PATIENCE};
 use serde_json::{json, Value};
 
 const SECTOR: usize = 512;
@@ -90,45 +90,10 @@ fn assert_image(path: &Path, passes: u64, sectors: u64, what: &str) {
     );
 }
 
-/// One request to the control socket, or `None` once the process has gone away.
-fn try_request(socket: &Path, request: &Value) -> Option<Value> {
-    use std::io::{BufRead, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(PATIENCE)).ok()?;
-    writeln!(stream, "{request}").ok()?;
-    let mut line = String::new();
-    std::io::BufReader::new(stream).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
-}
-
 /// The status of the guest `blk`, while the process answers.
 fn blk_status(run: &Running) -> Option<Value> {
     let reply = try_request(&run.socket, &json!({"request": "status"}))?;
     reply["result"]["guests"].get(0).cloned()
-}
-
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("UNDERSTUDY_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        })
 }
 
 /// Runs `blk` as a pair (`resume`) over a fresh 1 MiB image and injects faults of `kinds`,
@@ -142,7 +107,7 @@ fn blk_pair_under_faults(
     passes: u64,
     sectors: u64,
 ) -> (String, PathBuf, u32, Value, String) {
-    let seed = seed();
+    let seed = common::fault_seed();
     let env = env_file(
         test,
         &format!(

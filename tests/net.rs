@@ -11,8 +11,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::running::Running;
-use common::{env_file, numbers_after, stderr, PATIENCE};
+use common::running::{try_request, Running};
+use common::{env_file, numbers_after, stderr, XorShift, PATIENCE};
 use serde_json::{json, Value};
 
 /// The guest's address and the peer's, on the TAP's subnet.
@@ -113,30 +113,6 @@ impl Drop for Netns {
     }
 }
 
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn seed() -> u64 {
-    std::env::var("UNDERSTUDY_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                | 1
-        })
-}
-
 /// An environment with one `net` guest on `tap0`, protected as `resume` ("" for none).
 fn net_env(test: &str, resume: &str, cmdline: &str) -> std::path::PathBuf {
     let standby = if resume.is_empty() {
@@ -165,16 +141,6 @@ fn net_status(run: &Running) -> Option<Value> {
         .iter()
         .find(|g| g["name"] == "net")
         .cloned()
-}
-
-fn try_request(socket: &Path, request: &Value) -> Option<Value> {
-    use std::io::{BufRead, BufReader, Write};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).ok()?;
-    stream.set_read_timeout(Some(PATIENCE)).ok()?;
-    writeln!(stream, "{request}").ok()?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).ok()?;
-    serde_json::from_str(&line).ok()
 }
 
 /// Waits until the pair is armed with `failures` failures handled; `false` if the guest
@@ -223,7 +189,7 @@ fn checkpointed_datagrams_reach_the_peer_exactly_once_through_many_faults() {
     );
     let console = env.with_file_name("console.log");
     let mut run = netns.enter(|| Running::start(&env, &[]));
-    let seed = seed();
+    let seed = common::fault_seed();
     let context = format!("seed {seed} (set UNDERSTUDY_FAULT_SEED to repeat)");
     let mut random = XorShift(seed);
     let kinds = ["kill", "mce", "panic", "hang"];
@@ -287,7 +253,7 @@ fn echo_through_failovers(test: &str, resume: &str, kinds: &[&str], faults: u64)
     let peer = netns.socket(6000);
     let env = net_env(&format!("net-echo-{test}"), resume, "tick_ms=0");
     let mut run = netns.enter(|| Running::start(&env, &[]));
-    let seed = seed();
+    let seed = common::fault_seed();
     let context = format!("seed {seed} (set UNDERSTUDY_FAULT_SEED to repeat)");
     let mut random = XorShift(seed);
     let mut sequence = 0u64;

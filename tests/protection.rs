@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::running::Running;
-use common::{assert_consecutive, env_file, numbers_after, require_kvm, stderr, stdout};
+use common::{assert_consecutive, env_file, numbers_after, require_kvm, stderr, stdout, XorShift};
 use serde_json::json;
 
 fn run(env: &Path, faults: &[&str]) -> (String, String, Option<i32>) {
@@ -89,18 +89,6 @@ fn allocated(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     meta.blocks() * 512
-}
-
-/// A small deterministic generator, so a failing run can be repeated from its seed.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
 }
 
 #[test]

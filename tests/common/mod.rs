@@ -207,3 +207,30 @@ pub fn env_file(test: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text.replace("KERNELS", env!("UNDERSTUDY_KERNELS"))).unwrap();
     path
 }
+
+/// A small deterministic generator, so a failing run can be repeated from its seed.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+/// The seed of a test's random faults: `UNDERSTUDY_FAULT_SEED` to repeat a run, else a new
+/// one each run (the test prints it).
+pub fn fault_seed() -> u64 {
+    std::env::var("UNDERSTUDY_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        })
+}

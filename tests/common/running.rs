@@ -161,3 +161,13 @@ pub fn copy_in_background(
         }
     })
 }
+
+/// One request to the control socket at `socket`, or `None` once the process has gone away.
+pub fn try_request(socket: &Path, request: &Value) -> Option<Value> {
+    let mut stream = UnixStream::connect(socket).ok()?;
+    stream.set_read_timeout(Some(PATIENCE)).ok()?;
+    writeln!(stream, "{request}").ok()?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).ok()?;
+    serde_json::from_str(&line).ok()
+}
