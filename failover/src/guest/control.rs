@@ -351,161 +351,100 @@ impl Guest {
                 }
             }
             "understudy_disk_requests_total" => {
-                for (index, d) in self.ctx.disks.0.iter().enumerate() {
+                device_samples(page, family, name, "disk", &self.ctx.disks.0, |d| {
                     let io = d.disk.counters();
-                    let disk = index.to_string();
-                    for (op, count) in [
-                        ("read", io.reads),
-                        ("write", io.writes),
-                        ("flush", io.flushes),
-                        ("error", io.errors),
-                    ] {
-                        page.sample(
-                            family,
-                            &[("guest", name), ("disk", &disk), ("op", op)],
-                            count as f64,
-                        );
-                    }
-                }
+                    vec![
+                        (vec![("op", "read")], io.reads),
+                        (vec![("op", "write")], io.writes),
+                        (vec![("op", "flush")], io.flushes),
+                        (vec![("op", "error")], io.errors),
+                    ]
+                })
             }
             "understudy_disk_bytes_total" => {
-                for (index, d) in self.ctx.disks.0.iter().enumerate() {
+                device_samples(page, family, name, "disk", &self.ctx.disks.0, |d| {
                     let io = d.disk.counters();
-                    let disk = index.to_string();
-                    for (op, count) in [("read", io.read_bytes), ("write", io.written_bytes)] {
-                        page.sample(
-                            family,
-                            &[("guest", name), ("disk", &disk), ("op", op)],
-                            count as f64,
-                        );
-                    }
-                }
+                    vec![
+                        (vec![("op", "read")], io.read_bytes),
+                        (vec![("op", "write")], io.written_bytes),
+                    ]
+                })
             }
             "understudy_disk_ownership_changes_total" => {
-                for (index, d) in self.ctx.disks.0.iter().enumerate() {
-                    let ownership = d.disk.ownership();
-                    let disk = index.to_string();
-                    for (change, count) in [
-                        ("grant", ownership.grants),
-                        ("revocation", ownership.revocations),
-                    ] {
-                        page.sample(
-                            family,
-                            &[("guest", name), ("disk", &disk), ("change", change)],
-                            count as f64,
-                        );
-                    }
-                }
+                device_samples(page, family, name, "disk", &self.ctx.disks.0, |d| {
+                    ownership_samples(d.disk.ownership())
+                })
             }
             "understudy_disk_refused_requests_total" => {
-                for (index, d) in self.ctx.disks.0.iter().enumerate() {
-                    let disk = index.to_string();
-                    page.sample(
-                        family,
-                        &[("guest", name), ("disk", &disk)],
-                        d.disk.ownership().refused as f64,
-                    );
-                }
+                device_samples(page, family, name, "disk", &self.ctx.disks.0, |d| {
+                    vec![(vec![], d.disk.ownership().refused)]
+                })
             }
             "understudy_disk_epoch_commits_total" => {
-                for (index, d) in self.ctx.disks.0.iter().enumerate() {
-                    if let Some(epoch) = &d.epoch {
-                        let disk = index.to_string();
-                        page.sample(
-                            family,
-                            &[("guest", name), ("disk", &disk)],
-                            epoch.stats().commits as f64,
-                        );
-                    }
-                }
-            }
-            "understudy_net_frames_total" => {
-                for (index, n) in self.ctx.nics.0.iter().enumerate() {
-                    let c = n.nic.counters();
-                    let nic = index.to_string();
-                    for (direction, outcome, count) in [
-                        ("rx", "delivered", c.rx_frames),
-                        ("rx", "dropped", c.rx_dropped),
-                        ("tx", "sent", c.tx_frames),
-                        ("tx", "dropped", c.tx_dropped),
-                    ] {
-                        page.sample(
-                            family,
-                            &[
-                                ("guest", name),
-                                ("nic", &nic),
-                                ("direction", direction),
-                                ("outcome", outcome),
-                            ],
-                            count as f64,
-                        );
-                    }
-                }
-            }
-            "understudy_net_bytes_total" => {
-                for (index, n) in self.ctx.nics.0.iter().enumerate() {
-                    let c = n.nic.counters();
-                    let nic = index.to_string();
-                    for (direction, count) in [("rx", c.rx_bytes), ("tx", c.tx_bytes)] {
-                        page.sample(
-                            family,
-                            &[("guest", name), ("nic", &nic), ("direction", direction)],
-                            count as f64,
-                        );
-                    }
-                }
-            }
-            "understudy_net_ownership_changes_total" => {
-                for (index, n) in self.ctx.nics.0.iter().enumerate() {
-                    let ownership = n.nic.ownership();
-                    let nic = index.to_string();
-                    for (change, count) in [
-                        ("grant", ownership.grants),
-                        ("revocation", ownership.revocations),
-                    ] {
-                        page.sample(
-                            family,
-                            &[("guest", name), ("nic", &nic), ("change", change)],
-                            count as f64,
-                        );
-                    }
-                }
-            }
-            "understudy_net_held_frames" => {
-                for (index, n) in self.ctx.nics.0.iter().enumerate() {
-                    if let Some(epoch) = &n.epoch {
-                        let nic = index.to_string();
-                        page.sample(
-                            family,
-                            &[("guest", name), ("nic", &nic)],
-                            epoch.stats().held_frames as f64,
-                        );
-                    }
-                }
-            }
-            "understudy_net_discarded_frames_total" => {
-                for (index, n) in self.ctx.nics.0.iter().enumerate() {
-                    if let Some(epoch) = &n.epoch {
-                        let nic = index.to_string();
-                        page.sample(
-                            family,
-                            &[("guest", name), ("nic", &nic)],
-                            epoch.stats().discarded_frames as f64,
-                        );
-                    }
-                }
+                device_samples(page, family, name, "disk", &self.ctx.disks.0, |d| {
+                    d.epoch
+                        .iter()
+                        .map(|e| (vec![], e.stats().commits))
+                        .collect()
+                })
             }
             "understudy_disk_discarded_sectors_total" => {
-                for (index, d) in self.ctx.disks.0.iter().enumerate() {
-                    if let Some(epoch) = &d.epoch {
-                        let disk = index.to_string();
-                        page.sample(
-                            family,
-                            &[("guest", name), ("disk", &disk)],
-                            epoch.stats().discarded_sectors as f64,
-                        );
-                    }
-                }
+                device_samples(page, family, name, "disk", &self.ctx.disks.0, |d| {
+                    d.epoch
+                        .iter()
+                        .map(|e| (vec![], e.stats().discarded_sectors))
+                        .collect()
+                })
+            }
+            "understudy_net_frames_total" => {
+                device_samples(page, family, name, "nic", &self.ctx.nics.0, |n| {
+                    let c = n.nic.counters();
+                    vec![
+                        (
+                            vec![("direction", "rx"), ("outcome", "delivered")],
+                            c.rx_frames,
+                        ),
+                        (
+                            vec![("direction", "rx"), ("outcome", "dropped")],
+                            c.rx_dropped,
+                        ),
+                        (vec![("direction", "tx"), ("outcome", "sent")], c.tx_frames),
+                        (
+                            vec![("direction", "tx"), ("outcome", "dropped")],
+                            c.tx_dropped,
+                        ),
+                    ]
+                })
+            }
+            "understudy_net_bytes_total" => {
+                device_samples(page, family, name, "nic", &self.ctx.nics.0, |n| {
+                    let c = n.nic.counters();
+                    vec![
+                        (vec![("direction", "rx")], c.rx_bytes),
+                        (vec![("direction", "tx")], c.tx_bytes),
+                    ]
+                })
+            }
+            "understudy_net_ownership_changes_total" => {
+                device_samples(page, family, name, "nic", &self.ctx.nics.0, |n| {
+                    ownership_samples(n.nic.ownership())
+                })
+            }
+            "understudy_net_held_frames" => {
+                device_samples(page, family, name, "nic", &self.ctx.nics.0, |n| {
+                    n.epoch
+                        .iter()
+                        .map(|e| (vec![], e.stats().held_frames))
+                        .collect()
+                })
+            }
+            "understudy_net_discarded_frames_total" => {
+                device_samples(page, family, name, "nic", &self.ctx.nics.0, |n| {
+                    n.epoch
+                        .iter()
+                        .map(|e| (vec![], e.stats().discarded_frames))
+                        .collect()
+                })
             }
             _ => {}
         }
@@ -700,4 +639,35 @@ pub fn describe_end(end: &GuestEnd) -> String {
         GuestEnd::Stopped => "stopped on request".into(),
         GuestEnd::Down { reason } => format!("down: {reason}"),
     }
+}
+
+/// Extra labels of one sample, and its value.
+type DeviceSample = (Vec<(&'static str, &'static str)>, u64);
+
+/// Samples of `family` for each of a guest's disks or NICs (`items`), labelled with the guest
+/// and `kind` = the device's index, plus what `samples` gives for each.
+fn device_samples<T>(
+    page: &mut MetricsPage,
+    family: &str,
+    guest: &str,
+    kind: &str,
+    items: &[T],
+    samples: impl Fn(&T) -> Vec<DeviceSample>,
+) {
+    for (index, item) in items.iter().enumerate() {
+        let index = index.to_string();
+        for (extra, value) in samples(item) {
+            let mut labels = vec![("guest", guest), (kind, index.as_str())];
+            labels.extend(extra);
+            page.sample(family, &labels, value as f64);
+        }
+    }
+}
+
+/// Grants and revocations of a disk or NIC, as `change` samples.
+fn ownership_samples(ownership: vmm_core::Ownership) -> Vec<DeviceSample> {
+    vec![
+        (vec![("change", "grant")], ownership.grants),
+        (vec![("change", "revocation")], ownership.revocations),
+    ]
 }
