@@ -10,7 +10,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{HostLimits, Refusal, SystemCalls, Workaround, CANDIDATES};
+use super::probe::CANDIDATES;
+use super::{HostLimits, Refusal, SystemCalls, Workaround};
 
 /// Bumped when the meaning of a cached answer changes.
 const FORMAT: u32 = 1;

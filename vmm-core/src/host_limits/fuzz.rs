@@ -86,7 +86,7 @@ pub fn instruction(data: &[u8]) -> Option<Decoded> {
 
 /// What the vCPU thread's decoder makes of `code` with `regs`.
 fn decode(code: &[u8], regs: &kvm_regs) -> Option<Decoded> {
-    super::mxcsr_instruction(code, regs).map(|op| Decoded {
+    super::complete::mxcsr_instruction(code, regs).map(|op| Decoded {
         store: op.store,
         address: op.address,
         length: op.length,
