@@ -42,8 +42,8 @@
 //! On hardware with VT-x or AMD-V nothing is refused and nothing is changed. The probe runs
 //! all candidates in one pass, exiting only at refusals: it costs a few milliseconds (mostly
 //! building its VM), on whichever thread builds the first machine, and its answer serves every
-//! later one. The answer is also kept between runs, per host (the `cache` module), so a run on a host
-//! already probed pays only for reading a small file.
+//! later one. The answer is also kept between runs, per host (the `cache` module), so a run
+//! on a host already probed pays only for reading a small file.
 
 mod cache;
 mod complete;
