@@ -100,6 +100,13 @@ enum Command {
         /// The environment file (TOML).
         env: PathBuf,
     },
+    /// Print a shell completion script (for bash, zsh, fish, elvish or PowerShell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page, in roff (e.g. `understudy man | man -l -`).
+    Man,
 }
 
 /// The log on standard error, filtered by `filter`; and, with `events`, every lifecycle
@@ -250,5 +257,20 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "understudy", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let command = <Cli as clap::CommandFactory>::command();
+            match clap_mangen::Man::new(command).render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("understudy: cannot write the manual page: {err}");
+                    ExitCode::from(EXIT_HOST_ERROR)
+                }
+            }
+        }
     }
 }

@@ -224,3 +224,32 @@ fn help_lists_the_exit_statuses() {
         assert!(help.contains(line), "no {line:?} in:\n{help}");
     }
 }
+
+#[test]
+fn completions_and_the_manual_page_name_every_command() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = understudy(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0), "{shell}: {}", stderr(&out));
+        let script = stdout(&out);
+        for command in ["run", "ctl", "status", "check"] {
+            assert!(
+                script.contains(command),
+                "{shell}: no {command} in:\n{script}"
+            );
+        }
+    }
+    let out = understudy(&["completions", "tcsh"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+    let out = understudy(&["man"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let page = stdout(&out);
+    assert!(page.contains(".TH understudy 1"), "{page}");
+    assert!(
+        page.contains("Exit statuses"),
+        "the exit statuses are in the manual page:\n{page}"
+    );
+}
