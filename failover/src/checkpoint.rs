@@ -165,7 +165,7 @@ impl Checkpoint {
     }
 
     /// How long an epoch waits for the active's vCPUs to pause before it gives up with
-    /// [`EpochError::Unresponsive`]: a vCPU that does not answer that long has failed.
+    /// [`EpochOutcome::Unresponsive`]: a vCPU that does not answer that long has failed.
     pub fn set_pause_patience(&mut self, patience: Duration) {
         self.pause_patience = patience;
     }

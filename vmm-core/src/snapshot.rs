@@ -14,7 +14,7 @@
 //! The state records, beside every vCPU's, the VM's and the devices' state, what a machine
 //! must match to load it (its [`MachineSpec`], how many disks and NICs it has) and the size
 //! of the memory file. The memory file is guest RAM as the memfd lays it out (see
-//! [`GuestRam::write_to`]), sparse: pages never written, or holding only zeros, are holes,
+//! `GuestRam::write_to`), sparse: pages never written, or holding only zeros, are holes,
 //! and stay holes when it is loaded. It has no checksum of its own: reading it all to check
 //! one would cost what loading a snapshot should not.
 //!

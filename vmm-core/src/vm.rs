@@ -892,7 +892,7 @@ impl Vm {
 }
 
 impl Drop for Vm {
-    /// Ends every vCPU thread. A thread that does not end within [`VCPU_EXIT_PATIENCE`] (it
+    /// Ends every vCPU thread. A thread that does not end within `VCPU_EXIT_PATIENCE` (it
     /// is stuck, or was stalled on purpose) is left behind with an error in the log rather
     /// than waited for: dropping a machine never hangs its owner.
     fn drop(&mut self) {

@@ -125,9 +125,9 @@ pub enum Change {
     /// Nothing changed that the loop watches.
     None,
     /// The active machine was replaced: watch the new one's eventfds, then call
-    /// [`Guest::after_rewire`].
+    /// [`super::Guest::after_rewire`].
     NewActive,
-    /// The guest has ended: stop watching it, then call [`Guest::after_rewire`].
+    /// The guest has ended: stop watching it, then call [`super::Guest::after_rewire`].
     Ended,
 }
 

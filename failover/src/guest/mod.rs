@@ -1,16 +1,16 @@
 //! One supervised guest: its machines and what protects it, as a state machine.
 //!
-//! A guest is [`State::Running`] or [`State::Ended`]. A running guest has an active machine
-//! and a [`Protection`]: `Unprotected` (no standby), `Syncing` (a standby is being built or
+//! A guest is `State::Running` or `State::Ended`. A running guest has an active machine
+//! and a `Protection`: `Unprotected` (no standby), `Syncing` (a standby is being built or
 //! brought level in the background) or `Armed` (the standby is ready: a failure of the
 //! active fails over). Each state owns the machines that exist in it, so a standby that is
 //! not ready cannot be failed over to, by construction. The two `resume` settings are two
-//! implementations of [`mode::ResumeMode`]: over the same RAM ([`shared`]) or over a
-//! checkpointed copy ([`checkpointed`]).
+//! implementations of `mode::ResumeMode`: over the same RAM (`shared`) or over a
+//! checkpointed copy (`checkpointed`).
 //!
 //! Runs on the guest's own thread (see `supervisor::guest_loop`), the only one that changes
 //! the guest's roles. Anything slow (syncing a standby, writing a dump, tearing a machine
-//! down) runs in the background ([`crate::background`]) and comes back as a [`Finished`].
+//! down) runs in the background ([`crate::background`]) and comes back as a `Finished`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};

@@ -1,5 +1,5 @@
 //! The supervisor: starts the guests of an environment, gives each its own event loop on a
-//! thread of its own ([`guest_loop`]), and routes to them what comes from outside until every
+//! thread of its own (`guest_loop`), and routes to them what comes from outside until every
 //! guest has ended.
 //!
 //! The supervisor's own loop (the caller's thread) wakes on timerfds and eventfds, never by

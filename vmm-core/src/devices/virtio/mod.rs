@@ -4,10 +4,10 @@
 //! in-kernel IOAPIC (an irqfd). A guest's `QueueNotify` write reaches the device's own I/O
 //! thread through an ioeventfd, without stopping in this process.
 //!
-//! Each device has one I/O thread ([`VirtioSlot`]). The vCPU threads reach the device's
+//! Each device has one I/O thread (`VirtioSlot`). The vCPU threads reach the device's
 //! registers under the same lock the I/O thread holds while it serves one request, so a
 //! request is never half-served when its machine is paused, saved or fenced: pausing a device
-//! ([`VirtioSlot::pause_within`]) takes that lock between two requests and keeps the thread
+//! (`VirtioSlot::pause_within`) takes that lock between two requests and keeps the thread
 //! from starting another. The transport's and queues' state ([`VirtioState`]) is plain data,
 //! saved with the machine, so a restored machine continues mid-I/O: its device serves what
 //! the guest made available and was not yet served.
