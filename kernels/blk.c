@@ -13,44 +13,14 @@
  * snapshot taken anywhere and resumed elsewhere carries on.
  */
 #include "lib.h"
+#include "virtio_mmio.h"
 
-/* virtio-mmio registers (virtio 1.2, 4.2.2). */
-#define VIRTIO_MMIO_MAGIC_VALUE         0x000
-#define VIRTIO_MMIO_VERSION             0x004
-#define VIRTIO_MMIO_DEVICE_ID           0x008
-#define VIRTIO_MMIO_DEVICE_FEATURES     0x010
-#define VIRTIO_MMIO_DEVICE_FEATURES_SEL 0x014
-#define VIRTIO_MMIO_DRIVER_FEATURES     0x020
-#define VIRTIO_MMIO_DRIVER_FEATURES_SEL 0x024
-#define VIRTIO_MMIO_QUEUE_SEL           0x030
-#define VIRTIO_MMIO_QUEUE_NUM_MAX       0x034
-#define VIRTIO_MMIO_QUEUE_NUM           0x038
-#define VIRTIO_MMIO_QUEUE_READY         0x044
-#define VIRTIO_MMIO_QUEUE_NOTIFY        0x050
-#define VIRTIO_MMIO_STATUS              0x070
-#define VIRTIO_MMIO_QUEUE_DESC_LOW      0x080
-#define VIRTIO_MMIO_QUEUE_DESC_HIGH     0x084
-#define VIRTIO_MMIO_QUEUE_DRIVER_LOW    0x090
-#define VIRTIO_MMIO_QUEUE_DRIVER_HIGH   0x094
-#define VIRTIO_MMIO_QUEUE_DEVICE_LOW    0x0a0
-#define VIRTIO_MMIO_QUEUE_DEVICE_HIGH   0x0a4
-#define VIRTIO_MMIO_CONFIG_GENERATION   0x0fc
-#define VIRTIO_MMIO_CONFIG              0x100
-
-#define VIRTIO_MMIO_MAGIC               0x74726976 /* "virt" */
 #define VIRTIO_ID_BLOCK                 2
-
-#define STATUS_ACKNOWLEDGE              1
-#define STATUS_DRIVER                   2
-#define STATUS_DRIVER_OK                4
-#define STATUS_FEATURES_OK              8
-#define STATUS_FAILED                   128
 
 #define VIRTIO_BLK_F_SEG_MAX            2
 #define VIRTIO_BLK_F_RO                 5
 #define VIRTIO_BLK_F_BLK_SIZE           6
 #define VIRTIO_BLK_F_FLUSH              9
-#define VIRTIO_F_VERSION_1              32
 #define ACCEPTED_FEATURES ((1ull << VIRTIO_BLK_F_SEG_MAX) | (1ull << VIRTIO_BLK_F_RO) | \
                            (1ull << VIRTIO_BLK_F_BLK_SIZE) | (1ull << VIRTIO_BLK_F_FLUSH) | \
                            (1ull << VIRTIO_F_VERSION_1))
@@ -66,23 +36,9 @@
 #define VIRTIO_BLK_S_IOERR              1
 #define VIRTIO_BLK_ID_BYTES             20
 
-#define VIRTQ_DESC_F_NEXT               1
-#define VIRTQ_DESC_F_WRITE              2
-#define VIRTQ_AVAIL_F_NO_INTERRUPT      1
-
 #define SECTOR_SIZE                     512
-#define QUEUE_SIZE_MAX                  16
 #define BENCH_BUF_SIZE                  MIB     /* largest req_kib: 1024 */
 #define HEARTBEAT_MS                    50      /* bench modes */
-
-/* Where to look when the command line names no transport. */
-#define UNDERSTUDY_MMIO_BASE            0xd0000000ul
-#define UNDERSTUDY_MMIO_STRIDE          0x1000
-#define UNDERSTUDY_MMIO_SLOTS           8
-#define MICROVM_MMIO_BASE               0xfeb00000ul
-#define MICROVM_MMIO_STRIDE             0x200
-#define MICROVM_MMIO_SLOTS              24
-#define MAX_CMDLINE_DEVICES             8
 
 /* Exit codes: debug_exit(v) ends the VM with status (v << 1) | 1. */
 #define EXIT_OK                         0
@@ -94,32 +50,6 @@
 #define EXIT_LOST                       7
 #define EXIT_IO_ERROR                   8
 
-struct virtq_desc {
-    u64 addr;
-    u32 len;
-    u16 flags;
-    u16 next;
-};
-
-struct virtq_avail {
-    u16 flags;
-    u16 idx;
-    u16 ring[QUEUE_SIZE_MAX];
-    u16 used_event;
-};
-
-struct virtq_used_elem {
-    u32 id;
-    u32 len;
-};
-
-struct virtq_used {
-    u16 flags;
-    u16 idx;
-    struct virtq_used_elem ring[QUEUE_SIZE_MAX];
-    u16 avail_event;
-};
-
 struct virtio_blk_req {
     u32 type;
     u32 reserved;
@@ -127,7 +57,7 @@ struct virtio_blk_req {
 };
 
 /* The split virtqueue, one page per part. */
-static struct virtq_desc vq_desc[QUEUE_SIZE_MAX] __attribute__((aligned(4096)));
+static struct virtq_desc vq_desc[VIRTQ_SIZE_MAX] __attribute__((aligned(4096)));
 static volatile struct virtq_avail vq_avail __attribute__((aligned(4096)));
 static volatile struct virtq_used vq_used __attribute__((aligned(4096)));
 
@@ -155,159 +85,20 @@ volatile u64 blk_rand_state = 0x2545f4914f6cdd1dull;
 static u64 khz;
 static u64 timeout_ticks;
 
-static inline u32 mmio_read32(u64 off)
+/* Registers of the transport in use. */
+static inline u32 reg_read32(u64 off)
 {
-    u32 v;
-    __asm__ volatile("movl (%1), %0" : "=r"(v) : "r"(blk_mmio + off) : "memory");
-    return v;
+    return mmio_read32(blk_mmio + off);
 }
 
-static inline void mmio_write32(u64 off, u32 v)
+static inline void reg_write32(u64 off, u32 v)
 {
-    __asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(blk_mmio + off) : "memory");
-}
-
-static inline void barrier(void)
-{
-    __asm__ volatile("" ::: "memory");
-}
-
-static void put_line(const char *s)
-{
-    put_str(s);
-    put_str("\n");
-}
-
-/* The physical address of a static object (identity map). */
-static u64 pa(const volatile void *p)
-{
-    return (u64)p;
-}
-
-/* The value of the last `key=value` token (it ends at a space or NUL), or 0 if there is none. */
-static const char *param_str(const char *cmdline, const char *key)
-{
-    const char *p = cmdline;
-    const char *found = 0;
-
-    while (*p) {
-        while (*p == ' ')
-            p++;
-        const char *k = key;
-        while (*k && *p == *k)
-            p++, k++;
-        if (!*k && *p == '=')
-            found = p + 1;
-        while (*p && *p != ' ')
-            p++;
-    }
-    return found;
-}
-
-static bool value_is(const char *v, const char *s)
-{
-    while (*s && *v == *s)
-        v++, s++;
-    return !*s && (*v == ' ' || *v == 0);
-}
-
-/* A number as Linux's %lli reads it here: 0x... hex or decimal. Returns the end, or 0. */
-static const char *parse_num(const char *p, u64 *val)
-{
-    u64 v = 0;
-    const char *start;
-
-    if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
-        for (p += 2, start = p;; p++) {
-            char c = *p;
-            if (c >= '0' && c <= '9')
-                v = v << 4 | (u64)(c - '0');
-            else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f')
-                v = v << 4 | (u64)((c | 0x20) - 'a' + 10);
-            else
-                break;
-        }
-    } else {
-        for (start = p; *p >= '0' && *p <= '9'; p++)
-            v = v * 10 + (u64)(*p - '0');
-    }
-    if (p == start)
-        return 0;
-    *val = v;
-    return p;
-}
-
-/* Base addresses from `virtio_mmio.device=<size>@<addr>:<irq>` tokens, in order. */
-static u32 cmdline_devices(const char *cmdline, u64 *addrs, u32 max)
-{
-    static const char key[] = "virtio_mmio.device=";
-    const char *p = cmdline;
-    u32 n = 0;
-
-    while (*p) {
-        while (*p == ' ')
-            p++;
-        const char *k = key;
-        while (*k && *p == *k)
-            p++, k++;
-        if (!*k) {
-            while (*p && *p != ' ' && *p != '@')
-                p++;
-            u64 addr;
-            const char *end = *p == '@' ? parse_num(p + 1, &addr) : 0;
-            if (end && (*end == ':' || *end == ' ' || *end == 0) && n < max &&
-                addr && addr < (4ul << 30) - PAGE_SIZE && !(addr & 3))
-                addrs[n++] = addr;
-        }
-        while (*p && *p != ' ')
-            p++;
-    }
-    return n;
-}
-
-/* A modern virtio block transport at base? Sets blk_mmio if so. */
-static bool probe(u64 base)
-{
-    blk_mmio = base;
-    if (mmio_read32(VIRTIO_MMIO_MAGIC_VALUE) == VIRTIO_MMIO_MAGIC &&
-        mmio_read32(VIRTIO_MMIO_DEVICE_ID) == VIRTIO_ID_BLOCK) {
-        u32 version = mmio_read32(VIRTIO_MMIO_VERSION);
-        if (version == 2)
-            return true;
-        put_str("blk: skipping virtio-mmio block device version ");
-        put_u64(version);
-        put_str(" at ");
-        put_hex(base);
-        put_str("\n");
-    }
-    blk_mmio = 0;
-    return false;
-}
-
-static bool find_device(const char *cmdline)
-{
-    u64 addrs[MAX_CMDLINE_DEVICES];
-    u32 n = cmdline_devices(cmdline, addrs, MAX_CMDLINE_DEVICES);
-
-    for (u32 i = 0; i < n; i++)
-        if (probe(addrs[i]))
-            return true;
-    for (u32 i = 0; i < UNDERSTUDY_MMIO_SLOTS; i++)
-        if (probe(UNDERSTUDY_MMIO_BASE + i * UNDERSTUDY_MMIO_STRIDE))
-            return true;
-    /* From the top: QEMU plugs its first -device into the highest transport. */
-    for (u32 i = MICROVM_MMIO_SLOTS; i-- > 0;)
-        if (probe(MICROVM_MMIO_BASE + i * MICROVM_MMIO_STRIDE))
-            return true;
-    return false;
+    mmio_write32(blk_mmio + off, v);
 }
 
 __attribute__((noreturn)) static void setup_failed(const char *why)
 {
-    mmio_write32(VIRTIO_MMIO_STATUS, mmio_read32(VIRTIO_MMIO_STATUS) | STATUS_FAILED);
-    put_str("blk: device setup failed: ");
-    put_line(why);
-    debug_exit(EXIT_SETUP);
+    virtio_mmio_failed(blk_mmio, "blk", why, EXIT_SETUP);
 }
 
 static u64 config_read64(u64 off)
@@ -315,62 +106,33 @@ static u64 config_read64(u64 off)
     u32 gen, lo, hi;
 
     do {
-        gen = mmio_read32(VIRTIO_MMIO_CONFIG_GENERATION);
-        lo = mmio_read32(VIRTIO_MMIO_CONFIG + off);
-        hi = mmio_read32(VIRTIO_MMIO_CONFIG + off + 4);
-    } while (mmio_read32(VIRTIO_MMIO_CONFIG_GENERATION) != gen);
+        gen = reg_read32(VIRTIO_MMIO_CONFIG_GENERATION);
+        lo = reg_read32(VIRTIO_MMIO_CONFIG + off);
+        hi = reg_read32(VIRTIO_MMIO_CONFIG + off + 4);
+    } while (reg_read32(VIRTIO_MMIO_CONFIG_GENERATION) != gen);
     return (u64)hi << 32 | lo;
 }
 
 /* Virtio 1.2, 3.1.1 and 4.2.3: reset, negotiate, queue 0, DRIVER_OK. */
 static void device_init(void)
 {
-    mmio_write32(VIRTIO_MMIO_STATUS, 0);
-    for (int i = 0; i < 1000 && mmio_read32(VIRTIO_MMIO_STATUS) != 0; i++)
-        cpu_relax();
-    mmio_write32(VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE);
-    mmio_write32(VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-
-    mmio_write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-    u64 offered = mmio_read32(VIRTIO_MMIO_DEVICE_FEATURES);
-    mmio_write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-    offered |= (u64)mmio_read32(VIRTIO_MMIO_DEVICE_FEATURES) << 32;
+    u64 offered = virtio_mmio_start(blk_mmio);
     if (!(offered & (1ull << VIRTIO_F_VERSION_1)))
         setup_failed("no VIRTIO_F_VERSION_1");
     blk_features = offered & ACCEPTED_FEATURES;
-    mmio_write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-    mmio_write32(VIRTIO_MMIO_DRIVER_FEATURES, (u32)blk_features);
-    mmio_write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-    mmio_write32(VIRTIO_MMIO_DRIVER_FEATURES, (u32)(blk_features >> 32));
-    mmio_write32(VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-    if (!(mmio_read32(VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK))
+    if (!virtio_mmio_accept(blk_mmio, blk_features))
         setup_failed("FEATURES_OK not accepted");
 
-    mmio_write32(VIRTIO_MMIO_QUEUE_SEL, 0);
-    if (mmio_read32(VIRTIO_MMIO_QUEUE_READY))
+    int size = virtio_mmio_queue(blk_mmio, 0, vq_desc, &vq_avail, &vq_used);
+    if (size == VIRTQ_ALREADY_READY)
         setup_failed("queue 0 already ready");
-    u32 max = mmio_read32(VIRTIO_MMIO_QUEUE_NUM_MAX);
-    if (!max)
+    if (size == VIRTQ_MISSING)
         setup_failed("no queue 0");
-    u16 size = QUEUE_SIZE_MAX;
-    while (size > max)
-        size >>= 1;
-    blk_queue_size = size;
+    blk_queue_size = (u16)size;
     blk_last_used = 0;
-    vq_avail.flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
-    vq_avail.idx = 0;
-    vq_used.idx = 0;
-    mmio_write32(VIRTIO_MMIO_QUEUE_NUM, size);
-    mmio_write32(VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)pa(vq_desc));
-    mmio_write32(VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)(pa(vq_desc) >> 32));
-    mmio_write32(VIRTIO_MMIO_QUEUE_DRIVER_LOW, (u32)pa(&vq_avail));
-    mmio_write32(VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (u32)(pa(&vq_avail) >> 32));
-    mmio_write32(VIRTIO_MMIO_QUEUE_DEVICE_LOW, (u32)pa(&vq_used));
-    mmio_write32(VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (u32)(pa(&vq_used) >> 32));
-    mmio_write32(VIRTIO_MMIO_QUEUE_READY, 1);
 
-    mmio_write32(VIRTIO_MMIO_STATUS,
-                 STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    reg_write32(VIRTIO_MMIO_STATUS,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     blk_capacity = config_read64(BLK_CFG_CAPACITY);
 }
 
@@ -434,7 +196,7 @@ static u8 request(u32 type, u64 sector, void *data, u32 len)
     barrier(); /* x86 keeps stores in order: the ring entry is visible before idx */
     vq_avail.idx = (u16)(idx + 1);
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* idx before the notify, and before reading used */
-    mmio_write32(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    reg_write32(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     wait_used();
     /*
      * InterruptStatus is neither read nor acknowledged: that would be two
@@ -668,10 +430,8 @@ void main(const char *cmdline, u64 ram_end)
     bool rand = bench && value_is(bench, "rand");
 
     (void)ram_end;
-    if (bench && !seq && !rand) {
-        put_line("blk: bench must be seq or rand");
-        debug_exit(EXIT_SETUP);
-    }
+    if (bench && !seq && !rand)
+        bad_parameter("blk", "bench", "seq or rand", EXIT_SETUP);
     khz = tsc_khz();
     timeout_ticks = param_or(cmdline, "timeout_ms", 5000) * khz;
     if (req_kib < 1)
@@ -679,7 +439,8 @@ void main(const char *cmdline, u64 ram_end)
     if (req_kib > BENCH_BUF_SIZE / 1024)
         req_kib = BENCH_BUF_SIZE / 1024;
 
-    if (!find_device(cmdline)) {
+    blk_mmio = virtio_mmio_find(cmdline, VIRTIO_ID_BLOCK, "blk", "block");
+    if (!blk_mmio) {
         put_line("blk: no virtio block device");
         debug_exit(EXIT_NO_DEVICE);
     }

@@ -130,55 +130,6 @@ static inline u32 inl(u16 port)
     return v;
 }
 
-/* MMIO accesses of each width, as single mov instructions. */
-static inline u8 mmio_read8(u64 a)
-{
-    u8 v;
-    __asm__ volatile("movb (%1), %0" : "=q"(v) : "r"(a) : "memory");
-    return v;
-}
-
-static inline u16 mmio_read16(u64 a)
-{
-    u16 v;
-    __asm__ volatile("movw (%1), %0" : "=r"(v) : "r"(a) : "memory");
-    return v;
-}
-
-static inline u32 mmio_read32(u64 a)
-{
-    u32 v;
-    __asm__ volatile("movl (%1), %0" : "=r"(v) : "r"(a) : "memory");
-    return v;
-}
-
-static inline u64 mmio_read64(u64 a)
-{
-    u64 v;
-    __asm__ volatile("movq (%1), %0" : "=r"(v) : "r"(a) : "memory");
-    return v;
-}
-
-static inline void mmio_write8(u64 a, u8 v)
-{
-    __asm__ volatile("movb %0, (%1)" : : "q"(v), "r"(a) : "memory");
-}
-
-static inline void mmio_write16(u64 a, u16 v)
-{
-    __asm__ volatile("movw %0, (%1)" : : "r"(v), "r"(a) : "memory");
-}
-
-static inline void mmio_write32(u64 a, u32 v)
-{
-    __asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(a) : "memory");
-}
-
-static inline void mmio_write64(u64 a, u64 v)
-{
-    __asm__ volatile("movq %0, (%1)" : : "r"(v), "r"(a) : "memory");
-}
-
 /* Deterministic garbage (xorshift64), so a run can be repeated. */
 static u64 rand_state = 0x9e3779b97f4a7c15ul;
 
@@ -188,12 +139,6 @@ static u64 garbage(void)
     rand_state ^= rand_state >> 7;
     rand_state ^= rand_state << 17;
     return rand_state;
-}
-
-static void put_line(const char *s)
-{
-    put_str(s);
-    put_str("\n");
 }
 
 /*

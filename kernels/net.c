@@ -13,42 +13,12 @@
  * taken anywhere and resumed elsewhere carries on with no gap or repeat.
  */
 #include "lib.h"
+#include "virtio_mmio.h"
 
-/* virtio-mmio registers (virtio 1.2, 4.2.2). */
-#define VIRTIO_MMIO_MAGIC_VALUE         0x000
-#define VIRTIO_MMIO_VERSION             0x004
-#define VIRTIO_MMIO_DEVICE_ID           0x008
-#define VIRTIO_MMIO_DEVICE_FEATURES     0x010
-#define VIRTIO_MMIO_DEVICE_FEATURES_SEL 0x014
-#define VIRTIO_MMIO_DRIVER_FEATURES     0x020
-#define VIRTIO_MMIO_DRIVER_FEATURES_SEL 0x024
-#define VIRTIO_MMIO_QUEUE_SEL           0x030
-#define VIRTIO_MMIO_QUEUE_NUM_MAX       0x034
-#define VIRTIO_MMIO_QUEUE_NUM           0x038
-#define VIRTIO_MMIO_QUEUE_READY         0x044
-#define VIRTIO_MMIO_QUEUE_NOTIFY        0x050
-#define VIRTIO_MMIO_STATUS              0x070
-#define VIRTIO_MMIO_QUEUE_DESC_LOW      0x080
-#define VIRTIO_MMIO_QUEUE_DESC_HIGH     0x084
-#define VIRTIO_MMIO_QUEUE_DRIVER_LOW    0x090
-#define VIRTIO_MMIO_QUEUE_DRIVER_HIGH   0x094
-#define VIRTIO_MMIO_QUEUE_DEVICE_LOW    0x0a0
-#define VIRTIO_MMIO_QUEUE_DEVICE_HIGH   0x0a4
-#define VIRTIO_MMIO_CONFIG_GENERATION   0x0fc
-#define VIRTIO_MMIO_CONFIG              0x100
-
-#define VIRTIO_MMIO_MAGIC               0x74726976 /* "virt" */
 #define VIRTIO_ID_NET                   1
-
-#define STATUS_ACKNOWLEDGE              1
-#define STATUS_DRIVER                   2
-#define STATUS_DRIVER_OK                4
-#define STATUS_FEATURES_OK              8
-#define STATUS_FAILED                   128
 
 #define VIRTIO_NET_F_MAC                5
 #define VIRTIO_NET_F_STATUS             16
-#define VIRTIO_F_VERSION_1              32
 #define REQUIRED_FEATURES ((1ull << VIRTIO_F_VERSION_1) | (1ull << VIRTIO_NET_F_MAC))
 #define ACCEPTED_FEATURES (REQUIRED_FEATURES | (1ull << VIRTIO_NET_F_STATUS))
 
@@ -57,9 +27,6 @@
 
 #define QUEUE_RX                        0
 #define QUEUE_TX                        1
-
-#define VIRTQ_AVAIL_F_NO_INTERRUPT      1
-#define VIRTQ_DESC_F_WRITE              2
 
 /*
  * Every buffer, both ways, is struct virtio_net_hdr_v1 (12 bytes with
@@ -70,7 +37,6 @@
 #define ETH_FRAME_MAX                   1514
 #define ETH_FRAME_MIN                   60
 #define BUF_SIZE                        2048
-#define QUEUE_SIZE_MAX                  16
 _Static_assert(BUF_SIZE >= NET_HDR_SIZE + ETH_FRAME_MAX, "an RX buffer holds a whole frame");
 
 #define ETH_HLEN                        14
@@ -88,57 +54,22 @@ _Static_assert(BUF_SIZE >= NET_HDR_SIZE + ETH_FRAME_MAX, "an RX buffer holds a w
 #define HEARTBEAT_MS                    100
 #define ARP_RETRY_MS                    200
 
-/* Where to look when the command line names no transport. */
-#define UNDERSTUDY_MMIO_BASE            0xd0000000ul
-#define UNDERSTUDY_MMIO_STRIDE          0x1000
-#define UNDERSTUDY_MMIO_SLOTS           8
-#define MICROVM_MMIO_BASE               0xfeb00000ul
-#define MICROVM_MMIO_STRIDE             0x200
-#define MICROVM_MMIO_SLOTS              24
-#define MAX_CMDLINE_DEVICES             8
-
 /* Exit codes: debug_exit(v) ends the VM with status (v << 1) | 1. */
 #define EXIT_OK                         0
 #define EXIT_NO_DEVICE                  2
 #define EXIT_SETUP                      5
 
-struct virtq_desc {
-    u64 addr;
-    u32 len;
-    u16 flags;
-    u16 next;
-};
-
-struct virtq_avail {
-    u16 flags;
-    u16 idx;
-    u16 ring[QUEUE_SIZE_MAX];
-    u16 used_event;
-};
-
-struct virtq_used_elem {
-    u32 id;
-    u32 len;
-};
-
-struct virtq_used {
-    u16 flags;
-    u16 idx;
-    struct virtq_used_elem ring[QUEUE_SIZE_MAX];
-    u16 avail_event;
-};
-
 /* Two split virtqueues, one page per part. */
-static struct virtq_desc rx_desc[QUEUE_SIZE_MAX] __attribute__((aligned(4096)));
+static struct virtq_desc rx_desc[VIRTQ_SIZE_MAX] __attribute__((aligned(4096)));
 static volatile struct virtq_avail rx_avail __attribute__((aligned(4096)));
 static volatile struct virtq_used rx_used __attribute__((aligned(4096)));
-static struct virtq_desc tx_desc[QUEUE_SIZE_MAX] __attribute__((aligned(4096)));
+static struct virtq_desc tx_desc[VIRTQ_SIZE_MAX] __attribute__((aligned(4096)));
 static volatile struct virtq_avail tx_avail __attribute__((aligned(4096)));
 static volatile struct virtq_used tx_used __attribute__((aligned(4096)));
 
 /* Descriptor i of a queue always points at buffer i of that queue. */
-static u8 rx_buf[QUEUE_SIZE_MAX][BUF_SIZE] __attribute__((aligned(4096)));
-static u8 tx_buf[QUEUE_SIZE_MAX][BUF_SIZE] __attribute__((aligned(4096)));
+static u8 rx_buf[VIRTQ_SIZE_MAX][BUF_SIZE] __attribute__((aligned(4096)));
+static u8 tx_buf[VIRTQ_SIZE_MAX][BUF_SIZE] __attribute__((aligned(4096)));
 
 struct queue {
     u16 index;
@@ -161,9 +92,9 @@ u32 net_peer_ip;
 u16 net_port;
 u16 net_src_port;
 u16 net_echo_port;
-static bool rx_posted[QUEUE_SIZE_MAX];  /* owned by the device */
-static bool tx_busy[QUEUE_SIZE_MAX];    /* owned by the device */
-static u16 tx_free[QUEUE_SIZE_MAX];     /* a stack of free TX buffers */
+static bool rx_posted[VIRTQ_SIZE_MAX];  /* owned by the device */
+static bool tx_busy[VIRTQ_SIZE_MAX];    /* owned by the device */
+static u16 tx_free[VIRTQ_SIZE_MAX];     /* a stack of free TX buffers */
 static u16 tx_nfree;
 
 /*
@@ -185,114 +116,20 @@ static u64 tick_ticks;              /* tick_ms in TSC ticks */
 static const u8 broadcast_mac[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
 static const u8 zero_mac[6];
 
-static inline u32 mmio_read32(u64 off)
+/* Registers of the transport in use. */
+static inline u32 reg_read32(u64 off)
 {
-    u32 v;
-    __asm__ volatile("movl (%1), %0" : "=r"(v) : "r"(net_mmio + off) : "memory");
-    return v;
+    return mmio_read32(net_mmio + off);
 }
 
-static inline u8 mmio_read8(u64 off)
+static inline u8 reg_read8(u64 off)
 {
-    u8 v;
-    __asm__ volatile("movb (%1), %0" : "=q"(v) : "r"(net_mmio + off) : "memory");
-    return v;
+    return mmio_read8(net_mmio + off);
 }
 
-static inline void mmio_write32(u64 off, u32 v)
+static inline void reg_write32(u64 off, u32 v)
 {
-    __asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(net_mmio + off) : "memory");
-}
-
-static inline void barrier(void)
-{
-    __asm__ volatile("" ::: "memory");
-}
-
-static void put_line(const char *s)
-{
-    put_str(s);
-    put_str("\n");
-}
-
-/* The physical address of a static object (identity map). */
-static u64 pa(const volatile void *p)
-{
-    return (u64)p;
-}
-
-/* The value of the last `key=value` token (it ends at a space or NUL), or 0 if there is none. */
-static const char *param_str(const char *cmdline, const char *key)
-{
-    const char *p = cmdline;
-    const char *found = 0;
-
-    while (*p) {
-        while (*p == ' ')
-            p++;
-        const char *k = key;
-        while (*k && *p == *k)
-            p++, k++;
-        if (!*k && *p == '=')
-            found = p + 1;
-        while (*p && *p != ' ')
-            p++;
-    }
-    return found;
-}
-
-/* A number as Linux's %lli reads it here: 0x... hex or decimal. Returns the end, or 0. */
-static const char *parse_num(const char *p, u64 *val)
-{
-    u64 v = 0;
-    const char *start;
-
-    if (p[0] == '0' && (p[1] == 'x' || p[1] == 'X')) {
-        for (p += 2, start = p;; p++) {
-            char c = *p;
-            if (c >= '0' && c <= '9')
-                v = v << 4 | (u64)(c - '0');
-            else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f')
-                v = v << 4 | (u64)((c | 0x20) - 'a' + 10);
-            else
-                break;
-        }
-    } else {
-        for (start = p; *p >= '0' && *p <= '9'; p++)
-            v = v * 10 + (u64)(*p - '0');
-    }
-    if (p == start)
-        return 0;
-    *val = v;
-    return p;
-}
-
-/* Base addresses from `virtio_mmio.device=<size>@<addr>:<irq>` tokens, in order. */
-static u32 cmdline_devices(const char *cmdline, u64 *addrs, u32 max)
-{
-    static const char key[] = "virtio_mmio.device=";
-    const char *p = cmdline;
-    u32 n = 0;
-
-    while (*p) {
-        while (*p == ' ')
-            p++;
-        const char *k = key;
-        while (*k && *p == *k)
-            p++, k++;
-        if (!*k) {
-            while (*p && *p != ' ' && *p != '@')
-                p++;
-            u64 addr;
-            const char *end = *p == '@' ? parse_num(p + 1, &addr) : 0;
-            if (end && (*end == ':' || *end == ' ' || *end == 0) && n < max &&
-                addr && addr < (4ul << 30) - PAGE_SIZE && !(addr & 3))
-                addrs[n++] = addr;
-        }
-        while (*p && *p != ' ')
-            p++;
-    }
-    return n;
+    mmio_write32(net_mmio + off, v);
 }
 
 /* A dotted IPv4 address a.b.c.d ending at a space or NUL, in host order. */
@@ -317,15 +154,6 @@ static bool parse_ip(const char *p, u32 *ip)
     return true;
 }
 
-__attribute__((noreturn)) static void bad_parameter(const char *key, const char *what)
-{
-    put_str("net: ");
-    put_str(key);
-    put_str(" must be ");
-    put_line(what);
-    debug_exit(EXIT_SETUP);
-}
-
 static u32 ip_param(const char *cmdline, const char *key, u32 dflt)
 {
     const char *v = param_str(cmdline, key);
@@ -334,7 +162,7 @@ static u32 ip_param(const char *cmdline, const char *key, u32 dflt)
     if (!v)
         return dflt;
     if (!parse_ip(v, &ip))
-        bad_parameter(key, "a dotted IPv4 address");
+        bad_parameter("net", key, "a dotted IPv4 address", EXIT_SETUP);
     return ip;
 }
 
@@ -343,9 +171,9 @@ static u16 port_param(const char *cmdline, const char *key, u64 dflt)
     u64 v = dflt;
 
     if (param_str(cmdline, key) && !param_u64(cmdline, key, &v))
-        bad_parameter(key, "a port number");
+        bad_parameter("net", key, "a port number", EXIT_SETUP);
     if (v > 0xffff)
-        bad_parameter(key, "a port number");
+        bad_parameter("net", key, "a port number", EXIT_SETUP);
     return (u16)v;
 }
 
@@ -370,49 +198,9 @@ static void put_mac(const u8 *mac)
     put_str(s);
 }
 
-/* A modern virtio network transport at base? Sets net_mmio if so. */
-static bool probe(u64 base)
-{
-    net_mmio = base;
-    if (mmio_read32(VIRTIO_MMIO_MAGIC_VALUE) == VIRTIO_MMIO_MAGIC &&
-        mmio_read32(VIRTIO_MMIO_DEVICE_ID) == VIRTIO_ID_NET) {
-        u32 version = mmio_read32(VIRTIO_MMIO_VERSION);
-        if (version == 2)
-            return true;
-        put_str("net: skipping virtio-mmio network device version ");
-        put_u64(version);
-        put_str(" at ");
-        put_hex(base);
-        put_str("\n");
-    }
-    net_mmio = 0;
-    return false;
-}
-
-static bool find_device(const char *cmdline)
-{
-    u64 addrs[MAX_CMDLINE_DEVICES];
-    u32 n = cmdline_devices(cmdline, addrs, MAX_CMDLINE_DEVICES);
-
-    for (u32 i = 0; i < n; i++)
-        if (probe(addrs[i]))
-            return true;
-    for (u32 i = 0; i < UNDERSTUDY_MMIO_SLOTS; i++)
-        if (probe(UNDERSTUDY_MMIO_BASE + i * UNDERSTUDY_MMIO_STRIDE))
-            return true;
-    /* From the top: QEMU plugs its first -device into the highest transport. */
-    for (u32 i = MICROVM_MMIO_SLOTS; i-- > 0;)
-        if (probe(MICROVM_MMIO_BASE + i * MICROVM_MMIO_STRIDE))
-            return true;
-    return false;
-}
-
 __attribute__((noreturn)) static void setup_failed(const char *why)
 {
-    mmio_write32(VIRTIO_MMIO_STATUS, mmio_read32(VIRTIO_MMIO_STATUS) | STATUS_FAILED);
-    put_str("net: device setup failed: ");
-    put_line(why);
-    debug_exit(EXIT_SETUP);
+    virtio_mmio_failed(net_mmio, "net", why, EXIT_SETUP);
 }
 
 /* The MAC, one byte-wide read per byte (u8 fields), under ConfigGeneration. */
@@ -421,37 +209,22 @@ static void read_mac(void)
     u32 gen;
 
     do {
-        gen = mmio_read32(VIRTIO_MMIO_CONFIG_GENERATION);
+        gen = reg_read32(VIRTIO_MMIO_CONFIG_GENERATION);
         for (int i = 0; i < 6; i++)
-            net_mac[i] = mmio_read8(VIRTIO_MMIO_CONFIG + NET_CFG_MAC + i);
-    } while (mmio_read32(VIRTIO_MMIO_CONFIG_GENERATION) != gen);
+            net_mac[i] = reg_read8(VIRTIO_MMIO_CONFIG + NET_CFG_MAC + i);
+    } while (reg_read32(VIRTIO_MMIO_CONFIG_GENERATION) != gen);
 }
 
 static void queue_init(struct queue *q)
 {
-    mmio_write32(VIRTIO_MMIO_QUEUE_SEL, q->index);
-    if (mmio_read32(VIRTIO_MMIO_QUEUE_READY))
+    int size = virtio_mmio_queue(net_mmio, q->index, q->desc, q->avail, q->used);
+    if (size == VIRTQ_ALREADY_READY)
         setup_failed(q->index == QUEUE_RX ? "receive queue already ready"
                                           : "transmit queue already ready");
-    u32 max = mmio_read32(VIRTIO_MMIO_QUEUE_NUM_MAX);
-    if (!max)
+    if (size == VIRTQ_MISSING)
         setup_failed(q->index == QUEUE_RX ? "no receive queue" : "no transmit queue");
-    u16 size = QUEUE_SIZE_MAX;
-    while (size > max)
-        size >>= 1;
-    q->size = size;
+    q->size = (u16)size;
     q->last_used = 0;
-    q->avail->flags = VIRTQ_AVAIL_F_NO_INTERRUPT;
-    q->avail->idx = 0;
-    q->used->idx = 0;
-    mmio_write32(VIRTIO_MMIO_QUEUE_NUM, size);
-    mmio_write32(VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)pa(q->desc));
-    mmio_write32(VIRTIO_MMIO_QUEUE_DESC_HIGH, (u32)(pa(q->desc) >> 32));
-    mmio_write32(VIRTIO_MMIO_QUEUE_DRIVER_LOW, (u32)pa(q->avail));
-    mmio_write32(VIRTIO_MMIO_QUEUE_DRIVER_HIGH, (u32)(pa(q->avail) >> 32));
-    mmio_write32(VIRTIO_MMIO_QUEUE_DEVICE_LOW, (u32)pa(q->used));
-    mmio_write32(VIRTIO_MMIO_QUEUE_DEVICE_HIGH, (u32)(pa(q->used) >> 32));
-    mmio_write32(VIRTIO_MMIO_QUEUE_READY, 1);
 }
 
 /* Puts descriptor id in the avail ring; the device sees it at the next notify or poll. */
@@ -466,7 +239,7 @@ static void queue_publish(struct queue *q, u16 id)
 static void queue_kick(struct queue *q)
 {
     __atomic_thread_fence(__ATOMIC_SEQ_CST); /* idx before the notify, and before reading used */
-    mmio_write32(VIRTIO_MMIO_QUEUE_NOTIFY, q->index);
+    reg_write32(VIRTIO_MMIO_QUEUE_NOTIFY, q->index);
 }
 
 /* Hands RX buffer id to the device (if it does not hold it already). */
@@ -485,27 +258,13 @@ static void rx_post(u16 id)
 /* Virtio 1.2, 3.1.1, 4.2.3 and 5.1.5: reset, negotiate, queues 0 and 1, RX buffers, DRIVER_OK. */
 static void device_init(void)
 {
-    mmio_write32(VIRTIO_MMIO_STATUS, 0);
-    for (int i = 0; i < 1000 && mmio_read32(VIRTIO_MMIO_STATUS) != 0; i++)
-        cpu_relax();
-    mmio_write32(VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE);
-    mmio_write32(VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-
-    mmio_write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
-    u64 offered = mmio_read32(VIRTIO_MMIO_DEVICE_FEATURES);
-    mmio_write32(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
-    offered |= (u64)mmio_read32(VIRTIO_MMIO_DEVICE_FEATURES) << 32;
+    u64 offered = virtio_mmio_start(net_mmio);
     if (!(offered & (1ull << VIRTIO_F_VERSION_1)))
         setup_failed("no VIRTIO_F_VERSION_1");
     if (!(offered & (1ull << VIRTIO_NET_F_MAC)))
         setup_failed("no VIRTIO_NET_F_MAC");
     net_features = offered & ACCEPTED_FEATURES;
-    mmio_write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
-    mmio_write32(VIRTIO_MMIO_DRIVER_FEATURES, (u32)net_features);
-    mmio_write32(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
-    mmio_write32(VIRTIO_MMIO_DRIVER_FEATURES, (u32)(net_features >> 32));
-    mmio_write32(VIRTIO_MMIO_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
-    if (!(mmio_read32(VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK))
+    if (!virtio_mmio_accept(net_mmio, net_features))
         setup_failed("FEATURES_OK not accepted");
 
     queue_init(&rxq);
@@ -517,8 +276,8 @@ static void device_init(void)
     tx_nfree = txq.size;
     read_mac();
 
-    mmio_write32(VIRTIO_MMIO_STATUS,
-                 STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    reg_write32(VIRTIO_MMIO_STATUS,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
     queue_kick(&rxq);
 }
 
@@ -865,7 +624,8 @@ void main(const char *cmdline, u64 ram_end)
     khz = tsc_khz();
     tick_ticks = tick_ms * khz;
 
-    if (!find_device(cmdline)) {
+    net_mmio = virtio_mmio_find(cmdline, VIRTIO_ID_NET, "net", "network");
+    if (!net_mmio) {
         put_line("net: no virtio network device");
         debug_exit(EXIT_NO_DEVICE);
     }

@@ -137,40 +137,6 @@ void debug_exit(u8 v)
         cpu_relax();
 }
 
-bool param_u64(const char *cmdline, const char *key, u64 *val)
-{
-    const char *p = cmdline;
-    bool found = false;
-
-    /* Later occurrences override earlier ones, as on Linux. */
-    while (*p) {
-        while (*p == ' ')
-            p++;
-        const char *k = key;
-        while (*k && *p == *k)
-            p++, k++;
-        if (!*k && *p == '=') {
-            u64 v = 0;
-            bool digits = false;
-            for (p++; *p >= '0' && *p <= '9'; p++, digits = true)
-                v = v * 10 + (u64)(*p - '0');
-            if (digits && (*p == ' ' || *p == 0)) {
-                *val = v;
-                found = true;
-            }
-        }
-        while (*p && *p != ' ')
-            p++;
-    }
-    return found;
-}
-
-u64 param_or(const char *cmdline, const char *key, u64 dflt)
-{
-    u64 v;
-    return param_u64(cmdline, key, &v) ? v : dflt;
-}
-
 /*
  * Fallback when the hypervisor does not report the TSC frequency (QEMU):
  * count PIT channel 2 ticks against the TSC for 50 ms. The counter is read

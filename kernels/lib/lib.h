@@ -57,10 +57,77 @@ static inline void cpu_relax(void)
     __asm__ volatile("pause" ::: "memory");
 }
 
+/* The physical address of a static object (identity map). */
+static inline u64 pa(const volatile void *p)
+{
+    return (u64)p;
+}
+
+/* Compiler barrier: memory accesses are not moved across it. */
+static inline void barrier(void)
+{
+    __asm__ volatile("" ::: "memory");
+}
+
+/* MMIO accesses of each width, as single mov instructions. */
+static inline u8 mmio_read8(u64 a)
+{
+    u8 v;
+    __asm__ volatile("movb (%1), %0" : "=q"(v) : "r"(a) : "memory");
+    return v;
+}
+
+static inline u16 mmio_read16(u64 a)
+{
+    u16 v;
+    __asm__ volatile("movw (%1), %0" : "=r"(v) : "r"(a) : "memory");
+    return v;
+}
+
+static inline u32 mmio_read32(u64 a)
+{
+    u32 v;
+    __asm__ volatile("movl (%1), %0" : "=r"(v) : "r"(a) : "memory");
+    return v;
+}
+
+static inline u64 mmio_read64(u64 a)
+{
+    u64 v;
+    __asm__ volatile("movq (%1), %0" : "=r"(v) : "r"(a) : "memory");
+    return v;
+}
+
+static inline void mmio_write8(u64 a, u8 v)
+{
+    __asm__ volatile("movb %0, (%1)" : : "q"(v), "r"(a) : "memory");
+}
+
+static inline void mmio_write16(u64 a, u16 v)
+{
+    __asm__ volatile("movw %0, (%1)" : : "r"(v), "r"(a) : "memory");
+}
+
+static inline void mmio_write32(u64 a, u32 v)
+{
+    __asm__ volatile("movl %0, (%1)" : : "r"(v), "r"(a) : "memory");
+}
+
+static inline void mmio_write64(u64 a, u64 v)
+{
+    __asm__ volatile("movq %0, (%1)" : : "r"(v), "r"(a) : "memory");
+}
+
 /* Serial output: one outb per byte, no LSR polling. */
 void put_str(const char *s);
 void put_u64(u64 v);
 void put_hex(u64 v);
+
+static inline void put_line(const char *s)
+{
+    put_str(s);
+    put_str("\n");
+}
 
 static inline void heartbeat(u32 seq)
 {
@@ -75,9 +142,26 @@ static inline void pvpanic(void)
 /* Ends the VM with exit status (v << 1) | 1. */
 __attribute__((noreturn)) void debug_exit(u8 v);
 
-/* Command line "key=value" lookup; param_u64 returns false if the key is absent or not a number. */
+/*
+ * Command line (cmdline.c): `key=value` tokens separated by spaces, the last
+ * occurrence wins. param_u64 takes the last decimal value and returns false
+ * if there is none (key absent or not a number).
+ */
 bool param_u64(const char *cmdline, const char *key, u64 *val);
 u64 param_or(const char *cmdline, const char *key, u64 dflt);
+/* The value of the last `key=value` token (it ends at a space or NUL), or 0 if there is none. */
+const char *param_str(const char *cmdline, const char *key);
+/* Whether the value v (ending at a space or NUL) is the string s. */
+bool value_is(const char *v, const char *s);
+/* Prints "<kernel>: <key> must be <what>" and ends the VM with debug_exit(status). */
+__attribute__((noreturn)) void bad_parameter(const char *kernel, const char *key, const char *what,
+                                             u8 status);
+/*
+ * Base addresses from `virtio_mmio.device=<size>@<addr>:<irq>` tokens, in
+ * order, at most max of them (addr hex with 0x, or decimal; 4-byte aligned,
+ * nonzero, below 4 GiB less a page).
+ */
+u32 cmdline_devices(const char *cmdline, u64 *addrs, u32 max);
 
 /*
  * TSC ticks per millisecond (see README for where it comes from). The first
