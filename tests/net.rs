@@ -358,7 +358,7 @@ fn nics_that_cannot_be_used_are_refused_before_anything_starts() {
     // Not a TAP: `lo` exists and is a loopback device.
     refused(
         &format!("{guest}[[guest.net]]\ntap = \"lo\"\n"),
-        "net[0].tap: TAP lo",
+        "net[0].tap: lo is a network interface but not a TAP device",
     );
     refused(
         &format!("{guest}[[guest.net]]\ntap = \"a-name-too-long-for-linux\"\n"),

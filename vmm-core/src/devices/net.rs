@@ -74,6 +74,12 @@ pub enum TapError {
         /// The TAP.
         name: String,
     },
+    /// An interface of that name exists and is not a TAP device.
+    #[error("{name} is a network interface but not a TAP device")]
+    NotATap {
+        /// The interface.
+        name: String,
+    },
     /// The kernel refused to attach to or create the TAP, or to set it up.
     #[error("TAP {name}: {what}: {source}")]
     Setup {
@@ -140,12 +146,17 @@ impl Tap {
         // SAFETY: TUNSETIFF reads and writes one ifreq, which lives for the call.
         if unsafe { libc::ioctl(fd, libc::TUNSETIFF as _, &mut request) } < 0 {
             let err = io::Error::last_os_error();
-            return Err(if err.raw_os_error() == Some(libc::EBUSY) {
-                TapError::Busy {
+            // SAFETY: a NUL-terminated name; the call only looks it up in this network
+            // namespace.
+            let exists = unsafe { libc::if_nametoindex(cname.as_ptr()) } != 0;
+            return Err(match err.raw_os_error() {
+                Some(libc::EBUSY) => TapError::Busy {
                     name: name.to_owned(),
-                }
-            } else {
-                setup("cannot attach to or create it", err)
+                },
+                Some(libc::EINVAL) if exists => TapError::NotATap {
+                    name: name.to_owned(),
+                },
+                _ => setup("cannot attach to or create it", err),
             });
         }
         let header_len = VNET_HDR_LEN as libc::c_int;
