@@ -18,7 +18,7 @@ fn running_counter(vcpus: u8) -> (Vm, Transcript) {
 #[test]
 fn dead_vcpu_threads_are_reported_and_their_state_survives() {
     let (vm, console) = running_counter(1);
-    vm.inject_vcpu_thread_failure();
+    vm.faults().kill_vcpu_threads();
     let event = vm
         .next_event(PATIENCE)
         .expect("a report of the dead thread");
@@ -57,7 +57,7 @@ fn dead_vcpu_threads_are_reported_and_their_state_survives() {
 #[test]
 fn a_machine_check_shuts_down_a_guest_without_a_handler() {
     let (vm, _) = running_counter(1);
-    vm.inject_machine_check().expect("inject");
+    vm.faults().machine_check().expect("inject");
     assert_eq!(
         vm.next_event(PATIENCE).map(|e| e.stop),
         Some(VcpuStop::Shutdown)
@@ -67,14 +67,14 @@ fn a_machine_check_shuts_down_a_guest_without_a_handler() {
 #[test]
 fn dropped_heartbeats_stop_counting_while_the_guest_runs() {
     let (vm, console) = running_counter(1);
-    vm.set_heartbeats_dropped(true);
+    vm.faults().drop_heartbeats(true);
     let beats = vm.heartbeats().count;
     let lines = numbers_after(&console.text(), "count ").len();
     console.wait_until("five more lines", |t| {
         numbers_after(t, "count ").len() >= lines + 5
     });
     assert_eq!(vm.heartbeats().count, beats);
-    vm.set_heartbeats_dropped(false);
+    vm.faults().drop_heartbeats(false);
     console.wait_until("one more line", |t| {
         numbers_after(t, "count ").len() >= lines + 7
     });

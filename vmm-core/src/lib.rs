@@ -37,4 +37,4 @@ pub use memory::{GuestRam, MemoryError};
 pub use snapshot::{Snapshot, SnapshotError};
 pub use state::{VcpuState, VmSnapshot, VmState};
 pub use vcpu::{VcpuStop, VmEvent, ANSWER_BOOST};
-pub use vm::{MachineSpec, Peripherals, Vm, VmError};
+pub use vm::{Faults, MachineSpec, Peripherals, Vm, VmError};

@@ -837,38 +837,10 @@ impl Vm {
         Ok(())
     }
 
-    /// Fault injection: every vCPU thread fails abruptly, as if the code running it had
-    /// crashed. Each reports `VcpuStop::ThreadDied`; their vCPUs' state stays readable.
-    pub fn inject_vcpu_thread_failure(&self) {
-        for handle in &self.vcpus {
-            handle.send(VcpuRequest::Crash);
-        }
-    }
-
-    /// Fault injection: an uncorrectable machine check on vCPU 0 (bank 1), as a memory
-    /// error would raise. A guest that has not enabled machine-check handling shuts down.
-    pub fn inject_machine_check(&self) -> Result<(), VmError> {
-        let (reply, answer) = std::sync::mpsc::channel();
-        self.request(0, VcpuRequest::MachineCheck(reply))?;
-        self.await_reply(0, &answer)?
-            .map_err(|source| VmError::State {
-                what: "injecting a machine check".into(),
-                source,
-            })
-    }
-
-    /// Fault injection: every vCPU thread stops answering for good, as a thread stuck in the
-    /// host kernel would. Such a machine can be fenced but not paused, saved or joined.
-    pub fn inject_vcpu_stall(&self) {
-        for handle in &self.vcpus {
-            handle.send(VcpuRequest::Stall);
-        }
-    }
-
-    /// Fault injection: while `dropped`, heartbeat writes from the guest are ignored, as if
-    /// the heartbeat path had failed.
-    pub fn set_heartbeats_dropped(&self, dropped: bool) {
-        self.devices.heartbeats().set_dropped(dropped);
+    /// The faults this machine can be made to suffer, for rehearsing failures: kept apart
+    /// from everything a machine does in normal running.
+    pub fn faults(&self) -> Faults<'_> {
+        Faults(self)
     }
 
     fn request(&self, index: u8, request: VcpuRequest) -> Result<(), VmError> {
@@ -967,4 +939,44 @@ fn set_local_interrupts(vcpu: &VcpuFd) -> Result<(), VmError> {
         }
     }
     kvm_step("KVM_SET_LAPIC", vcpu.set_lapic(&lapic))
+}
+
+/// Fault injection into one machine ([`Vm::faults`]).
+pub struct Faults<'a>(&'a Vm);
+
+impl Faults<'_> {
+    /// Every vCPU thread fails abruptly, as if the code running it had crashed. Each reports
+    /// `VcpuStop::ThreadDied`; their vCPUs' state stays readable.
+    pub fn kill_vcpu_threads(&self) {
+        for handle in &self.0.vcpus {
+            handle.send(VcpuRequest::Crash);
+        }
+    }
+
+    /// An uncorrectable machine check on vCPU 0 (bank 1), as a memory error would raise. A
+    /// guest that has not enabled machine-check handling shuts down.
+    pub fn machine_check(&self) -> Result<(), VmError> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.0.request(0, VcpuRequest::MachineCheck(reply))?;
+        self.0
+            .await_reply(0, &answer)?
+            .map_err(|source| VmError::State {
+                what: "injecting a machine check".into(),
+                source,
+            })
+    }
+
+    /// Every vCPU thread stops answering for good, as a thread stuck in the host kernel
+    /// would. Such a machine can be fenced but not paused, saved or joined.
+    pub fn stall_vcpu_threads(&self) {
+        for handle in &self.0.vcpus {
+            handle.send(VcpuRequest::Stall);
+        }
+    }
+
+    /// While `dropped`, heartbeat writes from the guest are ignored, as if the heartbeat path
+    /// had failed.
+    pub fn drop_heartbeats(&self, dropped: bool) {
+        self.0.devices.heartbeats().set_dropped(dropped);
+    }
 }

@@ -441,12 +441,12 @@ impl Guest {
         lifecycle!(warn, "fault-injected", guest = %name, fault = %kind, "injecting fault");
         let active = &mut running.active;
         match kind {
-            FaultKind::Kill => active.vm.inject_vcpu_thread_failure(),
-            FaultKind::Stall => active.vm.inject_vcpu_stall(),
-            FaultKind::Hang => active.vm.set_heartbeats_dropped(true),
+            FaultKind::Kill => active.vm.faults().kill_vcpu_threads(),
+            FaultKind::Stall => active.vm.faults().stall_vcpu_threads(),
+            FaultKind::Hang => active.vm.faults().drop_heartbeats(true),
             FaultKind::Mce => {
                 active.machine_check = true;
-                if let Err(err) = active.vm.inject_machine_check() {
+                if let Err(err) = active.vm.faults().machine_check() {
                     active.machine_check = false;
                     tracing::error!(guest = %name, %err, "machine check injection failed");
                 }
