@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::median;
+use common::{median, qemu_installed, qemu_microvm};
 
 use std::io::Read;
 use std::path::Path;
@@ -34,28 +34,11 @@ fn time_to_first_byte(command: &mut Command) -> Duration {
 }
 
 fn qemu_command(kernel: &Path) -> Option<Command> {
-    let qemu = "qemu-system-x86_64";
-    Command::new(qemu).arg("--version").output().ok()?;
-    let mut command = Command::new(qemu);
-    command.args([
-        "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=off",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-m",
-        "32",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-kernel",
-    ]);
-    command.arg(kernel);
+    if !qemu_installed() {
+        return None;
+    }
+    let mut command = qemu_microvm(32);
+    command.arg("-kernel").arg(kernel);
     Some(command)
 }
 

@@ -18,7 +18,7 @@
 
 mod common;
 
-use common::{events, kernel, median, scratch, timestamp};
+use common::{events, kernel, median, qemu_installed, qemu_microvm_virtio, scratch, timestamp};
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -200,36 +200,10 @@ fn run(mut command: Command, socket: Option<PathBuf>) -> Run {
     }
 }
 
-fn qemu_installed() -> bool {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| out.status.success())
-}
-
 fn qemu_command(image: &Path, cmdline: &str) -> Command {
-    let mut command = Command::new("qemu-system-x86_64");
-    command.args([
-        "-M",
-        "microvm,x-option-roms=off,isa-serial=on,rtc=off",
-        "-enable-kvm",
-        "-cpu",
-        "host,-arch-capabilities",
-        "-m",
-        "64",
-        "-nodefaults",
-        "-no-user-config",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x04",
-        "-global",
-        "virtio-mmio.force-legacy=false",
-        "-drive",
-    ]);
+    let mut command = qemu_microvm_virtio(64);
     command
+        .arg("-drive")
         .arg(format!(
             "id=d0,file={},format=raw,if=none,cache=writeback",
             image.display()

@@ -40,7 +40,7 @@
 
 mod common;
 
-use common::{kernel, median, scratch};
+use common::{kernel, median, qemu_installed, qemu_microvm_virtio, scratch};
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -564,34 +564,10 @@ impl Run {
     }
 }
 
-fn qemu_installed() -> bool {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|out| out.status.success())
-}
-
 fn qemu_command() -> Command {
-    let mut command = Command::new("qemu-system-x86_64");
+    let mut command = qemu_microvm_virtio(64);
     command
         .args([
-            "-M",
-            "microvm,x-option-roms=off,isa-serial=on,rtc=off",
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-m",
-            "64",
-            "-nodefaults",
-            "-no-user-config",
-            "-nographic",
-            "-serial",
-            "stdio",
-            "-no-reboot",
-            "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x04",
-            "-global",
-            "virtio-mmio.force-legacy=false",
             "-netdev",
             "tap,id=n0,ifname=tap0,script=no,downscript=no",
             "-device",

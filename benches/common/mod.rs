@@ -1,5 +1,6 @@
-//! What the benchmarks share: medians, a memcpy to compare against, runs of `understudy`, and
-//! reading figures back from its log and its control socket.
+//! What the benchmarks share: medians, a memcpy to compare against, runs of `understudy`,
+//! reading figures back from its log and its control socket, and the QEMU microvm they are
+//! compared with.
 
 #![allow(dead_code)] // each benchmark uses its own subset
 
@@ -95,4 +96,48 @@ pub fn request(socket: &Path, line: &str) -> serde_json::Value {
     let reply: serde_json::Value = serde_json::from_str(&reply).expect("JSON reply");
     assert_eq!(reply["ok"], true, "{reply}");
     reply["result"].clone()
+}
+
+/// Whether `qemu-system-x86_64` runs here.
+pub fn qemu_installed() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success())
+}
+
+/// QEMU `-M microvm` with `memory_mib` of RAM, the serial port on standard output and the
+/// debug-exit port, as understudy's guests have them; the caller adds devices and the kernel.
+/// (`-cpu host,-arch-capabilities`: on nested hosts the MSR 0x10a write fails otherwise.)
+pub fn qemu_microvm(memory_mib: u32) -> Command {
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args([
+            "-M",
+            "microvm,x-option-roms=off,isa-serial=on,rtc=off",
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-m",
+        ])
+        .arg(memory_mib.to_string())
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        ]);
+    command
+}
+
+/// [`qemu_microvm`] with virtio-mmio devices of the modern (version 2) layout, as
+/// understudy's.
+pub fn qemu_microvm_virtio(memory_mib: u32) -> Command {
+    let mut command = qemu_microvm(memory_mib);
+    command.args(["-global", "virtio-mmio.force-legacy=false"]);
+    command
 }
