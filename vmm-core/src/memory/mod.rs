@@ -250,29 +250,12 @@ impl GuestRam {
             let base = region_offset;
             region_offset += len;
             let pages = len / layout::PAGE_SIZE;
-            let mut page = 0u64;
-            while page < pages {
-                let word = bitmap.get((page / 64) as usize).copied().unwrap_or(0);
-                if word >> (page % 64) == 0 {
-                    page = (page / 64 + 1) * 64; // nothing more in this word
-                    continue;
-                }
-                if word & (1 << (page % 64)) == 0 {
-                    page += 1;
-                    continue;
-                }
-                let start = page;
-                while page < pages
-                    && bitmap.get((page / 64) as usize).copied().unwrap_or(0) & (1 << (page % 64))
-                        != 0
-                {
-                    page += 1;
-                }
+            for (start, page) in marked_runs(bitmap, pages) {
                 let offset = start * layout::PAGE_SIZE;
                 let bytes = ((page - start) * layout::PAGE_SIZE) as usize;
                 before_write(base + offset, bytes as u64);
                 // SAFETY: both ranges lie inside live mappings of `len` bytes owned by their
-                // GuestRam (page < pages = len / PAGE_SIZE), belong to distinct memfds, and
+                // GuestRam (page <= pages = len / PAGE_SIZE), belong to distinct memfds, and
                 // guest RAM is plain bytes.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
@@ -450,27 +433,10 @@ impl GuestRam {
         let mut pages_seen = 0;
         for ((_, len, host), bitmap) in self.regions().into_iter().zip(marked) {
             let pages = len / layout::PAGE_SIZE;
-            let mut page = 0;
-            while page < pages {
-                let word = bitmap.get((page / 64) as usize).copied().unwrap_or(0);
-                if word >> (page % 64) == 0 {
-                    page = (page / 64 + 1) * 64;
-                    continue;
-                }
-                if word & (1 << (page % 64)) == 0 {
-                    page += 1;
-                    continue;
-                }
-                let start = page;
-                while page < pages
-                    && bitmap.get((page / 64) as usize).copied().unwrap_or(0) & (1 << (page % 64))
-                        != 0
-                {
-                    page += 1;
-                }
+            for (start, page) in marked_runs(bitmap, pages) {
                 let offset = start * layout::PAGE_SIZE;
                 let bytes = ((page - start) * layout::PAGE_SIZE) as usize;
-                // SAFETY: the range lies inside a live mapping owned by this GuestRam (page <
+                // SAFETY: the range lies inside a live mapping owned by this GuestRam (page <=
                 // pages = len / PAGE_SIZE); MADV_POPULATE_WRITE only faults pages in, writable,
                 // and never changes their contents.
                 let ret = unsafe {
@@ -547,9 +513,47 @@ impl GuestRam {
     }
 }
 
+/// The runs of pages marked in `bitmap` (page n is bit n % 64 of word n / 64) among the
+/// first `pages`, in order, as (first page, one past the last); whole empty words are
+/// skipped at once.
+fn marked_runs(bitmap: &[u64], pages: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+    let word = move |page: u64| bitmap.get((page / 64) as usize).copied().unwrap_or(0);
+    let mut page = 0u64;
+    std::iter::from_fn(move || {
+        while page < pages {
+            let bits = word(page);
+            if bits >> (page % 64) == 0 {
+                page = (page / 64 + 1) * 64; // nothing more in this word
+                continue;
+            }
+            if bits & (1 << (page % 64)) == 0 {
+                page += 1;
+                continue;
+            }
+            let start = page;
+            while page < pages && word(page) & (1 << (page % 64)) != 0 {
+                page += 1;
+            }
+            return Some((start, page));
+        }
+        None
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marked_runs_are_the_runs_of_set_bits_within_the_pages() {
+        let bitmap = [0b1011_0000_0000_0110u64 | (1 << 63), 0b11, 0, 1 << 5];
+        let runs: Vec<_> = marked_runs(&bitmap, 4 * 64).collect();
+        assert_eq!(runs, [(1, 3), (12, 14), (15, 16), (63, 66), (197, 198)]);
+        // Pages past `pages` are not looked at, even when marked.
+        let runs: Vec<_> = marked_runs(&bitmap, 65).collect();
+        assert_eq!(runs, [(1, 3), (12, 14), (15, 16), (63, 65)]);
+        assert_eq!(marked_runs(&[], 128).count(), 0);
+    }
 
     #[test]
     fn written_bytes_read_back() {
