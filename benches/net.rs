@@ -39,13 +39,16 @@
 //! Run: `cargo bench --bench net` (optionally `-- ROUNDS`, default 3).
 
 mod common;
+#[path = "../tests/common/netns.rs"]
+#[allow(dead_code)]
+mod netns;
 
 use common::{kernel, median, qemu_installed, qemu_microvm_virtio, scratch};
+use netns::{Netns, GUEST_IP};
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::UdpSocket;
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -54,9 +57,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-/// The guest's address, and the peer's on the TAP.
-const GUEST_IP: &str = "10.0.0.2";
-const PEER_IP: &str = "10.0.0.1";
 /// Where the guest answers echoes.
 const ECHO_PORT: u16 = 7;
 const MAC: &str = "52:54:00:12:34:56";
@@ -125,78 +125,6 @@ impl Config {
 
     fn is_pair(self) -> bool {
         matches!(self, Config::Checkpoint(_) | Config::FailedState)
-    }
-}
-
-/// A network namespace holding a TAP `tap0` with the peer's address, removed on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let netns = Netns {
-            name: format!("us-bench-net-{}", std::process::id()),
-        };
-        let _ = Command::new("ip")
-            .args(["netns", "del", &netns.name])
-            .output();
-        let name = netns.name.clone();
-        netns.ip(&["netns", "add", &name]);
-        netns.ip(&["-n", &name, "link", "set", "lo", "up"]);
-        netns.ip(&["-n", &name, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
-        let address = format!("{PEER_IP}/24");
-        netns.ip(&["-n", &name, "addr", "add", &address, "dev", "tap0"]);
-        netns.ip(&["-n", &name, "link", "set", "tap0", "up"]);
-        netns
-    }
-
-    /// Runs `ip ARGS`, panicking with what it said if it fails.
-    fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
-            panic!(
-                "cannot run `ip` ({e}): this benchmark needs iproute2 (apt-get install iproute2)"
-            )
-        });
-        assert!(
-            out.status.success(),
-            "`ip {}` failed: {}; this benchmark needs root, network namespaces and TAP devices",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-
-    /// Runs `f` on a thread inside the namespace: sockets it makes and processes it starts
-    /// live there.
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = Path::new("/var/run/netns").join(&self.name);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let ns = std::fs::File::open(&path)
-                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                    // SAFETY: setns on a descriptor this thread owns; it changes only this
-                    // thread's network namespace.
-                    let done = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(done, 0, "setns: {}", std::io::Error::last_os_error());
-                    f()
-                })
-                .join()
-                .expect("a thread in the namespace")
-        })
-    }
-
-    /// A fresh peer socket at 10.0.0.1 (any port).
-    fn socket(&self) -> UdpSocket {
-        self.enter(|| UdpSocket::bind((PEER_IP, 0)).expect("bind the peer's socket"))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
     }
 }
 
@@ -607,7 +535,7 @@ fn measure(config: Config, netns: &Netns, dir: &Path) -> Run {
         (command, Some(socket))
     };
     let mut guest = Guest::start(netns, command, socket);
-    let peer = netns.socket();
+    let peer = netns.socket(0);
     wait_ready(&mut guest, &peer, config.is_pair());
     for seq in 0..WARMUP as u64 {
         exchange(&peer, Phase::Warmup, seq);
@@ -684,7 +612,7 @@ fn main() {
         .filter(|c| qemu || *c != Config::Qemu)
         .collect();
     let dir = scratch("net");
-    let netns = Netns::new();
+    let netns = Netns::new(&format!("us-bench-net-{}", std::process::id()));
     // runs[config]
     let mut runs: Vec<Vec<Run>> = configs.iter().map(|_| Vec::new()).collect();
     for round in 0..rounds {

@@ -6,111 +6,30 @@
 mod common;
 
 use std::net::UdpSocket;
-use std::os::unix::io::AsRawFd;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::netns::{Netns, GUEST_IP, PEER_IP};
 use common::running::{try_request, Running};
 use common::{env_file, numbers_after, stderr, XorShift, PATIENCE};
 use serde_json::{json, Value};
 
-/// The guest's address and the peer's, on the TAP's subnet.
-const GUEST_IP: &str = "10.0.0.2";
-const PEER_IP: &str = "10.0.0.1";
 /// Where the guest sends its numbered datagrams.
 const PEER_PORT: u16 = 5000;
 /// Where the guest answers echoes.
 const ECHO_PORT: u16 = 7;
 
-/// A network namespace holding a TAP `tap0` with the peer's address, removed on drop.
-struct Netns {
-    name: String,
+/// The name of this test run's namespace for `test`.
+fn namespace(test: &str) -> String {
+    format!("us-{test}-{}", std::process::id())
 }
 
-impl Netns {
-    fn new(test: &str) -> Netns {
-        let name = format!("us-{test}-{}", std::process::id());
-        let netns = Netns { name };
-        let _ = Command::new("ip")
-            .args(["netns", "del", &netns.name])
-            .output();
-        netns.ip(&["netns", "add", &netns.name]);
-        netns.ip(&["-n", &netns.name, "link", "set", "lo", "up"]);
-        netns.ip(&[
-            "-n",
-            &netns.name,
-            "tuntap",
-            "add",
-            "dev",
-            "tap0",
-            "mode",
-            "tap",
-        ]);
-        netns.ip(&[
-            "-n",
-            &netns.name,
-            "addr",
-            "add",
-            &format!("{PEER_IP}/24"),
-            "dev",
-            "tap0",
-        ]);
-        netns.ip(&["-n", &netns.name, "link", "set", "tap0", "up"]);
-        netns
-    }
-
-    /// Runs `ip ARGS`, failing the test with what it said if it fails.
-    fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip").args(args).output().unwrap_or_else(|e| {
-            panic!("cannot run `ip` ({e}): these tests need iproute2 (apt-get install iproute2)")
-        });
-        assert!(
-            out.status.success(),
-            "`ip {}` failed: {}; these tests need root, network namespaces and TAP devices",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-
-    /// Runs `f` on a thread inside the namespace: sockets it makes and processes it starts
-    /// live there.
-    fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = Path::new("/var/run/netns").join(&self.name);
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    let ns = std::fs::File::open(&path)
-                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                    // SAFETY: setns on a descriptor this thread owns; it changes only this
-                    // thread's network namespace.
-                    let done = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(done, 0, "setns: {}", std::io::Error::last_os_error());
-                    f()
-                })
-                .join()
-                .unwrap()
-        })
-    }
-
-    /// The peer's socket at `port`.
-    fn socket(&self, port: u16) -> UdpSocket {
-        self.enter(|| {
-            let socket = UdpSocket::bind((PEER_IP, port)).expect("bind the peer's socket");
-            socket
-                .set_read_timeout(Some(Duration::from_millis(100)))
-                .unwrap();
-            socket
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
+/// The peer's socket at `port` in `netns`, its reads giving up after 100 ms.
+fn peer_socket(netns: &Netns, port: u16) -> UdpSocket {
+    let socket = netns.socket(port);
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    socket
 }
 
 /// An environment with one `net` guest on `tap0`, protected as `resume` ("" for none).
@@ -179,8 +98,8 @@ fn sequence_numbers(datagrams: &[Vec<u8>]) -> Vec<u64> {
 
 #[test]
 fn checkpointed_datagrams_reach_the_peer_exactly_once_through_many_faults() {
-    let netns = Netns::new("cp");
-    let peer = netns.socket(PEER_PORT);
+    let netns = Netns::new(&namespace("cp"));
+    let peer = peer_socket(&netns, PEER_PORT);
     let count = 400;
     let env = net_env(
         "net-cp-faults",
@@ -249,8 +168,8 @@ fn checkpointed_datagrams_reach_the_peer_exactly_once_through_many_faults() {
 /// Sends echo requests from the peer until `rounds` of `faults` are through: after every
 /// failover the guest must answer again. Returns the guest's status at the end.
 fn echo_through_failovers(test: &str, resume: &str, kinds: &[&str], faults: u64) -> Value {
-    let netns = Netns::new(test);
-    let peer = netns.socket(6000);
+    let netns = Netns::new(&namespace(test));
+    let peer = peer_socket(&netns, 6000);
     let env = net_env(&format!("net-echo-{test}"), resume, "tick_ms=0");
     let mut run = netns.enter(|| Running::start(&env, &[]));
     let seed = common::fault_seed();
@@ -343,7 +262,7 @@ fn a_failed_state_guest_keeps_answering_echoes_and_the_tap_changes_hands() {
 
 #[test]
 fn nics_that_cannot_be_used_are_refused_before_anything_starts() {
-    let netns = Netns::new("bad");
+    let netns = Netns::new(&namespace("bad"));
     let refused = |text: &str, needle: &str| {
         let env = env_file("net-bad", &text.replace("KERNEL", "KERNELS/net"));
         let out = netns.enter(|| common::understudy(&["run", env.to_str().unwrap()]));

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod netns;
 pub mod running;
 
 use std::io::{Read, Write};
