@@ -16,8 +16,9 @@ fn the_dirty_ring_reports_the_same_as_the_bitmap() {
     levels_the_copy(true);
 }
 
-fn levels_the_copy(dirty_ring: bool) {
-    require_kvm();
+/// The `dirty` kernel (64 MiB/s into 64 MiB) booted on a machine that tracks dirty pages,
+/// through KVM's dirty ring or its bitmaps; not yet running.
+fn booted_dirty(dirty_ring: bool) -> (Vm, Transcript) {
     let spec = MachineSpec {
         name: "dirty".into(),
         memory_mib: 64,
@@ -34,6 +35,12 @@ fn levels_the_copy(dirty_ring: bool) {
         cmdline: "dirty_mib_per_s=64 interval_ms=50".into(),
     })
     .unwrap();
+    (vm, console)
+}
+
+fn levels_the_copy(dirty_ring: bool) {
+    require_kvm();
+    let (vm, console) = booted_dirty(dirty_ring);
     // The copy starts as a full image of the booted machine (the loader's writes are not
     // in KVM's log), then follows the log.
     let copy = GuestRam::new(64 << 20).unwrap();
@@ -65,22 +72,7 @@ fn levels_the_copy(dirty_ring: bool) {
 #[test]
 fn a_peek_at_the_log_leaves_it_for_the_next_take() {
     require_kvm();
-    let spec = MachineSpec {
-        name: "dirty".into(),
-        memory_mib: 64,
-        vcpus: 1,
-        hidden_cpu_features: vec![],
-        dirty_tracking: true,
-        dirty_ring: false,
-    };
-    let console = Transcript::default();
-    let vm = Vm::create(&spec, console.sink()).unwrap();
-    vm.boot(&BootSource {
-        kernel: kernel("dirty"),
-        initrd: None,
-        cmdline: "dirty_mib_per_s=64 interval_ms=50".into(),
-    })
-    .unwrap();
+    let (vm, console) = booted_dirty(false);
     // The loader's writes are the VMM's, which a peek at KVM's log does not show: start clean.
     vm.take_dirty_pages().unwrap();
     vm.resume().unwrap();
