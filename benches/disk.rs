@@ -18,7 +18,9 @@
 
 mod common;
 
-use common::{events, kernel, median, qemu_installed, qemu_microvm_virtio, scratch, timestamp};
+use common::{
+    events, kernel, median, qemu_installed, qemu_microvm_virtio, scratch, spread, timestamp,
+};
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -243,19 +245,6 @@ fn measure(config: Config, cmdline: &str, dir: &Path) -> Run {
         .arg(&env)
         .env_remove("RUST_LOG");
     run(command, Some(socket))
-}
-
-/// `median (min–max)` of `samples`, or a dash when there are none.
-fn spread(samples: Vec<f64>, decimals: usize) -> String {
-    if samples.is_empty() {
-        return "—".into();
-    }
-    let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
-    let high = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!(
-        "{:.decimals$} ({low:.decimals$}–{high:.decimals$})",
-        median(samples)
-    )
 }
 
 /// Throughput (MB/s, decimal) of a sequential run, IOPS of a random one.

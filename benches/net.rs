@@ -43,7 +43,7 @@ mod common;
 #[allow(dead_code)]
 mod netns;
 
-use common::{kernel, median, qemu_installed, qemu_microvm_virtio, scratch};
+use common::{kernel, median, qemu_installed, qemu_microvm_virtio, scratch, spread};
 use netns::{Netns, GUEST_IP};
 
 use std::collections::{HashMap, HashSet};
@@ -574,19 +574,6 @@ fn measure(config: Config, netns: &Netns, dir: &Path) -> Run {
         io,
         status,
     }
-}
-
-/// `median (min–max)` of `samples`, or a dash when there are none.
-fn spread(samples: Vec<f64>, decimals: usize) -> String {
-    if samples.is_empty() {
-        return "—".into();
-    }
-    let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
-    let high = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    format!(
-        "{:.decimals$} ({low:.decimals$}–{high:.decimals$})",
-        median(samples)
-    )
 }
 
 /// The host's load average over 1, 5 and 15 minutes.

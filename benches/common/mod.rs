@@ -141,3 +141,16 @@ pub fn qemu_microvm_virtio(memory_mib: u32) -> Command {
     command.args(["-global", "virtio-mmio.force-legacy=false"]);
     command
 }
+
+/// `median (min–max)` of `samples`, or a dash when there are none.
+pub fn spread(samples: Vec<f64>, decimals: usize) -> String {
+    if samples.is_empty() {
+        return "—".into();
+    }
+    let low = samples.iter().copied().fold(f64::INFINITY, f64::min);
+    let high = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!(
+        "{:.decimals$} ({low:.decimals$}–{high:.decimals$})",
+        median(samples)
+    )
+}
