@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use failover::control::protocol::{
-    wire_name, GuestStatus, MetricsText, Role, SnapshotDone, Status, SwitchoverDone,
+    wire_name, GuestRole, GuestStatus, MetricsText, PromoteDone, Role, SnapshotDone, Status,
+    SwitchoverDone,
 };
 use failover::control::{Reply, Request};
 use failover::fault::FaultKind;
@@ -64,6 +65,21 @@ pub enum CtlRequest {
     },
     /// Stop every guest and end `understudy run`.
     Shutdown,
+    /// What this process is for the guest, on one line a script can read:
+    /// `role=active|standby state=... [epoch=N] score=N`.
+    Role {
+        /// The guest.
+        guest: String,
+    },
+    /// Make this remote standby the guest's active (`process = "remote"`); refused while
+    /// the peer answers as the guest's active, or does not answer unless --peer-fenced.
+    Promote {
+        /// The guest.
+        guest: String,
+        /// The peer's host is known to be fenced (powered off or cut off by the cluster).
+        #[arg(long)]
+        peer_fenced: bool,
+    },
 }
 
 fn parse_kind(text: &str) -> Result<FaultKind, String> {
@@ -86,6 +102,8 @@ impl CtlRequest {
                 path: std::path::absolute(&path).unwrap_or(path),
             },
             CtlRequest::Shutdown => Request::Shutdown {},
+            CtlRequest::Role { guest } => Request::Role { guest },
+            CtlRequest::Promote { guest, peer_fenced } => Request::Promote { guest, peer_fenced },
         }
     }
 }
@@ -172,6 +190,33 @@ fn print_result(request: &Request, result: serde_json::Value) {
             }
         }
         Request::Shutdown {} => println!("shutting down"),
+        Request::Role { .. } => match serde_json::from_value::<GuestRole>(result) {
+            Ok(role) => {
+                let name = match role.role {
+                    Role::Active => "active",
+                    Role::Standby => "standby",
+                };
+                let epoch = role
+                    .epoch
+                    .map(|e| format!(" epoch={e}"))
+                    .unwrap_or_default();
+                println!(
+                    "role={name} state={}{epoch} score={}",
+                    role.state, role.score
+                );
+            }
+            Err(err) => eprintln!("understudy: unexpected role reply: {err}"),
+        },
+        Request::Promote { guest, .. } => match serde_json::from_value::<PromoteDone>(result) {
+            Ok(done) => match done.epoch {
+                Some(epoch) => println!("{guest}: promoted: resuming from epoch {epoch}"),
+                None if done.outcome == "booting" => {
+                    println!("{guest}: promoted: booting the guest")
+                }
+                None => println!("{guest}: already active here"),
+            },
+            Err(err) => eprintln!("understudy: unexpected promote reply: {err}"),
+        },
     }
 }
 

@@ -209,6 +209,9 @@ struct StandbyFile {
     process: Option<StandbyProcess>,
     journal: Option<PathBuf>,
     journal_size_mib: Option<u64>,
+    listen: Option<String>,
+    peer: Option<String>,
+    ack_timeout_ms: Option<u64>,
 }
 
 /// Where a hot-standby guest's standby runs.
@@ -221,6 +224,30 @@ pub enum StandbyProcess {
     /// In a process of its own (`understudy standby`), fed through a take-over journal: the
     /// guest survives the death of the active's process.
     Separate,
+    /// In a process on another host, fed over TCP: the guest survives the loss of the
+    /// active's host. Which side runs the guest is decided by the cluster manager
+    /// (`understudy ctl SOCKET promote`), never by the standby on its own.
+    Remote,
+}
+
+impl StandbyProcess {
+    /// Whether the standby runs in a process of its own (here or on another host).
+    pub fn is_own_process(self) -> bool {
+        matches!(self, StandbyProcess::Separate | StandbyProcess::Remote)
+    }
+}
+
+/// Where a remote standby and its active meet: each side's TCP address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemoteConfig {
+    /// This host's address: the active takes its standby's connection here, and either
+    /// side answers the other's "who runs the guest" here.
+    pub listen: std::net::SocketAddr,
+    /// The other host's `listen`.
+    pub peer: std::net::SocketAddr,
+    /// An epoch the standby has not acknowledged for this long ends the protection: its
+    /// held output is released and the guest runs on unprotected.
+    pub ack_timeout_ms: u64,
 }
 
 /// Where a separate standby process meets the active: the take-over journal and the socket
@@ -234,14 +261,21 @@ pub struct JournalConfig {
     /// The Unix socket the standby process attaches through: the journal's path with
     /// `.sock` added.
     pub socket: PathBuf,
+    /// With `process = "remote"`: the two hosts' addresses.
+    pub remote: Option<RemoteConfig>,
 }
 
 impl Serialize for JournalConfig {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeMap;
-        let mut map = serializer.serialize_map(Some(2))?;
+        let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("journal", &self.path)?;
         map.serialize_entry("journal_size_mib", &(self.size >> 20))?;
+        if let Some(remote) = &self.remote {
+            map.serialize_entry("listen", &remote.listen)?;
+            map.serialize_entry("peer", &remote.peer)?;
+            map.serialize_entry("ack_timeout_ms", &remote.ack_timeout_ms)?;
+        }
         map.end()
     }
 }
@@ -611,6 +645,20 @@ impl Environment {
                         ));
                     }
                     let process = table.process.unwrap_or_default();
+                    if process != StandbyProcess::Remote {
+                        for (given, name) in [
+                            (table.listen.is_some(), "standby.listen"),
+                            (table.peer.is_some(), "standby.peer"),
+                            (table.ack_timeout_ms.is_some(), "standby.ack_timeout_ms"),
+                        ] {
+                            if given {
+                                return Err(invalid(
+                                    key(name),
+                                    "applies only with process = \"remote\"".into(),
+                                ));
+                            }
+                        }
+                    }
                     let journal = match process {
                         StandbyProcess::Same => {
                             for (given, name) in [
@@ -620,17 +668,18 @@ impl Environment {
                                 if given {
                                     return Err(invalid(
                                         key(name),
-                                        "applies only with process = \"separate\"".into(),
+                                        "applies only with process = \"separate\" or \"remote\""
+                                            .into(),
                                     ));
                                 }
                             }
                             None
                         }
-                        StandbyProcess::Separate => {
+                        StandbyProcess::Separate | StandbyProcess::Remote => {
                             if resume != ResumeFrom::Checkpoint {
                                 return Err(invalid(
                                     key("standby.process"),
-                                    "a separate standby process resumes from checkpoints: set resume = \"checkpoint\"".into(),
+                                    "a standby in a process of its own resumes from checkpoints: set resume = \"checkpoint\"".into(),
                                 ));
                             }
                             if g.disk.as_ref().is_some_and(|d| !d.is_empty())
@@ -638,7 +687,7 @@ impl Environment {
                             {
                                 return Err(invalid(
                                     key("standby.process"),
-                                    "a separate standby process does not take over disks or NICs yet; use process = \"same\" for this guest".into(),
+                                    "a standby in a process of its own does not take over disks or NICs yet; use process = \"same\" for this guest".into(),
                                 ));
                             }
                             let memory = memory_mib << 20;
@@ -661,7 +710,7 @@ impl Environment {
                                     size
                                 }
                             };
-                            let path = match table.journal {
+                            let path = match &table.journal {
                                 Some(path) => base.join(path),
                                 None => {
                                     PathBuf::from(format!("/dev/shm/understudy-{}.journal", g.name))
@@ -669,10 +718,18 @@ impl Environment {
                             };
                             let mut socket = path.clone().into_os_string();
                             socket.push(".sock");
+                            let remote = match process {
+                                StandbyProcess::Remote => Some(
+                                    remote_config(&table)
+                                        .map_err(|(field, why)| invalid(key(field), why))?,
+                                ),
+                                _ => None,
+                            };
                             Some(JournalConfig {
                                 path,
                                 size,
                                 socket: PathBuf::from(socket),
+                                remote,
                             })
                         }
                     };
@@ -846,6 +903,48 @@ impl Environment {
 }
 
 /// Whether `name` can be a Linux interface name.
+/// The default of `ack_timeout_ms`.
+const DEFAULT_ACK_TIMEOUT_MS: u64 = 1000;
+/// The largest `ack_timeout_ms`: output is held that long at most.
+const MAX_ACK_TIMEOUT_MS: u64 = 60_000;
+
+/// A remote standby's addresses, or the key at fault and why.
+fn remote_config(table: &StandbyFile) -> Result<RemoteConfig, (&'static str, String)> {
+    let address = |value: &Option<String>, field: &'static str| {
+        let value = value.as_deref().ok_or((
+            field,
+            "is required with process = \"remote\" (an IP address and port, e.g. \"10.0.0.1:7770\")"
+                .to_owned(),
+        ))?;
+        value.parse::<std::net::SocketAddr>().map_err(|_| {
+            (
+                field,
+                format!("{value:?} is not an IP address and port, e.g. \"10.0.0.1:7770\""),
+            )
+        })
+    };
+    let listen = address(&table.listen, "standby.listen")?;
+    let peer = address(&table.peer, "standby.peer")?;
+    if listen == peer {
+        return Err((
+            "standby.peer",
+            "is the same address as listen: the peer is the other host's listen".into(),
+        ));
+    }
+    let ack_timeout_ms = table.ack_timeout_ms.unwrap_or(DEFAULT_ACK_TIMEOUT_MS);
+    if !(1..=MAX_ACK_TIMEOUT_MS).contains(&ack_timeout_ms) {
+        return Err((
+            "standby.ack_timeout_ms",
+            format!("must be between 1 and {MAX_ACK_TIMEOUT_MS}"),
+        ));
+    }
+    Ok(RemoteConfig {
+        listen,
+        peer,
+        ack_timeout_ms,
+    })
+}
+
 fn check_tap_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("is empty; name a TAP device, like \"us-tap0\"".into());

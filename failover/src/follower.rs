@@ -19,22 +19,25 @@
 //! one cut short fails its checksum and is not loaded). From then on this process is the
 //! active, with the attach socket of its own for the next standby.
 
+use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_core::{GuestRam, SerialSink, Vm, VmSnapshot};
 
-use crate::config::{Environment, GuestConfig, JournalConfig, StandbyProcess};
+use crate::config::{Environment, GuestConfig, JournalConfig};
 use crate::control::protocol::{
-    CheckpointStatus, ErrorKind, GuestStatus, HeartbeatStatus, MachineState, MachineStatus,
-    Request, Role, RunState, StandbyProcessStatus, Status,
+    CheckpointStatus, ErrorKind, GuestRole, GuestStatus, HeartbeatStatus, MachineState,
+    MachineStatus, PromoteDone, Request, Role, RunState, StandbyProcessStatus, Status,
 };
 use crate::control::{ControlSocket, PendingRequest, Reply, RequestQueue, Serving};
 use crate::guest::{GuestEnd, TakenOver};
 use crate::journal::{Journal, ReadRecord};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
+use crate::remote::{Promoted, Relay};
 use crate::supervisor::{ControlOptions, GuestOutcome};
 
 /// How a follower ended.
@@ -102,6 +105,32 @@ impl Front {
                 Request::Status {} => Reply::ok(Status {
                     guests: vec![view.status()],
                 }),
+                Request::Role { guest } | Request::Promote { guest, .. }
+                    if guest != view.config.name =>
+                {
+                    Reply::error(
+                        ErrorKind::UnknownGuest,
+                        format!("this process stands by for guest {}, not {guest}", view.config.name),
+                    )
+                }
+                Request::Role { .. } => Reply::ok(view.role()),
+                Request::Promote { peer_fenced, .. } => match view.relay {
+                    Some(relay) => {
+                        // The peer is asked first, which may take a while: the answer comes
+                        // from a thread of its own.
+                        let (relay, reply) = (relay.clone(), pending.reply);
+                        let _ = std::thread::Builder::new()
+                            .name("promote".into())
+                            .spawn(move || {
+                                let _ = reply.try_send(promote_reply(relay.promote(peer_fenced)));
+                            });
+                        continue;
+                    }
+                    None => Reply::error(
+                        ErrorKind::NotPossible,
+                        "a separate standby process on the same host takes the guest over on its own when the active's process dies; promote is for process = \"remote\"",
+                    ),
+                },
                 Request::Metrics {} => Reply::ok(crate::control::protocol::MetricsText {
                     text: String::new(),
                 }),
@@ -125,8 +154,27 @@ impl Front {
     }
 }
 
+fn promote_reply(promoted: Result<Promoted, String>) -> Reply {
+    match promoted {
+        Ok(Promoted::Already) => Reply::ok(PromoteDone {
+            outcome: "already-active".into(),
+            epoch: None,
+        }),
+        Ok(Promoted::Resuming(epoch)) => Reply::ok(PromoteDone {
+            outcome: "resuming".into(),
+            epoch: Some(epoch),
+        }),
+        Ok(Promoted::Booting) => Reply::ok(PromoteDone {
+            outcome: "booting".into(),
+            epoch: None,
+        }),
+        Err(why) => Reply::error(ErrorKind::NotPossible, why),
+    }
+}
+
 /// What a standby process's `status` shows.
 struct View<'a> {
+    relay: Option<&'a Arc<Relay>>,
     config: &'a GuestConfig,
     journal: &'a JournalConfig,
     phase: &'static str,
@@ -137,6 +185,30 @@ struct View<'a> {
 }
 
 impl View<'_> {
+    fn role(&self) -> GuestRole {
+        let (state, epoch, score) = match self.relay {
+            Some(relay) => {
+                let role = relay.role();
+                (role.state, role.epoch, role.score)
+            }
+            None => {
+                let epoch = self.standby.committed.as_ref().map(|c| c.0);
+                match self.phase {
+                    "following" => ("following", epoch, 1000),
+                    "loading" => ("syncing", None, 10),
+                    _ => ("empty", None, 5),
+                }
+            }
+        };
+        GuestRole {
+            guest: self.config.name.clone(),
+            role: Role::Standby,
+            state: state.into(),
+            epoch,
+            score,
+        }
+    }
+
     fn status(&self) -> GuestStatus {
         let epoch = self.standby.committed.as_ref().map(|c| c.0);
         let ready = self.phase == "following";
@@ -203,7 +275,7 @@ pub fn chosen_guest<'a>(
         .filter(|g| {
             g.standby
                 .as_ref()
-                .is_some_and(|s| s.process == StandbyProcess::Separate)
+                .is_some_and(|s| s.process.is_own_process())
         })
         .collect();
     match name {
@@ -237,6 +309,9 @@ struct Standby {
     /// The line the guest was printing at the last whole epoch, released by whoever
     /// resumes from it.
     tail: Vec<u8>,
+    /// With a remote active: the output of the epochs applied that the active has not said
+    /// it released, released here only if this process takes the guest over.
+    unreleased: Option<VecDeque<(u64, Vec<u8>)>>,
 }
 
 /// The last epoch applied: its number, its state, and where its record lies (none for the
@@ -273,6 +348,13 @@ pub fn follow(
         ram,
         committed: None,
         tail: Vec::new(),
+        unreleased: journal_config.remote.is_some().then(VecDeque::new),
+    };
+    // A remote active is followed through a relay, which this process's follower attaches
+    // to as it would to a local active.
+    let relay = match journal_config.remote {
+        Some(_) => Some(Relay::start(&config, &journal_config).map_err(|e| host(&e))?),
+        None => None,
     };
     let front = match control.socket.take() {
         Some(socket) => Some(Front::serve(socket).map_err(|e| host(&e))?),
@@ -289,6 +371,7 @@ pub fn follow(
                 }
                 if let Some(front) = &front {
                     front.answer(&View {
+                        relay: relay.as_ref(),
                         config: &config,
                         journal: &journal_config,
                         phase: "waiting",
@@ -306,6 +389,7 @@ pub fn follow(
         let pidfd = peer_pidfd(&conn).map_err(|e| host(&format!("the active's process: {e}")))?;
         let active_pid = crate::link::peer_pid(&conn).unwrap_or(0);
         let session = Session {
+            relay: relay.as_ref(),
             config: &config,
             journal_config: &journal_config,
             console: &mut console,
@@ -329,6 +413,18 @@ pub fn follow(
                 return take_over(env, &config, standby, from, control, signals)
                     .map(Followed::TookOver);
             }
+            SessionEnd::Boot => {
+                lifecycle!(warn, "promoted-booting", guest = %config.name, "promoted with no epoch of the guest loaded: booting it");
+                if let Some(front) = front {
+                    control.socket = Some(front.hand_on()?);
+                }
+                let mut single = env.clone();
+                single.guest.retain(|g| g.name == config.name);
+                drop(standby);
+                return crate::supervisor::run_booted(&single, control, signals)
+                    .map(Followed::TookOver)
+                    .map_err(|e| FollowError::Host(e.to_string()));
+            }
             SessionEnd::Reconnect => {
                 standby.committed = None;
                 std::thread::sleep(CONNECT_RETRY);
@@ -351,9 +447,12 @@ enum SessionEnd {
     },
     /// The active's process lives on but this session is over.
     Reconnect,
+    /// Promoted with nothing loaded: the guest boots here.
+    Boot,
 }
 
 struct Session<'a> {
+    relay: Option<&'a Arc<Relay>>,
     config: &'a GuestConfig,
     journal_config: &'a JournalConfig,
     console: &'a mut SerialSink,
@@ -389,7 +488,9 @@ impl Session<'_> {
             match wait(conn, pidfd, signals, front) {
                 Woken::Quiet => {
                     let quiet = heard.elapsed();
-                    if standby.committed.is_some() && quiet >= SILENCE && !silence_said {
+                    // A remote active's silence is the relay's to report.
+                    let local = self.relay.is_none();
+                    if local && standby.committed.is_some() && quiet >= SILENCE && !silence_said {
                         silence_said = true;
                         tracing::warn!(guest = %guest, silent_ms = quiet.as_millis() as u64, "the active has sent no epoch for a while but holds the guest's active lock: not taking over (a stopped or hung process must be killed for this standby to take over)");
                     }
@@ -403,6 +504,7 @@ impl Session<'_> {
                     };
                     if let Some(front) = self.front {
                         front.answer(&View {
+                            relay: self.relay,
                             config: self.config,
                             journal: self.journal_config,
                             phase,
@@ -528,6 +630,12 @@ impl Session<'_> {
                             "guest {guest}: the active refused this standby: {why}"
                         )))
                     }
+                    ToStandby::Released { seq } => {
+                        if let Some(unreleased) = standby.unreleased.as_mut() {
+                            unreleased.retain(|(s, _)| *s > seq);
+                        }
+                    }
+                    ToStandby::Boot {} => return Ok(SessionEnd::Boot),
                 }
             }
         }
@@ -574,8 +682,14 @@ impl Session<'_> {
             .apply_pages(&record, &standby.ram)
             .map_err(|e| refused(e.to_string()))?;
         if !record.output.is_empty() {
-            let _ = self.console.write_all(&record.output);
-            let _ = self.console.flush();
+            match standby.unreleased.as_mut() {
+                // A remote active releases it once this standby acknowledged the record.
+                Some(unreleased) => unreleased.push_back((record.seq, record.output)),
+                None => {
+                    let _ = self.console.write_all(&record.output);
+                    let _ = self.console.flush();
+                }
+            }
         }
         journal.set_released(record.seq);
         journal.release_range(record.offset, record.len);
@@ -626,6 +740,14 @@ impl Session<'_> {
             if let Some(end) = self.apply(journal, standby, record)? {
                 return Ok(SessionEnd::Ended(end));
             }
+        }
+        if let Some(unreleased) = standby.unreleased.as_mut() {
+            // What a remote active had not said it released is released here, in order,
+            // before the guest runs on.
+            for (_, output) in unreleased.drain(..) {
+                let _ = self.console.write_all(&output);
+            }
+            let _ = self.console.flush();
         }
         let lock_wait = locked.saturating_duration_since(since);
         Ok(SessionEnd::ActiveGone {

@@ -41,5 +41,6 @@ pub mod link;
 pub mod liveness;
 pub mod metrics;
 pub mod net;
+pub mod remote;
 pub mod restore;
 pub mod supervisor;

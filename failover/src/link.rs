@@ -93,6 +93,15 @@ pub enum ToStandby {
         /// Why.
         why: String,
     },
+    /// From a remote standby's relay: the active released the output of every epoch up to
+    /// `seq` (a remote standby releases output only once promoted).
+    Released {
+        /// The last released epoch.
+        seq: u64,
+    },
+    /// From a remote standby's relay: promoted before any batch was loaded, this process
+    /// boots the guest.
+    Boot {},
 }
 
 /// The guest's *active lock*: an exclusive `flock` on the journal's path plus `.lock`.

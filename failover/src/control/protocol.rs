@@ -52,6 +52,22 @@ pub enum Request {
     },
     /// Stops every guest and ends `understudy run`.
     Shutdown {},
+    /// What this process is for the guest (active or standby), how current, and its
+    /// promotion score: what a cluster manager's resource agent asks.
+    Role {
+        /// The guest.
+        guest: String,
+    },
+    /// Makes this remote standby the guest's active (`process = "remote"`): refused while
+    /// the peer answers as the guest's active, or does not answer and `peer_fenced` is not
+    /// set.
+    Promote {
+        /// The guest.
+        guest: String,
+        /// The caller knows the peer's host is fenced (the cluster manager fenced it).
+        #[serde(default)]
+        peer_fenced: bool,
+    },
 }
 
 impl Request {
@@ -62,7 +78,9 @@ impl Request {
             | Request::Fault { guest, .. }
             | Request::Pause { guest }
             | Request::Resume { guest }
-            | Request::Snapshot { guest, .. } => Some(guest),
+            | Request::Snapshot { guest, .. }
+            | Request::Role { guest }
+            | Request::Promote { guest, .. } => Some(guest),
             Request::Status {} | Request::Metrics {} | Request::Shutdown {} => None,
         }
     }
@@ -199,6 +217,37 @@ pub struct GuestStatus {
     /// With `process = "separate"`: the standby process and the journal it follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub standby_process: Option<StandbyProcessStatus>,
+}
+
+/// The reply to `role`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestRole {
+    /// The guest.
+    pub guest: String,
+    /// `active` (the guest runs in this process) or `standby`.
+    pub role: Role,
+    /// For an active: `protected` (a standby follows and failover is armed) or `running`.
+    /// For a standby: `following` (it holds the last epoch of a live active), `handed-over`
+    /// (it holds the last epoch of an active that is fenced), `holding` (it holds an epoch,
+    /// but the active is not heard from), `syncing` (it loads a first batch) or `empty`.
+    pub state: String,
+    /// The last epoch the standby applied, or the active wrote for its standby.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// How much this instance should be the one promoted: 10000 for an active, 1000 for a
+    /// standby following (or handed the guest over), 500 for one holding an epoch, 10 while
+    /// syncing, 5 when empty.
+    pub score: i64,
+}
+
+/// The reply to `promote`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromoteDone {
+    /// `already-active`, `resuming` or `booting`.
+    pub outcome: String,
+    /// With `resuming`: the epoch the guest resumes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// The active's view of a guest's standby process.

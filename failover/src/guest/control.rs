@@ -96,6 +96,18 @@ impl Guest {
         }
     }
 
+    /// What this process is for the guest, for `role`: its active.
+    pub fn role(&self) -> crate::control::protocol::GuestRole {
+        let armed = self.armed();
+        crate::control::protocol::GuestRole {
+            guest: self.ctx.config.name.clone(),
+            role: crate::control::protocol::Role::Active,
+            state: if armed { "protected" } else { "running" }.into(),
+            epoch: self.link.as_ref().and_then(|l| l.status().epoch),
+            score: 10000,
+        }
+    }
+
     /// The guest as `status` reports it.
     pub fn status(&self) -> GuestStatus {
         let (state, machines) = match &self.state {

@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm_core::{DirtyLog, DirtyPages, GuestRam, SerialSink, Vm, VmError, VmEvent};
@@ -29,6 +29,7 @@ use crate::console::HeldOutput;
 use crate::control::protocol::StandbyProcessStatus;
 use crate::journal::{EpochRecord, Journal, JournalError};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
+use crate::remote::ActiveSide;
 
 /// Rounds of copying into the batch while the guest runs, at most.
 const BATCH_ROUNDS: u32 = 8;
@@ -108,7 +109,11 @@ pub(crate) struct StandbyLink {
     memory: u64,
     listener: UnixListener,
     held: HeldOutput,
-    console: SerialSink,
+    /// The active's console; with a remote standby, shared with the shipper, which releases
+    /// each epoch's output once the standby acknowledged it.
+    console: Arc<Mutex<SerialSink>>,
+    /// With `process = "remote"`: the shipper to remote standbys.
+    remote: Option<Arc<ActiveSide>>,
     session: Option<Session>,
     /// Output taken from the guest but not released: the line it is still printing, while
     /// no record carries output (so that a session's first record never starts mid-line).
@@ -178,6 +183,16 @@ impl StandbyLink {
             .set_nonblocking(true)
             .map_err(|e| format!("{}: {e}", config.socket.display()))?;
         let held = HeldOutput::default();
+        let console = Arc::new(Mutex::new(console));
+        let remote = match &config.remote {
+            Some(remote) => Some(crate::remote::serve_active(
+                &ctx.config.name,
+                &config,
+                remote,
+                console.clone(),
+            )?),
+            None => None,
+        };
         let link = StandbyLink {
             guest: ctx.config.name.clone(),
             config,
@@ -186,6 +201,7 @@ impl StandbyLink {
             listener,
             held: held.clone(),
             console,
+            remote,
             session: None,
             tail_since: (!unfinished.is_empty()).then(Instant::now),
             pending: unfinished,
@@ -428,7 +444,7 @@ impl StandbyLink {
         let (output, tail) = split_tail(output, &mut self.tail_since);
         let resumed = active.resume();
         let pause = paused.elapsed();
-        release(&mut self.console, &output);
+        release(&self.console, &output);
         let (state, final_pages) = match sealed {
             Ok(sealed) => sealed,
             Err(why) => {
@@ -468,7 +484,7 @@ impl StandbyLink {
             self.pending.extend(self.held.take());
             let pending = std::mem::take(&mut self.pending);
             let (output, tail) = split_tail(pending, &mut self.tail_since);
-            release(&mut self.console, &output);
+            release(&self.console, &output);
             self.pending = tail;
             return LinkTick::Done;
         }
@@ -590,7 +606,15 @@ impl StandbyLink {
             .is_some_and(|s| matches!(s.phase, Phase::Loading | Phase::Following));
         if writing {
             match self.write_end(end) {
-                Ok(()) => {
+                Ok(output) if self.remote.is_some() => {
+                    // A remote standby releases nothing unless promoted: the records it
+                    // had not acknowledged, and the end, are released here.
+                    self.lose("the guest ended");
+                    release(&self.console, &output);
+                    self.lock = None;
+                    return;
+                }
+                Ok(_) => {
                     // The standby releases everything from here; the session is over, and the
                     // guest has ended: nobody runs it any more.
                     self.session = None;
@@ -607,11 +631,12 @@ impl StandbyLink {
         }
         self.pending.extend(self.held.take());
         let output = std::mem::take(&mut self.pending);
-        release(&mut self.console, &output);
+        release(&self.console, &output);
     }
 
     /// The last record: the guest's last output and how it ended; no pages, no state.
-    fn write_end(&mut self, end: &[u8]) -> Result<(), String> {
+    /// Returns the output it carries.
+    fn write_end(&mut self, end: &[u8]) -> Result<Vec<u8>, String> {
         let Some(session) = self.session.as_mut() else {
             return Err("no session".into());
         };
@@ -642,7 +667,7 @@ impl StandbyLink {
         };
         // The standby finds the record in the journal even if it never hears of it.
         let _ = session.tell(&notice);
-        Ok(())
+        Ok(record.output)
     }
 
     /// A planned handover: one last epoch with the active kept paused, so the standby's last
@@ -690,6 +715,12 @@ impl StandbyLink {
         let pid = session.pid;
         self.closed.push(session.conn);
         told.map_err(|e| e.to_string())?;
+        if let Some(side) = &self.remote {
+            // The remote standby must hear it before this process goes.
+            if !side.wait_told(HANDOVER_PATIENCE) {
+                tracing::warn!(guest = %self.guest, "the remote standby may not have heard of the handover");
+            }
+        }
         lifecycle!(warn, "standby-process-told", guest = %self.guest, standby_pid = pid, %why, "the active failed: the standby process takes the guest over from its last epoch");
         Ok(pid)
     }
@@ -710,10 +741,16 @@ impl StandbyLink {
         let Some(session) = self.session.take() else {
             return;
         };
-        let released = session.journal.as_ref().map_or(0, |j| j.released());
+        // A remote standby's shipper releases nothing from here on.
+        let shipped = self.remote.as_ref().map_or(0, |side| side.halt());
+        let released = session
+            .journal
+            .as_ref()
+            .map_or(0, |j| j.released())
+            .max(shipped);
         for record in &session.unapplied {
             if record.seq > released {
-                release(&mut self.console, &record.output);
+                release(&self.console, &record.output);
             }
         }
         // The line the guest is still printing waits for its end, as without a standby.
@@ -753,6 +790,9 @@ impl Drop for StandbyLink {
         }
     }
 }
+
+/// How long a handover waits for a remote standby to have been told.
+const HANDOVER_PATIENCE: Duration = Duration::from_secs(2);
 
 /// The most message bytes a standby may leave unread before it counts as gone.
 const MAX_UNREAD: usize = 1 << 20;
@@ -892,8 +932,9 @@ fn split_tail(mut output: Vec<u8>, since: &mut Option<Instant>) -> (Vec<u8>, Vec
     (output, tail)
 }
 
-fn release(console: &mut SerialSink, output: &[u8]) {
+fn release(console: &Mutex<SerialSink>, output: &[u8]) {
     if !output.is_empty() {
+        let mut console = console.lock().unwrap_or_else(|e| e.into_inner());
         // A console that cannot be written must not stop the guest.
         let _ = console.write_all(output);
         let _ = console.flush();

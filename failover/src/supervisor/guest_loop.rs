@@ -414,6 +414,11 @@ impl GuestLoop {
                 Err(err) => reply_for(&err),
             },
             Request::Status {} => Reply::ok(self.guest.status()),
+            Request::Role { .. } => Reply::ok(self.guest.role()),
+            Request::Promote { .. } => Reply::ok(crate::control::protocol::PromoteDone {
+                outcome: "already-active".into(),
+                epoch: None,
+            }),
             Request::Metrics {} | Request::Shutdown {} => {
                 Reply::error(ErrorKind::BadRequest, "not a request about one guest")
             }

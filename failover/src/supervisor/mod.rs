@@ -455,6 +455,16 @@ pub fn run_taken_over(
     run_guests(env, Vec::new(), starts, control, signals)
 }
 
+/// Runs `env`'s one guest, booted by a remote standby that was promoted before it had
+/// loaded any epoch of it.
+pub fn run_booted(
+    env: &Environment,
+    control: ControlOptions,
+    signals: Option<std::fs::File>,
+) -> Result<Vec<GuestOutcome>, RunError> {
+    run_guests(env, Vec::new(), vec![StartFrom::Boot], control, signals)
+}
+
 fn run_guests(
     env: &Environment,
     faults: Vec<Planned>,

@@ -1,0 +1,1162 @@
+//! `[guest.standby] process = "remote"`: the standby runs in a process on another host and
+//! follows the active over TCP.
+//!
+//! Both sides keep the take-over journal of `process = "separate"` ([`crate::journal`]) on
+//! their own host, and the journal's bytes travel between them: the batch's data (its holes
+//! stay holes: only the pages the guest touched are sent), then each epoch's record, as
+//! written, sequence number and checksums included. On the active's host a *shipper*
+//! attaches to the guest's attach socket as a local standby would, and sends what the
+//! journal gets; on the standby's host a *relay* writes what arrives into a journal of its
+//! own and announces it to the follower ([`crate::follower`]) as a local active would. The
+//! follower and the active's journal writer are those of the separate standby process.
+//!
+//! What differs is who releases the console output and who decides to take over:
+//! - **Output is released by the active, after the standby acknowledged its epoch**
+//!   (Remus's rule): the shipper writes an epoch's output to the active's console once the
+//!   standby says it applied that epoch, then tells the standby it did (`released`). A
+//!   standby that acknowledges nothing for `ack_timeout_ms` is dropped: the held output is
+//!   released and the guest runs on unprotected. The guest never waits for the network.
+//! - **The standby never takes over on its own.** There is no lock across hosts: which host
+//!   runs the guest is the cluster manager's call (`understudy ctl SOCKET promote`, driven by
+//!   the OCF agent `ocf/understudy`). A promote is refused while the peer answers as the
+//!   guest's active, or does not answer and is not known to be fenced. A promoted standby
+//!   releases the output of the epochs it applied and the active had not said it released,
+//!   and resumes from its last whole epoch; one promoted before it ever loaded a batch
+//!   boots the guest.
+//!
+//! Each process of a remote guest listens on its `listen` address (the *peer port*): an
+//! active takes its standby's connection there, and either side answers a `role` query.
+//!
+//! ```text
+//! standby (relay)                              active (shipper)
+//!   hello {pid, guest}                ->
+//!                                     <-       journal {identifier, guest, memory, size, pid}
+//!   opened {}                         ->
+//!                                     <-       bytes {offset, len} + len bytes ...   (the batch's data)
+//!                                     <-       batch {seq}
+//!   ready {seq}                       ->
+//!                                     <-       bytes {offset, len} + len bytes, record {seq, offset}
+//!   applied {seq}                     ->       (the epoch's output is released on the active's console)
+//!                                     <-       released {seq}
+//!                                     <-       take_over {why, released}   (the active is fenced)
+//! ```
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmm_core::SerialSink;
+
+use crate::config::{GuestConfig, JournalConfig, RemoteConfig};
+use crate::journal::{Journal, PAGE};
+use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
+
+/// From the active's host to the standby's. `bytes` is followed by `len` raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToRemote {
+    /// A journal for writer `identifier`: the standby makes one of its own like it.
+    Journal {
+        /// The writer's identifier.
+        identifier: u64,
+        /// The guest.
+        guest: String,
+        /// The guest's RAM, in bytes.
+        memory: u64,
+        /// The journal's size, in bytes.
+        size: u64,
+        /// The active's process.
+        pid: u32,
+    },
+    /// The next `len` bytes on the connection go at `offset` in the journal.
+    Bytes {
+        /// Where, in the journal.
+        offset: u64,
+        /// How many.
+        len: u64,
+    },
+    /// The batch of epoch `seq` is whole.
+    Batch {
+        /// Its epoch.
+        seq: u64,
+    },
+    /// Epoch `seq`'s record is whole, at `offset`.
+    Record {
+        /// Its epoch.
+        seq: u64,
+        /// Where it starts.
+        offset: u64,
+    },
+    /// The output of every epoch up to `seq` is released on the active's console.
+    Released {
+        /// The last released epoch.
+        seq: u64,
+    },
+    /// The active's machine is fenced for good (it failed, or a switchover was asked for):
+    /// the standby may be promoted without waiting for the active's process to go. Nothing
+    /// after epoch `released` was released by the active.
+    TakeOver {
+        /// Why.
+        why: String,
+        /// The last epoch whose output the active released.
+        released: u64,
+    },
+    /// The active will not go on with this standby.
+    Refused {
+        /// Why.
+        why: String,
+    },
+}
+
+/// The first line of a connection to the peer port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Opening {
+    /// A standby announces itself (as [`ToActive::Hello`]).
+    Hello {
+        /// The standby's process.
+        pid: u32,
+        /// The guest it stands by for.
+        guest: String,
+    },
+    /// Who runs the guest here? Answered with one [`PeerRole`] line.
+    Role {},
+}
+
+/// What a process says it is for its guest, to a `role` query on its peer port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRole {
+    /// `active` (the guest runs here), `handed-over` (it ran here and is fenced), or
+    /// `standby`.
+    pub role: String,
+    /// The guest.
+    pub guest: String,
+}
+
+/// The longest control line on the connection.
+const MAX_LINE: usize = 64 << 10;
+/// How long a connection to the peer port may take to say what it is.
+const OPENING_PATIENCE: Duration = Duration::from_secs(2);
+/// How long a `role` query or a connection attempt waits for the peer.
+pub const PEER_PATIENCE: Duration = Duration::from_secs(1);
+/// How often the relay tries to reach an active that does not answer.
+const CONNECT_RETRY: Duration = Duration::from_millis(200);
+/// How often the shipper looks at the oldest unacknowledged epoch.
+const ACK_CHECK: Duration = Duration::from_millis(20);
+
+/// Writes one control line.
+fn write_line<M: Serialize>(out: &mut impl Write, message: &M) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(message).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    out.write_all(&line)
+}
+
+/// Reads one control line into `buf` (kept across calls: a read that times out keeps what
+/// it had). `Ok(None)` at the end of the stream.
+fn read_line<M: for<'de> Deserialize<'de>>(
+    reader: &mut BufReader<TcpStream>,
+    buf: &mut Vec<u8>,
+) -> Result<Option<M>, LinkError> {
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(available) => available,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err.into()),
+        };
+        if available.is_empty() {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(LinkError::Garbled("the connection ended mid-line".into()))
+            };
+        }
+        let (line_end, used) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (true, i + 1),
+            None => (false, available.len()),
+        };
+        buf.extend_from_slice(&available[..used]);
+        reader.consume(used);
+        if buf.len() > MAX_LINE {
+            return Err(LinkError::Garbled("a line too long".into()));
+        }
+        if line_end {
+            let line = std::mem::take(buf);
+            return serde_json::from_slice(&line[..line.len() - 1])
+                .map(Some)
+                .map_err(|e| LinkError::Garbled(e.to_string()));
+        }
+    }
+}
+
+fn timed_out(err: &LinkError) -> bool {
+    matches!(err, LinkError::Io(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+}
+
+/// Asks the process at `peer` what it is for its guest.
+pub fn query_role(peer: SocketAddr, patience: Duration) -> std::io::Result<PeerRole> {
+    let mut conn = TcpStream::connect_timeout(&peer, patience)?;
+    conn.set_read_timeout(Some(patience))?;
+    conn.set_write_timeout(Some(patience))?;
+    write_line(&mut conn, &Opening::Role {})?;
+    let mut reader = BufReader::new(conn);
+    let mut buf = Vec::new();
+    match read_line::<PeerRole>(&mut reader, &mut buf) {
+        Ok(Some(role)) => Ok(role),
+        Ok(None) => Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "closed without answering",
+        )),
+        Err(LinkError::Io(err)) => Err(err),
+        Err(err) => Err(std::io::Error::other(err.to_string())),
+    }
+}
+
+/// What this process is for the peer port's guest.
+#[derive(Clone)]
+enum PortRole {
+    /// Nothing yet (or no longer).
+    None,
+    /// A relay follows an active for this guest.
+    Standby(String),
+    /// The guest runs here; standbys are shipped to through this.
+    Active(Arc<ActiveSide>),
+    /// The guest ran here and its machine is fenced.
+    HandedOver(String),
+}
+
+/// The process's peer port: its listener and what it answers.
+struct PeerPort {
+    listen: SocketAddr,
+    role: Mutex<PortRole>,
+}
+
+static PORT: Mutex<Option<Arc<PeerPort>>> = Mutex::new(None);
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The process's peer port at `listen`, bound on first use (a process serves one remote
+/// guest: `understudy standby` follows one, and it runs that one once promoted).
+fn port(listen: SocketAddr) -> Result<Arc<PeerPort>, String> {
+    let mut slot = locked(&PORT);
+    if let Some(port) = slot.as_ref() {
+        if port.listen != listen {
+            return Err(format!(
+                "this process already listens on {}, not {listen}: one remote guest per process",
+                port.listen
+            ));
+        }
+        return Ok(port.clone());
+    }
+    let listener = TcpListener::bind(listen).map_err(|e| format!("listen on {listen}: {e}"))?;
+    let port = Arc::new(PeerPort {
+        listen,
+        role: Mutex::new(PortRole::None),
+    });
+    let serving = port.clone();
+    std::thread::Builder::new()
+        .name("peer-port".into())
+        .spawn(move || serving.accept(listener))
+        .map_err(|e| format!("peer port thread: {e}"))?;
+    *slot = Some(port.clone());
+    Ok(port)
+}
+
+impl PeerPort {
+    fn set(&self, role: PortRole) {
+        *locked(&self.role) = role;
+    }
+
+    fn accept(self: Arc<Self>, listener: TcpListener) {
+        for conn in listener.incoming() {
+            let conn = match conn {
+                Ok(conn) => conn,
+                Err(err) => {
+                    tracing::warn!(%err, listen = %self.listen, "cannot accept a connection on the peer port");
+                    std::thread::sleep(CONNECT_RETRY);
+                    continue;
+                }
+            };
+            let port = self.clone();
+            let _ = std::thread::Builder::new()
+                .name("peer-conn".into())
+                .spawn(move || port.opening(conn));
+        }
+    }
+
+    /// A connection says what it is: a `role` query is answered, a standby's `hello` is
+    /// shipped to if the guest runs here.
+    fn opening(&self, conn: TcpStream) {
+        let peer = conn.peer_addr().map_or("?".into(), |a| a.to_string());
+        let Ok(reading) = conn.try_clone() else {
+            return;
+        };
+        let _ = conn.set_read_timeout(Some(OPENING_PATIENCE));
+        let mut reader = BufReader::new(reading);
+        let mut buf = Vec::new();
+        let opening = match read_line::<Opening>(&mut reader, &mut buf) {
+            Ok(Some(opening)) => opening,
+            Ok(None) => return,
+            Err(err) => {
+                tracing::debug!(%peer, %err, "an unreadable connection to the peer port");
+                return;
+            }
+        };
+        let role = locked(&self.role).clone();
+        let mut conn = conn;
+        match (opening, role) {
+            (Opening::Role {}, role) => {
+                let (role, guest) = match role {
+                    PortRole::Active(side) => ("active", side.guest.clone()),
+                    PortRole::HandedOver(guest) => ("handed-over", guest),
+                    PortRole::Standby(guest) => ("standby", guest),
+                    PortRole::None => ("standby", String::new()),
+                };
+                let role = PeerRole {
+                    role: role.into(),
+                    guest,
+                };
+                let _ = write_line(&mut conn, &role);
+            }
+            (Opening::Hello { pid, guest }, PortRole::Active(side)) if guest == side.guest => {
+                let _ = conn.set_read_timeout(None);
+                lifecycle!(info, "remote-standby-connected", guest = %guest, %peer, standby_pid = pid, "a remote standby connected");
+                if let Err(why) = side.ship(conn, reader, pid) {
+                    tracing::warn!(guest = %guest, %peer, %why, "the remote standby's session ended");
+                }
+            }
+            (Opening::Hello { guest, .. }, _) => {
+                let why = format!("guest {guest} does not run on this host");
+                let _ = write_line(&mut conn, &ToRemote::Refused { why });
+            }
+        }
+    }
+}
+
+/// The active's side of a remote guest: the shipper's settings.
+pub(crate) struct ActiveSide {
+    guest: String,
+    /// The guest's attach socket, which the shipper connects to.
+    socket: PathBuf,
+    /// The active's console, shared with the guest's loop.
+    console: Arc<Mutex<SerialSink>>,
+    ack_timeout: Duration,
+    /// The session being shipped, if any.
+    current: Mutex<Option<Arc<Mutex<Shipped>>>>,
+}
+
+/// What one shipping session has sent and released.
+struct Shipped {
+    journal: Option<Arc<Journal>>,
+    unacked: VecDeque<Unacked>,
+    /// The last epoch whose output the shipper released.
+    released: u64,
+    /// Set once the shipper must release nothing more (the session ended, or the guest's
+    /// loop took the release over).
+    halted: bool,
+    /// Whether `take_over` went out whole.
+    told: bool,
+}
+
+struct Unacked {
+    seq: u64,
+    offset: u64,
+    len: u64,
+    output: Vec<u8>,
+    sent: Instant,
+}
+
+/// The shipper of `guest`'s journal to remote standbys, listening on `remote.listen`.
+pub(crate) fn serve_active(
+    guest: &str,
+    journal: &JournalConfig,
+    remote: &RemoteConfig,
+    console: Arc<Mutex<SerialSink>>,
+) -> Result<Arc<ActiveSide>, String> {
+    let port = port(remote.listen)?;
+    let side = Arc::new(ActiveSide {
+        guest: guest.to_owned(),
+        socket: journal.socket.clone(),
+        console,
+        ack_timeout: Duration::from_millis(remote.ack_timeout_ms),
+        current: Mutex::new(None),
+    });
+    port.set(PortRole::Active(side.clone()));
+    Ok(side)
+}
+
+impl ActiveSide {
+    /// The guest's loop takes the release of output back (the session is over, or the guest
+    /// ended): nothing more is released by the shipper. Returns the last epoch it released.
+    pub fn halt(&self) -> u64 {
+        match locked(&self.current).as_ref() {
+            Some(shipped) => {
+                let mut shipped = locked(shipped);
+                shipped.halted = true;
+                shipped.released
+            }
+            None => 0,
+        }
+    }
+
+    /// Waits up to `patience` for the `take_over` of the current session to have gone out.
+    pub fn wait_told(&self, patience: Duration) -> bool {
+        let deadline = Instant::now() + patience;
+        loop {
+            let told = locked(&self.current)
+                .as_ref()
+                .is_none_or(|s| locked(s).told);
+            if told || Instant::now() >= deadline {
+                return told;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// This process's guest is fenced: the port answers `handed-over` from now on.
+    pub fn handed_over(&self) {
+        if let Some(port) = locked(&PORT).as_ref() {
+            port.set(PortRole::HandedOver(self.guest.clone()));
+        }
+    }
+
+    /// Ships the journal to the remote standby on `tcp` (whose hello was read off
+    /// `reader`) until the session ends.
+    fn ship(&self, tcp: TcpStream, reader: BufReader<TcpStream>, pid: u32) -> Result<(), String> {
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+        let _ = tcp.set_nodelay(true);
+        let busy = locked(&self.current)
+            .as_ref()
+            .is_some_and(|s| !locked(s).halted);
+        if busy {
+            let why = "another standby follows this guest".to_owned();
+            let mut tcp = tcp;
+            let _ = write_line(&mut tcp, &ToRemote::Refused { why: why.clone() });
+            return Err(why);
+        }
+        let mut local = UnixStream::connect(&self.socket)
+            .map_err(|e| format!("attach socket {}: {e}", self.socket.display()))?;
+        let hello = ToActive::Hello {
+            pid,
+            guest: self.guest.clone(),
+        };
+        send(&mut local, &hello).map_err(|e| err(&e))?;
+        let shipped = Arc::new(Mutex::new(Shipped {
+            journal: None,
+            unacked: VecDeque::new(),
+            released: 0,
+            halted: false,
+            told: false,
+        }));
+        *locked(&self.current) = Some(shipped.clone());
+        let writer = Arc::new(Mutex::new(tcp.try_clone().map_err(|e| err(&e))?));
+        let acks = {
+            let (local, writer, shipped) = (
+                local.try_clone().map_err(|e| err(&e))?,
+                writer.clone(),
+                shipped.clone(),
+            );
+            let (console, ack_timeout, tcp) = (
+                self.console.clone(),
+                self.ack_timeout,
+                tcp.try_clone().map_err(|e| err(&e))?,
+            );
+            std::thread::Builder::new()
+                .name("remote-acks".into())
+                .spawn(move || {
+                    acknowledgements(reader, tcp, local, writer, shipped, console, ack_timeout)
+                })
+                .map_err(|e| err(&e))?
+        };
+        let result = self.forward(&mut local, &writer, &shipped);
+        let _ = tcp.shutdown(Shutdown::Both);
+        let _ = local.shutdown(Shutdown::Both);
+        let _ = acks.join();
+        locked(&shipped).halted = true;
+        result
+    }
+
+    /// What the guest's loop says to its standby goes to the remote one, with the journal
+    /// bytes it names.
+    fn forward(
+        &self,
+        local: &mut UnixStream,
+        writer: &Mutex<TcpStream>,
+        shipped: &Mutex<Shipped>,
+    ) -> Result<(), String> {
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+        let mut lines = Lines::default();
+        loop {
+            let messages = match lines.read::<ToStandby>(local) {
+                Ok(messages) => messages,
+                Err(LinkError::Closed) => return Ok(()),
+                Err(e) => return Err(err(&e)),
+            };
+            for message in messages {
+                let journal = locked(shipped).journal.clone();
+                let mut out = locked(writer);
+                match message {
+                    ToStandby::Journal {
+                        identifier,
+                        path,
+                        pid,
+                    } => {
+                        let opened =
+                            Arc::new(Journal::open(&path, identifier).map_err(|e| err(&e))?);
+                        let header = *opened.header();
+                        locked(shipped).journal = Some(opened);
+                        let journal = ToRemote::Journal {
+                            identifier,
+                            guest: self.guest.clone(),
+                            memory: header.memory,
+                            size: header.size,
+                            pid,
+                        };
+                        write_line(&mut *out, &journal).map_err(|e| err(&e))?;
+                    }
+                    ToStandby::Batch { seq } => {
+                        let journal = journal.ok_or("a batch before a journal")?;
+                        send_data(&mut out, &journal, PAGE, journal.records_start())
+                            .map_err(|e| err(&e))?;
+                        write_line(&mut *out, &ToRemote::Batch { seq }).map_err(|e| err(&e))?;
+                        // The remote has the image; this host's copy is given back.
+                        journal.release_batch_ram();
+                    }
+                    ToStandby::Record { seq, offset } => {
+                        let journal = journal.ok_or("a record before a journal")?;
+                        let record = journal.read_record(offset, seq).map_err(|e| err(&e))?;
+                        locked(shipped).unacked.push_back(Unacked {
+                            seq,
+                            offset,
+                            len: record.len,
+                            output: record.output,
+                            sent: Instant::now(),
+                        });
+                        send_range(&mut out, &journal, offset, record.len).map_err(|e| err(&e))?;
+                        write_line(&mut *out, &ToRemote::Record { seq, offset })
+                            .map_err(|e| err(&e))?;
+                    }
+                    ToStandby::TakeOver { why } => {
+                        let released = {
+                            let mut shipped = locked(shipped);
+                            shipped.halted = true;
+                            shipped.released
+                        };
+                        self.handed_over();
+                        write_line(&mut *out, &ToRemote::TakeOver { why, released })
+                            .map_err(|e| err(&e))?;
+                        let _ = out.flush();
+                        locked(shipped).told = true;
+                        return Ok(());
+                    }
+                    ToStandby::Refused { why } => {
+                        let _ = write_line(&mut *out, &ToRemote::Refused { why: why.clone() });
+                        return Err(format!("the guest's loop ended the session: {why}"));
+                    }
+                    // Only a relay says these, to its follower.
+                    ToStandby::Released { .. } | ToStandby::Boot {} => {}
+                }
+            }
+        }
+    }
+}
+
+/// Sends the data of `journal` between `from` and `to` (holes are skipped) as `bytes`
+/// frames.
+fn send_data(out: &mut TcpStream, journal: &Journal, from: u64, to: u64) -> std::io::Result<()> {
+    let fd = journal.file().as_raw_fd();
+    let mut at = from;
+    while at < to {
+        // SAFETY: lseek on a descriptor the journal owns; no memory is passed.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(());
+            }
+            return Err(err);
+        }
+        let data = data as u64;
+        if data >= to {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let end = if hole < 0 { to } else { (hole as u64).min(to) };
+        send_range(out, journal, data, end - data)?;
+        at = end;
+    }
+    Ok(())
+}
+
+/// Sends `len` bytes of `journal` at `offset` as one `bytes` frame.
+fn send_range(
+    out: &mut TcpStream,
+    journal: &Journal,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    write_line(out, &ToRemote::Bytes { offset, len })?;
+    let mut at = offset as libc::off_t;
+    let end = offset + len;
+    while (at as u64) < end {
+        let left = (end - at as u64).min(1 << 30) as usize;
+        // SAFETY: sendfile copies from the journal's descriptor to the socket; `at` is a
+        // valid offset it advances.
+        let sent =
+            unsafe { libc::sendfile(out.as_raw_fd(), journal.file().as_raw_fd(), &mut at, left) };
+        if sent < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if sent == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the journal is shorter than its record",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The remote standby's answers: each acknowledged epoch's output is released here and the
+/// standby told so; the guest's loop hears of it. An epoch left unacknowledged for
+/// `ack_timeout` ends the session.
+fn acknowledgements(
+    mut reader: BufReader<TcpStream>,
+    tcp: TcpStream,
+    mut local: UnixStream,
+    writer: Arc<Mutex<TcpStream>>,
+    shipped: Arc<Mutex<Shipped>>,
+    console: Arc<Mutex<SerialSink>>,
+    ack_timeout: Duration,
+) {
+    let _ = tcp.set_read_timeout(Some(ACK_CHECK));
+    let peer = tcp.peer_addr().map_or("?".into(), |a| a.to_string());
+    let mut buf = Vec::new();
+    let why = loop {
+        let message = match read_line::<ToActive>(&mut reader, &mut buf) {
+            Ok(Some(message)) => message,
+            Ok(None) => break "the remote standby closed the connection".to_owned(),
+            Err(err) if timed_out(&err) => {
+                let late = locked(&shipped)
+                    .unacked
+                    .front()
+                    .is_some_and(|u| u.sent.elapsed() >= ack_timeout);
+                if late {
+                    break format!(
+                        "the remote standby at {peer} acknowledged no epoch for {} ms",
+                        ack_timeout.as_millis()
+                    );
+                }
+                continue;
+            }
+            Err(err) => break format!("the remote standby's connection: {err}"),
+        };
+        match message {
+            ToActive::Applied { seq } => {
+                {
+                    let mut shipped = locked(&shipped);
+                    if shipped.halted {
+                        continue;
+                    }
+                    let mut console = locked(&console);
+                    while shipped.unacked.front().is_some_and(|u| u.seq <= seq) {
+                        let Some(done) = shipped.unacked.pop_front() else {
+                            break;
+                        };
+                        if !done.output.is_empty() {
+                            // A console that cannot be written must not stop the guest.
+                            let _ = console.write_all(&done.output);
+                            let _ = console.flush();
+                        }
+                        if let Some(journal) = &shipped.journal {
+                            journal.release_range(done.offset, done.len);
+                        }
+                    }
+                    shipped.released = seq;
+                    if let Some(journal) = &shipped.journal {
+                        journal.set_released(seq);
+                    }
+                }
+                let _ = write_line(&mut *locked(&writer), &ToRemote::Released { seq });
+                if send(&mut local, &ToActive::Applied { seq }).is_err() {
+                    break "the guest's loop closed the session".into();
+                }
+            }
+            ToActive::Hello { .. } => {}
+            other => {
+                if send(&mut local, &other).is_err() {
+                    break "the guest's loop closed the session".into();
+                }
+            }
+        }
+    };
+    // Nothing is released here from now on: the guest's loop releases the rest.
+    let halted = std::mem::replace(&mut locked(&shipped).halted, true);
+    let _ = tcp.shutdown(Shutdown::Both);
+    if !halted {
+        let _ = send(&mut local, &ToActive::Refused { why });
+    }
+}
+
+/// What a relay knows of the guest it follows, for `role` and `promote`.
+#[derive(Debug, Default)]
+struct RelayState {
+    /// The follower loaded a batch of the current journal.
+    loaded: bool,
+    /// A journal is announced and its batch not loaded yet.
+    syncing: bool,
+    /// The last epoch the follower applied.
+    epoch: Option<u64>,
+    /// When the active last sent anything.
+    heard: Option<Instant>,
+    connected: bool,
+    /// The active said its machine is fenced.
+    handed_over: bool,
+    promoted: bool,
+}
+
+/// The standby's side of a remote guest: follows the active over TCP and feeds the
+/// follower through a journal of its own.
+pub struct Relay {
+    guest: String,
+    memory: u64,
+    remote: RemoteConfig,
+    journal: JournalConfig,
+    state: Mutex<RelayState>,
+    /// The session's connection, for promote to cut.
+    session: Mutex<Option<TcpStream>>,
+    /// Held while a frame is being written to the journal or told to the follower.
+    frame: Mutex<()>,
+    /// The connection to the follower (all writes to it).
+    follower: Mutex<Option<UnixStream>>,
+    /// The guest's active lock on this host, held until a promote.
+    lock: Mutex<Option<ActiveLock>>,
+    listener: Mutex<Option<UnixListener>>,
+}
+
+/// What a promote did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promoted {
+    /// This process runs the guest already.
+    Already,
+    /// The follower resumes the guest from this epoch.
+    Resuming(u64),
+    /// Nothing was loaded: the guest boots.
+    Booting,
+}
+
+/// A relay's answer to `role`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayRole {
+    /// `following`, `holding`, `handed-over`, `syncing` or `empty`.
+    pub state: &'static str,
+    /// The last epoch applied.
+    pub epoch: Option<u64>,
+    /// The promotion score.
+    pub score: i64,
+}
+
+impl Relay {
+    /// Starts following `config`'s active at its `peer`: takes the guest's active lock on
+    /// this host, binds the attach socket the follower connects to, and answers `role` on
+    /// `listen`.
+    pub fn start(config: &GuestConfig, journal: &JournalConfig) -> Result<Arc<Relay>, String> {
+        let remote = journal
+            .remote
+            .clone()
+            .ok_or("no remote addresses configured")?;
+        let lock = ActiveLock::try_take(&journal.path)
+            .map_err(|e| format!("{}: {e}", ActiveLock::path(&journal.path).display()))?
+            .ok_or_else(|| {
+                format!(
+                    "another process runs or follows this guest on this host: it holds {}",
+                    ActiveLock::path(&journal.path).display()
+                )
+            })?;
+        let listener = crate::control::bind_owner_only(&journal.socket)
+            .map_err(|e| format!("{}: {e}", journal.socket.display()))?;
+        let accepting = listener.try_clone().map_err(|e| e.to_string())?;
+        let port = port(remote.listen)?;
+        port.set(PortRole::Standby(config.name.clone()));
+        let relay = Arc::new(Relay {
+            guest: config.name.clone(),
+            memory: config.memory_mib << 20,
+            remote,
+            journal: journal.clone(),
+            state: Mutex::new(RelayState::default()),
+            session: Mutex::new(None),
+            frame: Mutex::new(()),
+            follower: Mutex::new(None),
+            lock: Mutex::new(Some(lock)),
+            listener: Mutex::new(Some(listener)),
+        });
+        let running = relay.clone();
+        std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || running.run(accepting))
+            .map_err(|e| e.to_string())?;
+        Ok(relay)
+    }
+
+    /// What this standby holds, and how much the cluster should want it promoted.
+    pub fn role(&self) -> RelayRole {
+        let state = locked(&self.state);
+        let silent = state.heard.is_none_or(|t| t.elapsed() > self.silence());
+        let (name, score) = if state.loaded && state.handed_over {
+            ("handed-over", 1000)
+        } else if state.loaded && state.connected && !silent {
+            ("following", 1000)
+        } else if state.loaded {
+            ("holding", 500)
+        } else if state.syncing {
+            ("syncing", 10)
+        } else {
+            ("empty", 5)
+        };
+        RelayRole {
+            state: name,
+            epoch: state.loaded.then_some(state.epoch).flatten(),
+            score,
+        }
+    }
+
+    /// How long the active may say nothing before this standby stops counting itself as
+    /// following (the active drops a standby silent for `ack_timeout_ms`).
+    fn silence(&self) -> Duration {
+        Duration::from_millis(self.remote.ack_timeout_ms.saturating_mul(2))
+            .max(Duration::from_secs(2))
+    }
+
+    /// Makes this standby the guest's active: refused while the peer answers as the
+    /// guest's active, or does not answer and `peer_fenced` is not given. Otherwise the
+    /// session with the old active is cut and the follower told to resume the guest from its
+    /// last whole epoch (or to boot it, if it never loaded one).
+    pub fn promote(&self, peer_fenced: bool) -> Result<Promoted, String> {
+        if locked(&self.state).promoted {
+            return Ok(Promoted::Already);
+        }
+        let peer = self.remote.peer;
+        match query_role(peer, PEER_PATIENCE) {
+            Ok(role) if role.role == "active" => {
+                return Err(format!(
+                    "the peer {peer} answers as the active of guest {}: not promoting (demote it first, or fence its host)",
+                    role.guest
+                ))
+            }
+            Ok(_) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            Err(err) if !peer_fenced => {
+                return Err(format!(
+                    "the peer {peer} does not answer ({err}) and is not known to be fenced: not promoting (it may still run the guest)"
+                ))
+            }
+            Err(err) => {
+                tracing::warn!(guest = %self.guest, %peer, %err, "the peer does not answer; it is fenced, as the caller says: promoting");
+            }
+        }
+        if let Some(session) = locked(&self.session).take() {
+            let _ = session.shutdown(Shutdown::Both);
+        }
+        // No frame is half-written from here on.
+        let _frame = locked(&self.frame);
+        let loaded = {
+            let mut state = locked(&self.state);
+            state.promoted = true;
+            state.connected = false;
+            state.loaded.then_some(state.epoch).flatten()
+        };
+        // The follower takes the lock and binds the attach socket as the guest's active.
+        drop(locked(&self.listener).take());
+        let _ = std::fs::remove_file(&self.journal.socket);
+        drop(locked(&self.lock).take());
+        if let Some(port) = locked(&PORT).as_ref() {
+            port.set(PortRole::None);
+        }
+        let mut follower = locked(&self.follower);
+        let follower = follower.as_mut().ok_or("the follower is not attached")?;
+        let (message, promoted) = match loaded {
+            Some(epoch) => (
+                ToStandby::TakeOver {
+                    why: "promoted".into(),
+                },
+                Promoted::Resuming(epoch),
+            ),
+            None => (ToStandby::Boot {}, Promoted::Booting),
+        };
+        send(follower, &message).map_err(|e| e.to_string())?;
+        lifecycle!(warn, "promoted", guest = %self.guest, %peer, peer_fenced, resume_epoch = ?loaded, "promoted: this host runs the guest from now on");
+        Ok(promoted)
+    }
+
+    fn run(self: Arc<Self>, listener: UnixListener) {
+        let follower = match listener.accept() {
+            Ok((conn, _)) => conn,
+            Err(err) => {
+                tracing::error!(guest = %self.guest, %err, "the follower could not attach to the relay");
+                return;
+            }
+        };
+        drop(listener);
+        let Ok(reading) = follower.try_clone() else {
+            return;
+        };
+        *locked(&self.follower) = Some(follower);
+        let answers = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("relay-answers".into())
+            .spawn(move || answers.answers(reading));
+        let peer = self.remote.peer;
+        let mut waiting_said = false;
+        while !locked(&self.state).promoted {
+            let tcp = match TcpStream::connect_timeout(&peer, PEER_PATIENCE) {
+                Ok(tcp) => tcp,
+                Err(err) => {
+                    if !waiting_said {
+                        tracing::info!(guest = %self.guest, %peer, %err, "waiting for the guest's active on the peer");
+                        waiting_said = true;
+                    }
+                    std::thread::sleep(CONNECT_RETRY);
+                    continue;
+                }
+            };
+            waiting_said = false;
+            let why = self.session(tcp);
+            let was = std::mem::replace(&mut locked(&self.state).connected, false);
+            locked(&self.session).take();
+            if locked(&self.state).promoted {
+                return;
+            }
+            if was {
+                lifecycle!(warn, "remote-active-lost", guest = %self.guest, %peer, %why, "the session with the active ended; holding the last epoch until promoted or a new session starts");
+            } else {
+                tracing::debug!(guest = %self.guest, %peer, %why, "no session with the peer");
+            }
+            std::thread::sleep(CONNECT_RETRY);
+        }
+    }
+
+    /// One session with the active at the peer; returns why it ended.
+    fn session(&self, tcp: TcpStream) -> String {
+        let _ = tcp.set_nodelay(true);
+        let _ = tcp.set_read_timeout(Some(self.silence()));
+        let Ok(mut writer) = tcp.try_clone() else {
+            return "cannot use the connection".into();
+        };
+        let hello = Opening::Hello {
+            pid: std::process::id(),
+            guest: self.guest.clone(),
+        };
+        if let Err(err) = write_line(&mut writer, &hello) {
+            return err.to_string();
+        }
+        *locked(&self.session) = Some(writer);
+        let mut reader = BufReader::new(tcp);
+        let mut buf = Vec::new();
+        let mut journal: Option<Journal> = None;
+        loop {
+            let message = match read_line::<ToRemote>(&mut reader, &mut buf) {
+                Ok(Some(message)) => message,
+                Ok(None) => return "the active closed the connection".into(),
+                Err(err) if timed_out(&err) => {
+                    return format!(
+                        "the active sent nothing for {} ms",
+                        self.silence().as_millis()
+                    )
+                }
+                Err(err) => return err.to_string(),
+            };
+            let _frame = locked(&self.frame);
+            if locked(&self.state).promoted {
+                return "promoted".into();
+            }
+            {
+                let mut state = locked(&self.state);
+                state.heard = Some(Instant::now());
+                state.connected = true;
+            }
+            let told = match message {
+                ToRemote::Journal {
+                    identifier,
+                    guest,
+                    memory,
+                    size,
+                    pid,
+                } => {
+                    if guest != self.guest || memory != self.memory {
+                        let why = format!(
+                            "the active runs guest {guest} with {} MiB of RAM; this standby is for guest {} with {} MiB",
+                            memory >> 20,
+                            self.guest,
+                            self.memory >> 20
+                        );
+                        self.tell(&ToStandby::Refused { why: why.clone() });
+                        return why;
+                    }
+                    match Journal::create(&self.journal.path, identifier, memory, size) {
+                        Ok(made) => journal = Some(made),
+                        Err(err) => return err.to_string(),
+                    }
+                    {
+                        let mut state = locked(&self.state);
+                        state.loaded = false;
+                        state.syncing = true;
+                        state.handed_over = false;
+                        state.epoch = None;
+                    }
+                    lifecycle!(info, "remote-journal", guest = %self.guest, identifier, active_pid = pid, "the active started a journal for this standby");
+                    self.tell(&ToStandby::Journal {
+                        identifier,
+                        path: self.journal.path.clone(),
+                        pid,
+                    })
+                }
+                ToRemote::Bytes { offset, len } => {
+                    let Some(journal) = journal.as_ref() else {
+                        return "bytes before a journal".into();
+                    };
+                    let size = journal.header().size;
+                    if offset < PAGE || offset.checked_add(len).is_none_or(|end| end > size) {
+                        return format!(
+                            "{len} bytes at {offset} do not fit a journal of {size} bytes past its header"
+                        );
+                    }
+                    if let Err(err) = receive(&mut reader, journal, offset, len) {
+                        return format!("the journal's bytes: {err}");
+                    }
+                    true
+                }
+                ToRemote::Batch { seq } => self.tell(&ToStandby::Batch { seq }),
+                ToRemote::Record { seq, offset } => self.tell(&ToStandby::Record { seq, offset }),
+                ToRemote::Released { seq } => self.tell(&ToStandby::Released { seq }),
+                ToRemote::TakeOver { why, released } => {
+                    locked(&self.state).handed_over = true;
+                    lifecycle!(warn, "remote-handed-over", guest = %self.guest, %why, released, "the active is fenced and handed the guest over: promote this standby to resume it");
+                    self.tell(&ToStandby::Released { seq: released })
+                }
+                ToRemote::Refused { why } => return format!("the active refused: {why}"),
+            };
+            if !told {
+                return "the follower is gone".into();
+            }
+        }
+    }
+
+    /// Tells the follower `message`; false if it is gone.
+    fn tell(&self, message: &ToStandby) -> bool {
+        match locked(&self.follower).as_mut() {
+            Some(follower) => send(follower, message).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The follower's answers go to the active of the current session.
+    fn answers(&self, mut reading: UnixStream) {
+        let mut lines = Lines::default();
+        loop {
+            let messages = match lines.read::<ToActive>(&mut reading) {
+                Ok(messages) => messages,
+                Err(_) => return,
+            };
+            for message in messages {
+                {
+                    let mut state = locked(&self.state);
+                    match &message {
+                        ToActive::Ready { seq } | ToActive::Applied { seq } => {
+                            state.loaded = true;
+                            state.syncing = false;
+                            state.epoch = Some(*seq);
+                        }
+                        ToActive::Hello { .. } => continue,
+                        _ => {}
+                    }
+                }
+                if let Some(session) = locked(&self.session).as_mut() {
+                    let _ = write_line(session, &message);
+                }
+            }
+        }
+    }
+}
+
+/// Reads `len` bytes off the connection into `journal` at `offset`.
+fn receive(
+    reader: &mut BufReader<TcpStream>,
+    journal: &Journal,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    let mut chunk = vec![0u8; (1 << 20).min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(chunk.len() as u64) as usize;
+        reader.read_exact(&mut chunk[..want])?;
+        journal.file().write_all_at(&chunk[..want], offset + done)?;
+        done += want as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_read_back_as_written_and_a_role_query_of_a_closed_port_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut client = TcpStream::connect(addr).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let sent = [
+            ToRemote::Bytes {
+                offset: 4096,
+                len: 3,
+            },
+            ToRemote::TakeOver {
+                why: "hang".into(),
+                released: 7,
+            },
+        ];
+        write_line(&mut client, &sent[0]).unwrap();
+        client.write_all(b"abc").unwrap();
+        write_line(&mut client, &sent[1]).unwrap();
+        client.write_all(b"{\"record\":{\"seq\":\"x\"}}\n").unwrap();
+        drop(client);
+        let mut reader = BufReader::new(server);
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_line::<ToRemote>(&mut reader, &mut buf).unwrap(),
+            Some(sent[0].clone())
+        );
+        let mut payload = [0u8; 3];
+        reader.read_exact(&mut payload).unwrap();
+        assert_eq!(&payload, b"abc");
+        assert_eq!(
+            read_line::<ToRemote>(&mut reader, &mut buf).unwrap(),
+            Some(sent[1].clone())
+        );
+        assert!(matches!(
+            read_line::<ToRemote>(&mut reader, &mut buf),
+            Err(LinkError::Garbled(_))
+        ));
+        assert!(matches!(
+            read_line::<ToRemote>(&mut reader, &mut buf),
+            Ok(None)
+        ));
+        drop(listener);
+        let refused = query_role(addr, PEER_PATIENCE).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    }
+}
