@@ -9,47 +9,16 @@ use std::ffi::OsStr;
 use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
-use common::running::{copy_in_background, wait_for_exit};
+use common::process::{logs, Process};
 use common::{
-    env_file, fault_seed, numbers_after, require_kvm, understudy_command, Transcript, XorShift,
-    PATIENCE,
+    env_file, fault_seed, numbers_after, require_kvm, understudy_command, XorShift, PATIENCE,
 };
 use failover::journal::{batch_size, minimum_size, EpochRecord, Journal};
 use failover::link::{Lines, ToActive, ToStandby};
 
-/// An understudy process in the background, its console and log recorded.
-struct Process {
-    child: Child,
-    console: Transcript,
-    log: Transcript,
-    readers: Vec<std::thread::JoinHandle<()>>,
-    what: String,
-}
-
 impl Process {
-    fn start(args: &[&OsStr], what: &str) -> Process {
-        Process::spawn(understudy_command(args), what)
-    }
-
-    fn spawn(mut command: std::process::Command, what: &str) -> Process {
-        let mut child = command.spawn().expect("run understudy");
-        let (console, log) = (Transcript::default(), Transcript::default());
-        let readers = vec![
-            copy_in_background(child.stdout.take().unwrap(), console.clone()),
-            copy_in_background(child.stderr.take().unwrap(), log.clone()),
-        ];
-        Process {
-            child,
-            console,
-            log,
-            readers,
-            what: what.to_owned(),
-        }
-    }
-
     fn active(env: &Path) -> Process {
         Process::start(&[OsStr::new("run"), env.as_os_str()], "the active")
     }
@@ -71,43 +40,6 @@ impl Process {
             &format!("standby {n}"),
         )
     }
-
-    /// Waits until its log has `count` lines containing `text`.
-    fn wait_log(&mut self, text: &str, count: usize) {
-        let deadline = Instant::now() + PATIENCE;
-        while self.log.text().matches(text).count() < count {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "{} ended ({status}) while waiting for {text:?}; log:\n{}",
-                    self.what,
-                    self.log.text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{}: timed out waiting for {text:?}; log:\n{}",
-                self.what,
-                self.log.text()
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        self.wait();
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        wait_for_exit(&mut self.child, &mut self.readers, &self.log, &self.what)
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn separate_env(test: &str, memory_mib: u64, stop_after: u64) -> PathBuf {
@@ -122,23 +54,6 @@ fn separate_env(test: &str, memory_mib: u64, stop_after: u64) -> PathBuf {
             dir.join("counter.journal").display()
         ),
     )
-}
-
-/// Each process's log, and where its console began and ended.
-fn logs(processes: &[Process]) -> String {
-    processes
-        .iter()
-        .map(|p| {
-            let console = p.console.text();
-            let lines: Vec<&str> = console.lines().collect();
-            let ends = match lines.as_slice() {
-                [] => String::new(),
-                [one] => format!("{one:?}"),
-                [first, .., last] => format!("{first:?} .. {last:?}"),
-            };
-            format!("--- {} (console {ends}):\n{}", p.what, p.log.text())
-        })
-        .collect()
 }
 
 /// The active's process is killed with SIGKILL at random points of its epochs (half the

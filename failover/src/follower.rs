@@ -399,7 +399,10 @@ pub fn follow(
             applied: 0,
         };
         match session.run(&mut conn, &pidfd, signals.as_ref(), &mut standby)? {
-            SessionEnd::Ended(end) => return Ok(Followed::Ended(end)),
+            SessionEnd::Ended(end) => {
+                tracing::info!(guest = %config.name, ?end, "the guest ended on the active; this standby ends with it");
+                return Ok(Followed::Ended(end));
+            }
             SessionEnd::Stopped => return Ok(Followed::Ended(GuestEnd::Stopped)),
             SessionEnd::ActiveGone {
                 since,

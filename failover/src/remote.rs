@@ -704,11 +704,12 @@ fn acknowledgements(
         }
     };
     // Nothing is released here from now on: the guest's loop releases the rest.
+    // The guest's loop hears why before the session's connections close.
     let halted = std::mem::replace(&mut locked(&shipped).halted, true);
-    let _ = tcp.shutdown(Shutdown::Both);
     if !halted {
         let _ = send(&mut local, &ToActive::Refused { why });
     }
+    let _ = tcp.shutdown(Shutdown::Both);
 }
 
 /// What a relay knows of the guest it follows, for `role` and `promote`.

@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod netns;
+pub mod process;
 pub mod running;
 
 use std::io::{Read, Write};

@@ -21,15 +21,8 @@ pub struct Netns {
 impl Netns {
     /// A fresh namespace named `name` (one left behind by an earlier run is replaced).
     pub fn new(name: &str) -> Netns {
-        let netns = Netns {
-            name: name.to_owned(),
-        };
-        let _ = Command::new("ip")
-            .args(["netns", "del", &netns.name])
-            .output();
+        let netns = Netns::bare(name);
         let name = netns.name.as_str();
-        netns.ip(&["netns", "add", name]);
-        netns.ip(&["-n", name, "link", "set", "lo", "up"]);
         netns.ip(&["-n", name, "tuntap", "add", "dev", "tap0", "mode", "tap"]);
         netns.ip(&[
             "-n",
@@ -42,6 +35,49 @@ impl Netns {
         ]);
         netns.ip(&["-n", name, "link", "set", "tap0", "up"]);
         netns
+    }
+
+    /// A fresh namespace named `name` with only its loopback, up.
+    pub fn bare(name: &str) -> Netns {
+        let netns = Netns {
+            name: name.to_owned(),
+        };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &netns.name])
+            .output();
+        netns.ip(&["netns", "add", name]);
+        netns.ip(&["-n", name, "link", "set", "lo", "up"]);
+        netns
+    }
+
+    /// Two namespaces named `name-a` and `name-b`, two hosts joined by a veth pair (`vetha`
+    /// in the first, `vethb` in the second) with the addresses `ips`, /24.
+    pub fn hosts(name: &str, ips: [&str; 2]) -> [Netns; 2] {
+        let hosts = [
+            Netns::bare(&format!("{name}-a")),
+            Netns::bare(&format!("{name}-b")),
+        ];
+        let [a, b] = [&hosts[0].name, &hosts[1].name];
+        hosts[0].ip(&[
+            "-n", a, "link", "add", "vetha", "type", "veth", "peer", "name", "vethb", "netns", b,
+        ]);
+        for (host, (dev, ip)) in hosts.iter().zip([("vetha", ips[0]), ("vethb", ips[1])]) {
+            let name = host.name.as_str();
+            host.ip(&["-n", name, "addr", "add", &format!("{ip}/24"), "dev", dev]);
+            host.ip(&["-n", name, "link", "set", dev, "up"]);
+        }
+        hosts
+    }
+
+    /// Sets this namespace's link `dev` up or down.
+    pub fn set_link(&self, dev: &str, up: bool) {
+        let state = if up { "up" } else { "down" };
+        self.ip(&["-n", &self.name, "link", "set", dev, state]);
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     /// Runs `ip ARGS`, panicking with what it said if it fails.

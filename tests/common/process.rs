@@ -1,0 +1,94 @@
+//! An understudy process in the background, its console (stdout) and log (stderr)
+//! recorded: what the tests of standby processes share.
+
+use std::ffi::OsStr;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+use super::running::{copy_in_background, wait_for_exit};
+use super::{understudy_command, Transcript, PATIENCE};
+
+/// An understudy process in the background, its console and log recorded.
+pub struct Process {
+    pub child: Child,
+    pub console: Transcript,
+    pub log: Transcript,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    pub what: String,
+}
+
+impl Process {
+    pub fn start(args: &[&OsStr], what: &str) -> Process {
+        Process::spawn(understudy_command(args), what)
+    }
+
+    pub fn spawn(mut command: std::process::Command, what: &str) -> Process {
+        let mut child = command.spawn().expect("run understudy");
+        let (console, log) = (Transcript::default(), Transcript::default());
+        let readers = vec![
+            copy_in_background(child.stdout.take().unwrap(), console.clone()),
+            copy_in_background(child.stderr.take().unwrap(), log.clone()),
+        ];
+        Process {
+            child,
+            console,
+            log,
+            readers,
+            what: what.to_owned(),
+        }
+    }
+
+    /// Waits until its log has `count` lines containing `text`.
+    pub fn wait_log(&mut self, text: &str, count: usize) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.log.text().matches(text).count() < count {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} ended ({status}) while waiting for {text:?}; log:\n{}",
+                    self.what,
+                    self.log.text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: timed out waiting for {text:?}; log:\n{}",
+                self.what,
+                self.log.text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        self.wait();
+    }
+
+    pub fn wait(&mut self) -> ExitStatus {
+        wait_for_exit(&mut self.child, &mut self.readers, &self.log, &self.what)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Each process's log, and where its console began and ended.
+pub fn logs(processes: &[Process]) -> String {
+    processes
+        .iter()
+        .map(|p| {
+            let console = p.console.text();
+            let lines: Vec<&str> = console.lines().collect();
+            let ends = match lines.as_slice() {
+                [] => String::new(),
+                [one] => format!("{one:?}"),
+                [first, .., last] => format!("{first:?} .. {last:?}"),
+            };
+            format!("--- {} (console {ends}):\n{}", p.what, p.log.text())
+        })
+        .collect()
+}

@@ -1,0 +1,399 @@
+//! `[guest.standby] process = "remote"`: two hosts, made of two network namespaces joined by
+//! a veth pair, one understudy process in each. The active's process is killed, or the link
+//! between the hosts is cut (`ip link set down`), and the standby is promoted through the
+//! OCF resource agent (`ocf/understudy`): the console is exactly once across the takeover;
+//! with the link cut and no fencing, the promote is refused and the active runs on
+//! unprotected. Needs root, iproute2, and the OCF shell functions of Debian's
+//! `resource-agents` (`.ci/run` installs them).
+
+mod common;
+
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::netns::Netns;
+use common::process::{logs, Process};
+use common::{assert_consecutive, numbers_after, require_kvm, understudy_command, PATIENCE};
+
+/// Where the OCF shell functions are (Debian's `resource-agents`).
+const OCF_ROOT: &str = "/usr/lib/ocf";
+/// The port each host's understudy listens on.
+const PORT: u16 = 7770;
+/// Each test's subnet (10.79.N.0/24) and namespaces differ, so the tests run side by side.
+fn ips(n: u8) -> [String; 2] {
+    [format!("10.79.{n}.1"), format!("10.79.{n}.2")]
+}
+
+/// One of the two hosts of a test: its namespace, environment file, control socket, and
+/// the files the agent keeps.
+struct Host {
+    netns: Netns,
+    env: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+    pidfile: PathBuf,
+}
+
+/// Two hosts for `test` (number `n`, which picks the subnet), each with an environment file
+/// for a counter guest with a remote standby on the other; `cmdline` is the guest's.
+fn hosts(test: &str, n: u8, cmdline: &str) -> [Host; 2] {
+    require_kvm();
+    let ips = ips(n);
+    let name = format!("us{}-{n}", std::process::id() % 100_000);
+    let [a, b] = Netns::hosts(&name, [&ips[0], &ips[1]]);
+    let dir = std::env::temp_dir().join(format!("understudy-test-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let host = |netns: Netns, side: &str, me: &str, peer: &str| {
+        let env = dir.join(format!("{side}.toml"));
+        let text = format!(
+            "[[guest]]\nname = \"counter\"\nkernel = \"{}\"\nmemory_mib = 64\n\
+             cmdline = \"{cmdline}\"\ncrash_dump = false\n\
+             [guest.standby]\nresume = \"checkpoint\"\nprocess = \"remote\"\n\
+             listen = \"{me}:{PORT}\"\npeer = \"{peer}:{PORT}\"\n\
+             journal = \"{}\"\n",
+            env!("UNDERSTUDY_KERNELS").to_owned() + "/counter",
+            dir.join(format!("{side}.journal")).display()
+        );
+        std::fs::write(&env, text).unwrap();
+        let _ = std::fs::remove_file(dir.join(format!("{side}.log")));
+        Host {
+            netns,
+            env,
+            socket: dir.join(format!("{side}.sock")),
+            log: dir.join(format!("{side}.log")),
+            pidfile: dir.join(format!("{side}.pid")),
+        }
+    };
+    [
+        host(a, "a", &ips[0], &ips[1]),
+        host(b, "b", &ips[1], &ips[0]),
+    ]
+}
+
+impl Host {
+    /// `understudy run` of the guest on this host, serving its control socket.
+    fn run(&self, what: &str) -> Process {
+        let args = [
+            OsStr::new("run"),
+            self.env.as_os_str(),
+            OsStr::new("--api-socket"),
+            self.socket.as_os_str(),
+        ];
+        self.netns
+            .enter(|| Process::spawn(understudy_command(&args), what))
+    }
+
+    /// `understudy ctl SOCKET ARGS...` (from outside the namespace: the socket is a file).
+    fn ctl(&self, args: &[&str]) -> Output {
+        let mut all = vec![OsStr::new("ctl"), self.socket.as_os_str()];
+        all.extend(args.iter().map(OsStr::new));
+        understudy_command(&all)
+            .output()
+            .expect("run understudy ctl")
+    }
+
+    /// This host's answer to `role`, or what went wrong.
+    fn role(&self) -> String {
+        let out = self.ctl(&["role", "counter"]);
+        String::from_utf8_lossy(if out.status.success() {
+            &out.stdout
+        } else {
+            &out.stderr
+        })
+        .trim()
+        .to_owned()
+    }
+
+    /// Waits until this host's `role` line contains `text`.
+    fn wait_role(&self, text: &str, logs: impl Fn() -> String) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let role = self.role();
+            if role.contains(text) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for a role with {text:?}; the last was {role:?}\n{}",
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the OCF agent's `action` on this host, as Pacemaker would: its exit status and
+    /// what it printed.
+    fn agent(&self, action: &str) -> (i32, String) {
+        assert!(
+            Path::new(OCF_ROOT).join("lib/heartbeat/ocf-shellfuncs").exists(),
+            "the OCF agent needs {OCF_ROOT}/lib/heartbeat/ocf-shellfuncs: apt-get install resource-agents"
+        );
+        let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("ocf/understudy");
+        let mut command = Command::new(agent);
+        command
+            .arg(action)
+            .env("OCF_ROOT", OCF_ROOT)
+            .env("OCF_RESOURCE_INSTANCE", "understudy-test")
+            .env("OCF_RESKEY_config", &self.env)
+            .env("OCF_RESKEY_guest", "counter")
+            .env("OCF_RESKEY_binary", env!("CARGO_BIN_EXE_understudy"))
+            .env("OCF_RESKEY_socket", &self.socket)
+            .env("OCF_RESKEY_log", &self.log)
+            .env("OCF_RESKEY_pidfile", &self.pidfile)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        let out = self
+            .netns
+            .enter(|| command.output().expect("run the OCF agent"));
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code().unwrap_or(-1), said)
+    }
+
+    /// The log the agent's process writes (its console and its log).
+    fn agent_log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the agent's log has `count` lines containing `text`.
+    fn wait_agent_log(&self, text: &str, count: usize, logs: impl Fn() -> String) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.agent_log().matches(text).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {text:?} in {}\n{}",
+                self.log.display(),
+                logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // A process the agent started outlives the test otherwise.
+        if let Ok(pid) = std::fs::read_to_string(&self.pidfile) {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                // SAFETY: kill(2) with a pid and a signal; no memory is passed.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+/// The active's log and console, and host b's agent log.
+fn report(active: &Process, b: &Host) -> String {
+    format!(
+        "{}--- host b:\n{}",
+        logs(std::slice::from_ref(active)),
+        b.agent_log()
+    )
+}
+
+/// OCF exit statuses the tests expect.
+const OCF_SUCCESS: i32 = 0;
+const OCF_ERR_GENERIC: i32 = 1;
+const OCF_NOT_RUNNING: i32 = 7;
+const OCF_RUNNING_PROMOTED: i32 = 8;
+
+/// The active's process dies (SIGKILL) and the agent promotes the standby on the other host:
+/// the guest resumes there from the last epoch the standby acknowledged, and the two hosts'
+/// consoles together hold every line exactly once.
+#[test]
+fn a_killed_active_is_promoted_on_the_other_host_with_the_console_exactly_once() {
+    const LAST: u64 = 600;
+    let [a, b] = hosts(
+        "remote-kill",
+        1,
+        &format!("interval_ms=10 stop_after={LAST}"),
+    );
+    let mut active = a.run("the active on host a");
+    let (code, said) = b.agent("start");
+    assert_eq!(code, OCF_SUCCESS, "start: {said}");
+    b.wait_role("state=following", || report(&active, &b));
+    let (code, said) = b.agent("monitor");
+    assert_eq!(code, OCF_SUCCESS, "monitor of a following standby: {said}");
+    // While the active answers, the standby is not promoted.
+    let (code, said) = b.agent("promote");
+    assert_eq!(
+        code,
+        OCF_ERR_GENERIC,
+        "promote with the active alive: {said}\n{}",
+        report(&active, &b)
+    );
+    assert!(
+        b.role().starts_with("role=standby"),
+        "{}",
+        report(&active, &b)
+    );
+
+    while numbers_after(&active.console.text(), "count ").len() < 100 {
+        assert!(
+            active.child.try_wait().unwrap().is_none(),
+            "{}",
+            report(&active, &b)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    active.kill();
+    let (code, said) = b.agent("promote");
+    assert_eq!(
+        code,
+        OCF_SUCCESS,
+        "promote after the active died: {said}\n{}",
+        report(&active, &b)
+    );
+    let (code, said) = b.agent("monitor");
+    assert_eq!(
+        code, OCF_RUNNING_PROMOTED,
+        "monitor of the promoted: {said}"
+    );
+    // counter ends itself after LAST.
+    b.wait_agent_log("event=\"guest-exited\"", 1, || b.agent_log());
+    let mut counts = numbers_after(&active.console.text(), "count ");
+    counts.extend(numbers_after(&b.agent_log(), "count "));
+    assert_eq!(
+        counts,
+        (0..=LAST).collect::<Vec<_>>(),
+        "{}",
+        report(&active, &b)
+    );
+    assert!(
+        b.agent_log().contains("event=\"promoted\""),
+        "{}",
+        b.agent_log()
+    );
+    let (code, said) = b.agent("stop");
+    assert_eq!(code, OCF_SUCCESS, "stop: {said}");
+    let (code, _) = b.agent("monitor");
+    assert_eq!(code, OCF_NOT_RUNNING);
+}
+
+/// The link between the hosts goes down: the active stops hearing acknowledgements, releases
+/// the output it held and runs on unprotected (the guest never waits); the standby cannot
+/// tell whether the active lives and, with no fencing, refuses to be promoted. Once the link
+/// is back the standby follows again.
+#[test]
+fn with_the_link_cut_the_active_runs_on_unprotected_and_no_promote_happens() {
+    let [a, b] = hosts("remote-cut", 2, "interval_ms=10 stop_after=100000");
+    let mut active = a.run("the active on host a");
+    let (code, said) = b.agent("start");
+    assert_eq!(code, OCF_SUCCESS, "start: {said}");
+    b.wait_role("state=following", || report(&active, &b));
+    let refused = b.ctl(&["promote", "counter"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("answers as the active"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    b.netns.set_link("vethb", false);
+    active.wait_log("acknowledged no epoch for 1000 ms", 1);
+    assert!(active.log.text().contains("event=\"standby-process-lost\""));
+    let (code, said) = b.agent("promote");
+    assert_eq!(code, OCF_ERR_GENERIC, "promote with the link cut: {said}");
+    assert!(said.contains("not known to be fenced"), "{said}");
+    assert!(
+        b.role().starts_with("role=standby"),
+        "{}",
+        report(&active, &b)
+    );
+    assert_eq!(b.agent("monitor").0, OCF_SUCCESS, "{}", report(&active, &b));
+    // The guest goes on, unprotected, its output released.
+    let before = numbers_after(&active.console.text(), "count ").len();
+    while numbers_after(&active.console.text(), "count ").len() < before + 50 {
+        assert!(active.child.try_wait().unwrap().is_none());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    b.netns.set_link("vethb", true);
+    active.wait_log("failover armed", 2);
+    b.wait_role("state=following", || report(&active, &b));
+    let done = a.ctl(&["shutdown"]);
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(active.wait().code(), Some(0));
+    // The standby hears how the guest ended and ends with it.
+    b.wait_agent_log("the guest ended on the active", 1, || report(&active, &b));
+    let counts = numbers_after(&active.console.text(), "count ");
+    assert_eq!(counts.first(), Some(&0));
+    assert_consecutive(&counts, "the active's console");
+    assert!(
+        numbers_after(&b.agent_log(), "count ").is_empty(),
+        "a standby never promoted printed the guest's output:\n{}",
+        b.agent_log()
+    );
+    assert_eq!(b.agent("stop").0, OCF_SUCCESS);
+}
+
+/// What Pacemaker does to move the guest: both hosts start as standbys, one is promoted and
+/// boots the guest, the other follows it; the first is demoted (its last epoch goes to the
+/// standby, its machine is fenced) and the second promoted. The guest resumes where it was,
+/// and the first host follows it as the new standby; every line once across both hosts.
+#[test]
+fn a_demote_and_a_promote_move_the_guest_to_the_other_host_with_nothing_lost() {
+    let [a, b] = hosts("remote-move", 3, "interval_ms=10 stop_after=100000");
+    let both = || {
+        format!(
+            "--- host a:\n{}--- host b:\n{}",
+            a.agent_log(),
+            b.agent_log()
+        )
+    };
+    for host in [&a, &b] {
+        let (code, said) = host.agent("start");
+        assert_eq!(code, OCF_SUCCESS, "start: {said}\n{}", both());
+        let (code, said) = host.agent("start");
+        assert_eq!(code, OCF_SUCCESS, "start again: {said}");
+        host.wait_role("state=empty", both);
+    }
+    let (code, said) = a.agent("promote");
+    assert_eq!(code, OCF_SUCCESS, "promote a: {said}\n{}", both());
+    assert_eq!(a.agent("monitor").0, OCF_RUNNING_PROMOTED, "{}", both());
+    b.wait_role("state=following", both);
+    a.wait_agent_log("count 100\n", 1, both);
+
+    let (code, said) = a.agent("demote");
+    assert_eq!(code, OCF_SUCCESS, "demote a: {said}\n{}", both());
+    assert_eq!(a.agent("monitor").0, OCF_SUCCESS, "{}", both());
+    b.wait_role("state=handed-over", both);
+    let (code, said) = b.agent("promote");
+    assert_eq!(code, OCF_SUCCESS, "promote b: {said}\n{}", both());
+    assert_eq!(b.agent("monitor").0, OCF_RUNNING_PROMOTED, "{}", both());
+    a.wait_role("state=following", both);
+    let resumed = numbers_after(&b.agent_log(), "count ").len();
+    while numbers_after(&b.agent_log(), "count ").len() < resumed + 50 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let done = b.ctl(&["shutdown"]);
+    assert!(done.status.success(), "{done:?}");
+    for host in [&a, &b] {
+        let (code, said) = host.agent("stop");
+        assert_eq!(code, OCF_SUCCESS, "stop: {said}");
+    }
+    // Host a booted the guest (nothing to resume), host b resumed it from a's last epoch.
+    assert!(
+        a.agent_log().contains("event=\"promoted-booting\""),
+        "{}",
+        both()
+    );
+    assert!(b.agent_log().contains("resume_epoch=Some("), "{}", both());
+    assert!(!b.agent_log().contains("promoted-booting"), "{}", both());
+    assert!(
+        a.agent_log().contains("event=\"handed-over\""),
+        "{}",
+        both()
+    );
+    let mut counts = numbers_after(&a.agent_log(), "count ");
+    let on_b = numbers_after(&b.agent_log(), "count ");
+    assert!(!on_b.is_empty(), "{}", both());
+    counts.extend(on_b);
+    assert_eq!(counts.first(), Some(&0), "{}", both());
+    assert_consecutive(&counts, "the two hosts' consoles");
+}
