@@ -155,6 +155,21 @@ impl Host {
         (out.status.code().unwrap_or(-1), said)
     }
 
+    /// Connects from this host to `addr`, sends `bytes`, and returns what comes back
+    /// until the other side closes.
+    fn say_to(&self, addr: &str, bytes: &[u8]) -> String {
+        use std::io::{Read, Write};
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        self.netns.enter(|| {
+            let mut conn = std::net::TcpStream::connect(addr).expect("connect to the peer port");
+            conn.set_read_timeout(Some(PATIENCE)).unwrap();
+            conn.write_all(bytes).unwrap();
+            let mut reply = String::new();
+            let _ = conn.read_to_string(&mut reply);
+            reply
+        })
+    }
+
     /// The log the agent's process writes (its console and its log).
     fn agent_log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -232,6 +247,16 @@ fn a_killed_active_is_promoted_on_the_other_host_with_the_console_exactly_once()
         "{}",
         report(&active, &b)
     );
+
+    // Garbage, a stranger's hello and a role query on the active's port: answered or
+    // dropped, and the pair goes on.
+    let port = format!("{}:{PORT}", ips(1)[0]);
+    assert_eq!(b.say_to(&port, b"\x00\xffnot json at all\n"), "");
+    let stranger = b.say_to(&port, b"{\"hello\":{\"pid\":1,\"guest\":\"other\"}}\n");
+    assert!(stranger.contains("does not run on this host"), "{stranger}");
+    let role = b.say_to(&port, b"{\"role\":{}}\n");
+    assert!(role.contains("\"role\":\"active\""), "{role}");
+    b.wait_role("state=following", || report(&active, &b));
 
     while numbers_after(&active.console.text(), "count ").len() < 100 {
         assert!(
@@ -396,4 +421,37 @@ fn a_demote_and_a_promote_move_the_guest_to_the_other_host_with_nothing_lost() {
     counts.extend(on_b);
     assert_eq!(counts.first(), Some(&0), "{}", both());
     assert_consecutive(&counts, "the two hosts' consoles");
+}
+
+/// The agent passes Pacemaker's own checker, `ocf-tester`, against a real guest: meta-data
+/// valid against the OCF DTD, every action's exit status, start and stop twice, promote and
+/// demote twice (`scripts/ocf-test`).
+#[test]
+fn the_agent_passes_ocf_tester() {
+    require_kvm();
+    for tool in ["ocf-tester", "xmllint"] {
+        let found = Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        assert!(
+            found,
+            "{tool} is missing: apt-get install resource-agents libxml2-utils (.ci/run does)"
+        );
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ocf-test");
+    let out = Command::new(script)
+        .arg(Path::new(env!("UNDERSTUDY_KERNELS")).join("counter"))
+        .arg(env!("CARGO_BIN_EXE_understudy"))
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run scripts/ocf-test");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("passed all tests"), "{said}");
 }

@@ -1002,6 +1002,67 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_standby_needs_both_addresses_and_writes_them_back() {
+        let remote = |standby: &str| {
+            parse(&format!(
+                "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nmemory_mib = 64\n\
+                 [guest.standby]\nresume = \"checkpoint\"\nprocess = \"remote\"\n{standby}"
+            ))
+        };
+        let err = remote("listen = \"10.0.0.1:7770\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("guest[0].standby.peer") && err.contains("is required"),
+            "{err}"
+        );
+        let err = remote("listen = \"host-a:7770\"\npeer = \"10.0.0.2:7770\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("guest[0].standby.listen") && err.contains("not an IP address and port"),
+            "{err}"
+        );
+        let err = remote("listen = \"10.0.0.1:7770\"\npeer = \"10.0.0.1:7770\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("same address as listen"), "{err}");
+        let err =
+            remote("listen = \"10.0.0.1:7770\"\npeer = \"10.0.0.2:7770\"\nack_timeout_ms = 0\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("guest[0].standby.ack_timeout_ms"), "{err}");
+        let env = remote("listen = \"10.0.0.1:7770\"\npeer = \"10.0.0.2:7770\"\n").unwrap();
+        let journal = env.guest[0]
+            .standby
+            .as_ref()
+            .unwrap()
+            .journal
+            .clone()
+            .unwrap();
+        let addresses = journal.remote.clone().unwrap();
+        assert_eq!(addresses.listen, "10.0.0.1:7770".parse().unwrap());
+        assert_eq!(addresses.peer, "10.0.0.2:7770".parse().unwrap());
+        assert_eq!(addresses.ack_timeout_ms, 1000);
+        // `understudy check` writes it back as a file that parses to the same.
+        let written = toml::to_string(&env).unwrap();
+        assert!(written.contains("process = \"remote\""), "{written}");
+        assert!(written.contains("peer = \"10.0.0.2:7770\""), "{written}");
+        let again = Environment::parse(&written, Path::new("x.toml"), Path::new("/")).unwrap();
+        assert_eq!(again.guest[0].standby, env.guest[0].standby);
+        let err = parse(
+            "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.standby]\nresume = \"checkpoint\"\n\
+             process = \"separate\"\npeer = \"10.0.0.2:7770\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("guest[0].standby.peer") && err.contains("only with process = \"remote\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn a_separate_standby_process_needs_checkpoints_no_devices_and_a_large_enough_journal() {
         let separate = |extra: &str, standby: &str| {
             parse(&format!(

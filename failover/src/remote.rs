@@ -218,6 +218,28 @@ pub fn query_role(peer: SocketAddr, patience: Duration) -> std::io::Result<PeerR
     }
 }
 
+/// Asks the peer what it is, as a promote does: a connection reset or closed unanswered
+/// (a process whose sockets are being torn down as it dies) is asked again, a few times,
+/// until the port is gone for good or answers.
+fn query_peer(peer: SocketAddr) -> std::io::Result<PeerRole> {
+    let mut tries = 0;
+    loop {
+        match query_role(peer, PEER_PATIENCE) {
+            Err(err)
+                if tries < 10
+                    && matches!(
+                        err.kind(),
+                        std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                    ) =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// What this process is for the peer port's guest.
 #[derive(Clone)]
 enum PortRole {
@@ -229,6 +251,9 @@ enum PortRole {
     Active(Arc<ActiveSide>),
     /// The guest ran here and its machine is fenced.
     HandedOver(String),
+    /// A promote of this standby is under way: answered as `active`, so that two standbys
+    /// promoted at once both refuse rather than both run the guest.
+    Promoting(String),
 }
 
 /// The process's peer port: its listener and what it answers.
@@ -316,6 +341,7 @@ impl PeerPort {
             (Opening::Role {}, role) => {
                 let (role, guest) = match role {
                     PortRole::Active(side) => ("active", side.guest.clone()),
+                    PortRole::Promoting(guest) => ("active", guest),
                     PortRole::HandedOver(guest) => ("handed-over", guest),
                     PortRole::Standby(guest) => ("standby", guest),
                     PortRole::None => ("standby", String::new()),
@@ -364,6 +390,10 @@ struct Shipped {
     halted: bool,
     /// Whether `take_over` went out whole.
     told: bool,
+    /// The last epoch whose record went out whole.
+    sent: u64,
+    /// Whether the session is over (nothing more will be sent).
+    over: bool,
 }
 
 struct Unacked {
@@ -409,13 +439,23 @@ impl ActiveSide {
 
     /// Waits up to `patience` for the `take_over` of the current session to have gone out.
     pub fn wait_told(&self, patience: Duration) -> bool {
+        self.wait_for(patience, |s| s.told)
+    }
+
+    /// Waits up to `patience` for the record of epoch `seq` to have gone out (or the
+    /// session to be over): the process may end once it has.
+    pub fn wait_sent(&self, seq: u64, patience: Duration) -> bool {
+        self.wait_for(patience, |s| s.sent >= seq || s.over)
+    }
+
+    fn wait_for(&self, patience: Duration, done: impl Fn(&Shipped) -> bool) -> bool {
         let deadline = Instant::now() + patience;
         loop {
-            let told = locked(&self.current)
+            let finished = locked(&self.current)
                 .as_ref()
-                .is_none_or(|s| locked(s).told);
-            if told || Instant::now() >= deadline {
-                return told;
+                .is_none_or(|s| done(&locked(s)));
+            if finished || Instant::now() >= deadline {
+                return finished;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -433,6 +473,9 @@ impl ActiveSide {
     fn ship(&self, tcp: TcpStream, reader: BufReader<TcpStream>, pid: u32) -> Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
         let _ = tcp.set_nodelay(true);
+        // A write that makes no progress for this long (the link is down) ends the session,
+        // as an epoch left unacknowledged does.
+        let _ = tcp.set_write_timeout(Some(self.ack_timeout));
         let busy = locked(&self.current)
             .as_ref()
             .is_some_and(|s| !locked(s).halted);
@@ -455,6 +498,8 @@ impl ActiveSide {
             released: 0,
             halted: false,
             told: false,
+            sent: 0,
+            over: false,
         }));
         *locked(&self.current) = Some(shipped.clone());
         let writer = Arc::new(Mutex::new(tcp.try_clone().map_err(|e| err(&e))?));
@@ -480,7 +525,9 @@ impl ActiveSide {
         let _ = tcp.shutdown(Shutdown::Both);
         let _ = local.shutdown(Shutdown::Both);
         let _ = acks.join();
-        locked(&shipped).halted = true;
+        let mut ended = locked(&shipped);
+        ended.halted = true;
+        ended.over = true;
         result
     }
 
@@ -543,6 +590,7 @@ impl ActiveSide {
                         send_range(&mut out, &journal, offset, record.len).map_err(|e| err(&e))?;
                         write_line(&mut *out, &ToRemote::Record { seq, offset })
                             .map_err(|e| err(&e))?;
+                        locked(shipped).sent = seq;
                     }
                     ToStandby::TakeOver { why } => {
                         let released = {
@@ -850,23 +898,34 @@ impl Relay {
             return Ok(Promoted::Already);
         }
         let peer = self.remote.peer;
-        match query_role(peer, PEER_PATIENCE) {
-            Ok(role) if role.role == "active" => {
-                return Err(format!(
-                    "the peer {peer} answers as the active of guest {}: not promoting (demote it first, or fence its host)",
-                    role.guest
-                ))
+        let port = locked(&PORT).clone();
+        let set_port = |role: PortRole| {
+            if let Some(port) = &port {
+                port.set(role);
             }
-            Ok(_) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => {}
-            Err(err) if !peer_fenced => {
-                return Err(format!(
-                    "the peer {peer} does not answer ({err}) and is not known to be fenced: not promoting (it may still run the guest)"
-                ))
-            }
+        };
+        // From here this process answers as the active: a peer promoted at the same time
+        // finds it so and refuses.
+        set_port(PortRole::Promoting(self.guest.clone()));
+        let refused = match query_peer(peer) {
+            Ok(role) if role.role == "active" => Some(format!(
+                "the peer {peer} answers as the active of guest {}: not promoting (demote it first, or fence its host)",
+                role.guest
+            )),
+            Ok(_) => None,
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => None,
+            Err(err) if !peer_fenced => Some(format!(
+                "the peer {peer} does not answer ({err}) and is not known to be fenced: not promoting (it may still run the guest)"
+            )),
             Err(err) => {
                 tracing::warn!(guest = %self.guest, %peer, %err, "the peer does not answer; it is fenced, as the caller says: promoting");
+                None
             }
+        };
+        if let Some(why) = refused {
+            set_port(PortRole::Standby(self.guest.clone()));
+            tracing::warn!(guest = %self.guest, %peer, %why, "promote refused");
+            return Err(why);
         }
         if let Some(session) = locked(&self.session).take() {
             let _ = session.shutdown(Shutdown::Both);
@@ -883,9 +942,6 @@ impl Relay {
         drop(locked(&self.listener).take());
         let _ = std::fs::remove_file(&self.journal.socket);
         drop(locked(&self.lock).take());
-        if let Some(port) = locked(&PORT).as_ref() {
-            port.set(PortRole::None);
-        }
         let mut follower = locked(&self.follower);
         let follower = follower.as_mut().ok_or("the follower is not attached")?;
         let (message, promoted) = match loaded {
@@ -983,6 +1039,10 @@ impl Relay {
             if locked(&self.state).promoted {
                 return "promoted".into();
             }
+            if let ToRemote::Refused { why } = &message {
+                // A peer that stands by itself answers so: no session was had.
+                return format!("the peer refused: {why}");
+            }
             {
                 let mut state = locked(&self.state);
                 state.heard = Some(Instant::now());
@@ -996,12 +1056,14 @@ impl Relay {
                     size,
                     pid,
                 } => {
-                    if guest != self.guest || memory != self.memory {
+                    if guest != self.guest || memory != self.memory || size != self.journal.size {
                         let why = format!(
-                            "the active runs guest {guest} with {} MiB of RAM; this standby is for guest {} with {} MiB",
+                            "the active runs guest {guest} with {} MiB of RAM and a journal of {} MiB; this standby is for guest {} with {} MiB and a journal of {} MiB (both hosts must describe the guest alike)",
                             memory >> 20,
+                            size >> 20,
                             self.guest,
-                            self.memory >> 20
+                            self.memory >> 20,
+                            self.journal.size >> 20
                         );
                         self.tell(&ToStandby::Refused { why: why.clone() });
                         return why;
@@ -1047,7 +1109,7 @@ impl Relay {
                     lifecycle!(warn, "remote-handed-over", guest = %self.guest, %why, released, "the active is fenced and handed the guest over: promote this standby to resume it");
                     self.tell(&ToStandby::Released { seq: released })
                 }
-                ToRemote::Refused { why } => return format!("the active refused: {why}"),
+                ToRemote::Refused { .. } => true,
             };
             if !told {
                 return "the follower is gone".into();

@@ -607,6 +607,13 @@ impl StandbyLink {
         if writing {
             match self.write_end(end) {
                 Ok(output) if self.remote.is_some() => {
+                    // The remote standby hears of the end before this process goes.
+                    let seq = self.session.as_ref().map_or(0, |s| s.seq);
+                    if let Some(side) = &self.remote {
+                        if !side.wait_sent(seq, HANDOVER_PATIENCE) {
+                            tracing::warn!(guest = %self.guest, "the remote standby may not have heard how the guest ended");
+                        }
+                    }
                     // A remote standby releases nothing unless promoted: the records it
                     // had not acknowledged, and the end, are released here.
                     self.lose("the guest ended");
