@@ -218,6 +218,11 @@ impl Lines {
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                // What arrived whole before the connection failed is read first.
+                Err(_) if self.buf.contains(&b'\n') => {
+                    closed = true;
+                    break;
+                }
                 Err(err) => return Err(err.into()),
             }
         }

@@ -264,6 +264,29 @@ struct PeerPort {
 
 static PORT: Mutex<Option<Arc<PeerPort>>> = Mutex::new(None);
 
+/// How long a starting process waits for what a previous process of the guest on this host
+/// still holds as it ends: its lock, its socket, its port.
+const RESTART_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Whether a failed attempt is worth another.
+enum Retry {
+    Again(String),
+    Fail(String),
+}
+
+/// `attempt` until it succeeds, fails for good, or `patience` has passed (every 20 ms).
+fn within<T>(patience: Duration, attempt: impl Fn() -> Result<T, Retry>) -> Result<T, String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match attempt() {
+            Ok(done) => return Ok(done),
+            Err(Retry::Fail(why)) => return Err(why),
+            Err(Retry::Again(why)) if Instant::now() >= deadline => return Err(why),
+            Err(Retry::Again(_)) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -281,7 +304,13 @@ fn port(listen: SocketAddr) -> Result<Arc<PeerPort>, String> {
         }
         return Ok(port.clone());
     }
-    let listener = TcpListener::bind(listen).map_err(|e| format!("listen on {listen}: {e}"))?;
+    let listener = within(RESTART_PATIENCE, || {
+        TcpListener::bind(listen).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => Retry::Again(e.to_string()),
+            _ => Retry::Fail(e.to_string()),
+        })
+    })
+    .map_err(|e| format!("listen on {listen}: {e}"))?;
     let port = Arc::new(PeerPort {
         listen,
         role: Mutex::new(PortRole::None),
@@ -522,6 +551,17 @@ impl ActiveSide {
                 .map_err(|e| err(&e))?
         };
         let result = self.forward(&mut local, &writer, &shipped);
+        if let Err(why) = &result {
+            // The guest's loop hears why, unless the acknowledgements' side told it first.
+            let halted = std::mem::replace(&mut locked(&shipped).halted, true);
+            if !halted {
+                let why = format!(
+                    "the remote standby at {}: {why}",
+                    tcp.peer_addr().map_or("?".into(), |a| a.to_string())
+                );
+                let _ = send(&mut local, &ToActive::Refused { why });
+            }
+        }
         let _ = tcp.shutdown(Shutdown::Both);
         let _ = local.shutdown(Shutdown::Both);
         let _ = acks.join();
@@ -540,6 +580,13 @@ impl ActiveSide {
         shipped: &Mutex<Shipped>,
     ) -> Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
+        // A write the link did not take within the timeout reads as what it is.
+        let wrote = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                format!("it took no data for {} ms", self.ack_timeout.as_millis())
+            }
+            _ => e.to_string(),
+        };
         let mut lines = Lines::default();
         loop {
             let messages = match lines.read::<ToStandby>(local) {
@@ -567,13 +614,13 @@ impl ActiveSide {
                             size: header.size,
                             pid,
                         };
-                        write_line(&mut *out, &journal).map_err(|e| err(&e))?;
+                        write_line(&mut *out, &journal).map_err(wrote)?;
                     }
                     ToStandby::Batch { seq } => {
                         let journal = journal.ok_or("a batch before a journal")?;
                         send_data(&mut out, &journal, PAGE, journal.records_start())
-                            .map_err(|e| err(&e))?;
-                        write_line(&mut *out, &ToRemote::Batch { seq }).map_err(|e| err(&e))?;
+                            .map_err(wrote)?;
+                        write_line(&mut *out, &ToRemote::Batch { seq }).map_err(wrote)?;
                         // The remote has the image; this host's copy is given back.
                         journal.release_batch_ram();
                     }
@@ -587,9 +634,8 @@ impl ActiveSide {
                             output: record.output,
                             sent: Instant::now(),
                         });
-                        send_range(&mut out, &journal, offset, record.len).map_err(|e| err(&e))?;
-                        write_line(&mut *out, &ToRemote::Record { seq, offset })
-                            .map_err(|e| err(&e))?;
+                        send_range(&mut out, &journal, offset, record.len).map_err(wrote)?;
+                        write_line(&mut *out, &ToRemote::Record { seq, offset }).map_err(wrote)?;
                         locked(shipped).sent = seq;
                     }
                     ToStandby::TakeOver { why } => {
@@ -600,7 +646,7 @@ impl ActiveSide {
                         };
                         self.handed_over();
                         write_line(&mut *out, &ToRemote::TakeOver { why, released })
-                            .map_err(|e| err(&e))?;
+                            .map_err(wrote)?;
                         let _ = out.flush();
                         locked(shipped).told = true;
                         return Ok(());
@@ -827,7 +873,10 @@ impl Relay {
             .remote
             .clone()
             .ok_or("no remote addresses configured")?;
-        let lock = ActiveLock::try_take(&journal.path)
+        // A process of this guest that is ending (a demoted active, a standby restarted)
+        // holds the lock, the socket and the port until its last thread is gone: they are
+        // waited for, a while.
+        let lock = ActiveLock::take_within(&journal.path, RESTART_PATIENCE)
             .map_err(|e| format!("{}: {e}", ActiveLock::path(&journal.path).display()))?
             .ok_or_else(|| {
                 format!(
@@ -835,8 +884,13 @@ impl Relay {
                     ActiveLock::path(&journal.path).display()
                 )
             })?;
-        let listener = crate::control::bind_owner_only(&journal.socket)
-            .map_err(|e| format!("{}: {e}", journal.socket.display()))?;
+        let listener = within(RESTART_PATIENCE, || {
+            crate::control::bind_owner_only(&journal.socket).map_err(|e| match e {
+                crate::control::ControlError::InUse(_) => Retry::Again(e.to_string()),
+                other => Retry::Fail(other.to_string()),
+            })
+        })
+        .map_err(|e| format!("{}: {e}", journal.socket.display()))?;
         let accepting = listener.try_clone().map_err(|e| e.to_string())?;
         let port = port(remote.listen)?;
         port.set(PortRole::Standby(config.name.clone()));

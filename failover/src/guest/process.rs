@@ -745,9 +745,20 @@ impl StandbyLink {
     /// The standby process is gone (or sent away): the output of the records it had not
     /// released is released here, in order, and the guest runs on unprotected.
     fn lose(&mut self, why: &str) {
-        let Some(session) = self.session.take() else {
+        let Some(mut session) = self.session.take() else {
             return;
         };
+        // The standby may have said why before the connection failed under a write.
+        let said = session
+            .lines
+            .read::<ToActive>(&mut session.conn)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|m| match m {
+                ToActive::Refused { why } => Some(format!("the standby process refused: {why}")),
+                _ => None,
+            });
+        let why = said.as_deref().unwrap_or(why);
         // A remote standby's shipper releases nothing from here on.
         let shipped = self.remote.as_ref().map_or(0, |side| side.halt());
         let released = session
