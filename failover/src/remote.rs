@@ -146,6 +146,8 @@ const MAX_LINE: usize = 64 << 10;
 const OPENING_PATIENCE: Duration = Duration::from_secs(2);
 /// How long a `role` query or a connection attempt waits for the peer.
 pub const PEER_PATIENCE: Duration = Duration::from_secs(1);
+/// How long a promote waits for the session with the old active to end on its own.
+const SESSION_DRAIN: Duration = Duration::from_millis(500);
 /// How often the relay tries to reach an active that does not answer.
 const CONNECT_RETRY: Duration = Duration::from_millis(200);
 /// How often the shipper looks at the oldest unacknowledged epoch.
@@ -981,7 +983,16 @@ impl Relay {
             tracing::warn!(guest = %self.guest, %peer, %why, "promote refused");
             return Err(why);
         }
+        // What the old active sent before it went is read to the end first (its last
+        // records, what it said it released): the session ends on its own once the
+        // connection's end arrives. One still open after a while (a fenced peer whose
+        // connection never closed) is cut.
+        let deadline = Instant::now() + SESSION_DRAIN;
+        while locked(&self.session).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         if let Some(session) = locked(&self.session).take() {
+            tracing::debug!(guest = %self.guest, "the session with the old active is still open: cut");
             let _ = session.shutdown(Shutdown::Both);
         }
         // No frame is half-written from here on.
