@@ -747,6 +747,9 @@ impl Session<'_> {
         if let Some(unreleased) = standby.unreleased.as_mut() {
             // What a remote active had not said it released is released here, in order,
             // before the guest runs on.
+            if let (Some(first), Some(last)) = (unreleased.front(), unreleased.back()) {
+                tracing::info!(guest = %guest, first = first.0, last = last.0, "releasing the output of the epochs the active had not said it released");
+            }
             for (_, output) in unreleased.drain(..) {
                 let _ = self.console.write_all(&output);
             }

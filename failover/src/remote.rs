@@ -763,30 +763,37 @@ fn acknowledgements(
         match message {
             ToActive::Applied { seq } => {
                 {
+                    // The epochs' output is written and the standby told so back to back,
+                    // the connection taken first: a death of this process between the two
+                    // is the one case where the standby releases an epoch's output again.
+                    // (The connection is taken before the session's record, as the
+                    // forwarding side takes them.)
+                    let mut out = locked(&writer);
                     let mut shipped = locked(&shipped);
                     if shipped.halted {
                         continue;
                     }
                     let mut console = locked(&console);
+                    let mut done = Vec::new();
                     while shipped.unacked.front().is_some_and(|u| u.seq <= seq) {
-                        let Some(done) = shipped.unacked.pop_front() else {
+                        let Some(acked) = shipped.unacked.pop_front() else {
                             break;
                         };
-                        if !done.output.is_empty() {
-                            // A console that cannot be written must not stop the guest.
-                            let _ = console.write_all(&done.output);
-                            let _ = console.flush();
-                        }
-                        if let Some(journal) = &shipped.journal {
-                            journal.release_range(done.offset, done.len);
-                        }
+                        // A console that cannot be written must not stop the guest.
+                        let _ = console.write_all(&acked.output);
+                        done.push((acked.offset, acked.len));
                     }
+                    let _ = console.flush();
+                    let _ = write_line(&mut *out, &ToRemote::Released { seq });
+                    drop((console, out));
                     shipped.released = seq;
                     if let Some(journal) = &shipped.journal {
                         journal.set_released(seq);
+                        for (offset, len) in done {
+                            journal.release_range(offset, len);
+                        }
                     }
                 }
-                let _ = write_line(&mut *locked(&writer), &ToRemote::Released { seq });
                 if send(&mut local, &ToActive::Applied { seq }).is_err() {
                     break "the guest's loop closed the session".into();
                 }
