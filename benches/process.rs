@@ -1,21 +1,44 @@
-//! A standby in its own process (`process = "separate"`), in one run:
+//! A standby in its own process (`process = "separate"`) and on another host
+//! (`process = "remote"`, over TCP between two network namespaces joined by a veth pair), in
+//! one run:
 //! - takeover downtime after the active's process is SIGKILLed: from the kill to the guest
 //!   running in the standby's process (`resumed_unix_us` of its `taken-over` event), and
-//!   the part of it after the standby saw the process gone, at 64 MiB and 1 GiB;
-//! - the pause of an epoch and the pages it wrote, with the journal against in-process
-//!   checkpoints, for the `dirty` kernel at a few rates;
-//! - the throughput a CPU-bound guest keeps under 20 ms epochs of either kind, as a ratio to
+//!   the part of it after the standby saw the process gone, at 64 MiB and 1 GiB; for the
+//!   remote standby, with the promote sent as soon as the kill is done (the cluster
+//!   manager's detection delay left out) and its own part, from the promote to running;
+//! - the pause of an epoch and the pages it wrote, with the journal and with the TCP
+//!   standby against in-process checkpoints, for the `dirty` kernel at a few rates;
+//! - the throughput a CPU-bound guest keeps under 20 ms epochs of each kind, as a ratio to
 //!   the same guest unprotected.
 //!
-//! Run: `cargo bench --bench process` (optionally `-- ROUNDS`, default 5).
+//! Run (as root, for the namespaces): `cargo bench --bench process` (optionally
+//! `-- ROUNDS`, default 5).
 
 mod common;
+#[path = "../tests/common/netns.rs"]
+#[allow(dead_code)]
+mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
 use common::{field, kernel, median, request, scratch, spread};
+use netns::Netns;
+
+/// Where the standby runs.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// In the active's process.
+    Same,
+    /// In a process of its own on this host, through the journal.
+    Separate,
+    /// On the other "host" (namespace), over TCP.
+    Remote,
+}
+
+/// The two hosts of the remote runs: namespaces joined by a veth pair.
+const HOST_IPS: [&str; 2] = ["10.79.200.1", "10.79.200.2"];
 
 /// An understudy process whose console and log go to files.
 struct Process {
@@ -94,7 +117,7 @@ fn env(dir: &Path, memory_mib: u64, kernel_name: &str, cmdline: &str, standby: &
     let table = if standby.is_empty() {
         String::new()
     } else {
-        let journal = if standby.contains("separate") {
+        let journal = if standby.contains("separate") || standby.contains("remote") {
             // On tmpfs, as by default.
             let name = dir.file_name().expect("scratch folder").to_string_lossy();
             format!("journal = \"/dev/shm/{name}.journal\"\n")
@@ -114,6 +137,128 @@ fn env(dir: &Path, memory_mib: u64, kernel_name: &str, cmdline: &str, standby: &
     let path = dir.join("env.toml");
     std::fs::write(&path, text).expect("write env");
     path
+}
+
+/// The `[guest.standby]` lines of `mode` (for `Remote`, host `side`'s).
+fn standby_lines(mode: Mode, side: usize) -> String {
+    match mode {
+        Mode::Same => "process = \"same\"\n".into(),
+        Mode::Separate => "process = \"separate\"\n".into(),
+        Mode::Remote => format!(
+            "process = \"remote\"\nlisten = \"{}:7770\"\npeer = \"{}:7770\"\n",
+            HOST_IPS[side],
+            HOST_IPS[1 - side]
+        ),
+    }
+}
+
+/// The active (`run`, on host 0) and, unless in-process, its standby (`standby`, in its
+/// own process, on host 1 when remote) of a guest whose environment files are made by
+/// `env_for(dir, side)`.
+fn pair(
+    hosts: &[Netns; 2],
+    name: &str,
+    mode: Mode,
+    env_for: impl Fn(&Path, usize) -> PathBuf,
+) -> (Process, Option<Process>, [PathBuf; 2]) {
+    let dirs = [scratch(&format!("{name}-a")), scratch(&format!("{name}-b"))];
+    let envs = [env_for(&dirs[0], 0), env_for(&dirs[1], 1)];
+    let (a, b) = (
+        envs[0].to_str().expect("path"),
+        envs[1].to_str().expect("path"),
+    );
+    let socket_b = dirs[1].join("api.sock");
+    let socket_b = socket_b.to_str().expect("path");
+    let (active, standby) = match mode {
+        Mode::Same => (Process::spawn(&dirs[0], "active", &["run", a]), None),
+        Mode::Separate => (
+            Process::spawn(&dirs[0], "active", &["run", a]),
+            Some(Process::spawn(&dirs[0], "standby", &["standby", a])),
+        ),
+        Mode::Remote => (
+            hosts[0].enter(|| Process::spawn(&dirs[0], "active", &["run", a])),
+            Some(hosts[1].enter(|| {
+                Process::spawn(
+                    &dirs[1],
+                    "standby",
+                    &["standby", b, "--api-socket", socket_b],
+                )
+            })),
+        ),
+    };
+    (active, standby, dirs)
+}
+
+/// One takeover of a remote standby at `memory_mib`: (kill to running with the promote
+/// sent at once, promote to running).
+fn remote_takeover(hosts: &[Netns; 2], memory_mib: u64, round: usize) -> (Duration, Duration) {
+    let name = format!("remote-takeover-{memory_mib}-{round}");
+    let env_for = |dir: &Path, side: usize| {
+        env(
+            dir,
+            memory_mib,
+            "dirty",
+            "dirty_mib_per_s=64 interval_ms=50",
+            &standby_lines(Mode::Remote, side),
+        )
+    };
+    let (mut active, standby, dirs) = pair(hosts, &name, Mode::Remote, env_for);
+    let standby = standby.expect("a standby");
+    active.wait_for("failover armed");
+    std::thread::sleep(Duration::from_millis(500 + (round as u64 * 7) % 20));
+    let killed = unix_us();
+    active.end();
+    let promoted = unix_us();
+    request(
+        &dirs[1].join("api.sock"),
+        r#"{"request":"promote","guest":"guest","peer_fenced":false}"#,
+    );
+    let line = standby.wait_for("event=\"taken-over\"");
+    let resumed = field(&line, "resumed_unix_us").expect("resumed_unix_us") as u64;
+    (
+        Duration::from_micros(resumed.saturating_sub(killed)),
+        Duration::from_micros(resumed.saturating_sub(promoted)),
+    )
+}
+
+/// The first sync of a 1 GiB guest that touched all its RAM, to a standby started once it
+/// had: (from the standby's hello to failover armed, the bytes the standby holds).
+fn first_sync(hosts: &[Netns; 2], mode: Mode) -> (Duration, f64) {
+    let name = format!("first-sync-{}", mode as u8);
+    let dirs = [scratch(&format!("{name}-a")), scratch(&format!("{name}-b"))];
+    let env_for = |dir: &Path, side: usize| {
+        env(
+            dir,
+            1024,
+            "dirty",
+            "dirty_mib_per_s=1024 interval_ms=1000",
+            &standby_lines(mode, side),
+        )
+    };
+    let envs = [env_for(&dirs[0], 0), env_for(&dirs[1], 1)];
+    let (a, b) = (
+        envs[0].to_str().expect("path"),
+        envs[1].to_str().expect("path"),
+    );
+    let host = |side: usize| {
+        if mode == Mode::Remote {
+            &hosts[side]
+        } else {
+            &hosts[0]
+        }
+    };
+    let active = host(0).enter(|| Process::spawn(&dirs[0], "active", &["run", a]));
+    active.wait_for("guest-started");
+    // The guest touches its RAM once over.
+    std::thread::sleep(Duration::from_millis(1500));
+    let standby_env = if mode == Mode::Remote { b } else { a };
+    let standby = host(1).enter(|| Process::spawn(&dirs[1], "standby", &["standby", standby_env]));
+    let armed = active.wait_for("failover armed");
+    let ready = standby.wait_for("standby-process-ready");
+    let sync = field(&armed, "sync_us").expect("sync_us");
+    let resident = field(&ready, "ram_resident_bytes").expect("ram_resident_bytes");
+    drop((active, standby));
+    (Duration::from_micros(sync as u64), resident)
 }
 
 /// One takeover at `memory_mib`: (kill to resumed, waiting for the active lock after the
@@ -148,23 +293,16 @@ fn takeover(memory_mib: u64, round: usize) -> (Duration, Duration, Duration) {
 }
 
 /// Over 2 s of the `dirty` kernel at `rate` MiB/s in a 256 MiB guest under 20 ms epochs,
-/// in-process or (`separate`) through the journal: mean pause and mean pages per epoch.
-fn epoch_costs(rate: u64, separate: bool) -> (Duration, f64) {
-    let name = format!("process-epochs-{rate}-{separate}");
-    let dir = scratch(&name);
-    let standby = if separate {
-        "process = \"separate\"\n"
-    } else {
-        "process = \"same\"\n"
-    };
+/// with the standby placed as `mode`: mean pause and mean pages per epoch.
+fn epoch_costs(hosts: &[Netns; 2], rate: u64, mode: Mode) -> (Duration, f64) {
+    let name = format!("process-epochs-{rate}-{}", mode as u8);
     let cmdline = format!("dirty_mib_per_s={rate} interval_ms=1000");
-    let env = env(&dir, 256, "dirty", &cmdline, standby);
-    let env = env.to_str().expect("path");
-    let mut active = Process::spawn(&dir, "active", &["run", env]);
-    let mut follower = separate.then(|| Process::spawn(&dir, "standby", &["standby", env]));
+    let env_for =
+        |dir: &Path, side: usize| env(dir, 256, "dirty", &cmdline, &standby_lines(mode, side));
+    let (mut active, mut follower, dirs) = pair(hosts, &name, mode, env_for);
     active.wait_for("failover armed");
     std::thread::sleep(Duration::from_millis(500));
-    let socket = dir.join("api.sock");
+    let socket = dirs[0].join("api.sock");
     let sample = || {
         let status = request(&socket, r#"{"request":"status"}"#);
         let c = status["guests"][0]["checkpoint"].clone();
@@ -189,23 +327,20 @@ fn epoch_costs(rate: u64, separate: bool) -> (Duration, f64) {
     )
 }
 
-/// Median `work W` per line of a CPU-bound counter under `standby` (empty: unprotected).
-fn throughput(standby: &str, round: usize) -> f64 {
-    let separate = standby.contains("separate");
-    let dir = scratch(&format!(
-        "process-work-{round}-{separate}-{}",
-        standby.len()
-    ));
-    let env = env(
-        &dir,
-        64,
-        "counter",
-        "interval_ms=100 stop_after=30 work=1",
-        standby,
-    );
-    let env = env.to_str().expect("path");
-    let mut active = Process::spawn(&dir, "active", &["run", env]);
-    let follower = separate.then(|| Process::spawn(&dir, "standby", &["standby", env]));
+/// Median `work W` per line of a CPU-bound counter with its standby placed as `mode`
+/// (`None`: unprotected).
+fn throughput(hosts: &[Netns; 2], mode: Option<Mode>, round: usize) -> f64 {
+    let name = format!("process-work-{round}-{}", mode.map_or(9, |m| m as u8));
+    let env_for = |dir: &Path, side: usize| {
+        env(
+            dir,
+            64,
+            "counter",
+            "interval_ms=100 stop_after=30 work=1",
+            &mode.map_or(String::new(), |m| standby_lines(m, side)),
+        )
+    };
+    let (mut active, follower, _) = pair(hosts, &name, mode.unwrap_or(Mode::Same), env_for);
     let _ = active.child.wait();
     let mut text = active.console();
     if let Some(mut f) = follower {
@@ -221,6 +356,7 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(5);
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let hosts = Netns::hosts("usbench", HOST_IPS);
     println!("takeover after SIGKILL of the active's process (medians of {rounds} rounds):");
     let mut totals = Vec::new();
     for memory_mib in [64, 1024] {
@@ -246,30 +382,74 @@ fn main() {
         "  1 GiB / 64 MiB: {:.2}",
         totals[1] / totals[0].max(f64::MIN_POSITIVE)
     );
+    println!(
+        "takeover of a remote standby (TCP over a veth pair) after SIGKILL of the active, the \
+         promote sent as soon as the kill is done (medians of {rounds} rounds):"
+    );
+    let mut totals = Vec::new();
+    for memory_mib in [64, 1024] {
+        let (mut kill, mut own) = (Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let (k, o) = remote_takeover(&hosts, memory_mib, round);
+            kill.push(ms(k));
+            own.push(ms(o));
+        }
+        totals.push(median(kill.clone()));
+        println!(
+            "  {memory_mib:>5} MiB: kill to running {} ms; of it, promote to running (the peer \
+             asked, the last records read, state loaded, guest resumed) {} ms",
+            spread(kill, 2),
+            spread(own, 2)
+        );
+    }
+    println!(
+        "  1 GiB / 64 MiB: {:.2}",
+        totals[1] / totals[0].max(f64::MIN_POSITIVE)
+    );
+
+    println!("first sync of a 1 GiB guest that touched all its RAM:");
+    let copy = common::memcpy_time(1 << 30);
+    for (label, mode) in [("journal", Mode::Separate), ("TCP", Mode::Remote)] {
+        let (sync, resident) = first_sync(&hosts, mode);
+        println!(
+            "  {label:>7}: hello to armed {:.0} ms for {:.0} MiB held by the standby ({:.2} GB/s); \
+             one memcpy of 1 GiB here {:.0} ms",
+            ms(sync),
+            resident / f64::from(1 << 20),
+            resident / sync.as_secs_f64().max(1e-9) / 1e9,
+            ms(copy)
+        );
+    }
 
     println!("epoch pause, 256 MiB dirty guest, 20 ms epochs (mean over 2 s):");
     for (label, rate) in [("idle", 0), ("~1 MiB/epoch", 50), ("~4 MiB/epoch", 200)] {
-        let (same_pause, same_pages) = epoch_costs(rate, false);
-        let (sep_pause, sep_pages) = epoch_costs(rate, true);
+        let (same_pause, same_pages) = epoch_costs(&hosts, rate, Mode::Same);
+        let (sep_pause, sep_pages) = epoch_costs(&hosts, rate, Mode::Separate);
+        let (tcp_pause, tcp_pages) = epoch_costs(&hosts, rate, Mode::Remote);
+        let ratio = |d: Duration| d.as_secs_f64() / same_pause.as_secs_f64().max(1e-9);
         println!(
             "  {label:>13}: in-process {:.3} ms ({same_pages:.0} pages), journal {:.3} ms \
-             ({sep_pages:.0} pages), journal / in-process {:.2}",
+             ({sep_pages:.0} pages), TCP {:.3} ms ({tcp_pages:.0} pages); journal / in-process \
+             {:.2}, TCP / in-process {:.2}",
             ms(same_pause),
             ms(sep_pause),
-            sep_pause.as_secs_f64() / same_pause.as_secs_f64().max(1e-9)
+            ms(tcp_pause),
+            ratio(sep_pause),
+            ratio(tcp_pause)
         );
     }
 
     // Interleaved rounds, so the machine's drift hits every configuration alike.
     let configs = [
-        ("unprotected", ""),
-        ("in-process", "process = \"same\"\n"),
-        ("journal", "process = \"separate\"\n"),
+        ("unprotected", None),
+        ("in-process", Some(Mode::Same)),
+        ("journal", Some(Mode::Separate)),
+        ("TCP standby", Some(Mode::Remote)),
     ];
     let mut work: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..3 {
-        for (i, (_, standby)) in configs.iter().enumerate() {
-            work[i].push(throughput(standby, round));
+        for (i, (_, mode)) in configs.iter().enumerate() {
+            work[i].push(throughput(&hosts, *mode, round));
         }
     }
     let unprotected = median(work[0].clone());

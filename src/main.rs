@@ -79,12 +79,15 @@ enum Command {
         metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Stand by for a guest whose standby runs in a process of its own
-    /// (`[guest.standby] process = "separate"`): follow the active's take-over journal, and
-    /// take the guest over when the active's process dies. Exits as `run` does for the guest.
+    /// (`[guest.standby] process = "separate"`, or `"remote"` on another host): follow the
+    /// active's take-over journal, and take the guest over when the active's process dies
+    /// (separate) or when promoted (`ctl SOCKET promote`, remote). Exits as `run` does for
+    /// the guest.
     Standby {
-        /// The environment file (TOML), the same the active runs.
+        /// The environment file (TOML): the same the active runs (separate), or this host's
+        /// (remote).
         env: PathBuf,
-        /// The guest to stand by for, when more than one has a separate standby process.
+        /// The guest to stand by for, when more than one has a standby process of its own.
         #[arg(long, value_name = "NAME")]
         guest: Option<String>,
         /// Serve the control socket at this path: `status` while this process stands by,

@@ -262,7 +262,13 @@ enum PortRole {
 struct PeerPort {
     listen: SocketAddr,
     role: Mutex<PortRole>,
+    /// Connections being served (each on a thread of its own).
+    serving: std::sync::atomic::AtomicUsize,
 }
+
+/// The most connections the peer port serves at once; more are closed unread (a flood of
+/// connections costs threads, not the guest).
+const MAX_PEER_CONNECTIONS: usize = 16;
 
 static PORT: Mutex<Option<Arc<PeerPort>>> = Mutex::new(None);
 
@@ -316,6 +322,7 @@ fn port(listen: SocketAddr) -> Result<Arc<PeerPort>, String> {
     let port = Arc::new(PeerPort {
         listen,
         role: Mutex::new(PortRole::None),
+        serving: std::sync::atomic::AtomicUsize::new(0),
     });
     let serving = port.clone();
     std::thread::Builder::new()
@@ -341,10 +348,22 @@ impl PeerPort {
                     continue;
                 }
             };
+            use std::sync::atomic::Ordering;
+            if self.serving.fetch_add(1, Ordering::SeqCst) >= MAX_PEER_CONNECTIONS {
+                self.serving.fetch_sub(1, Ordering::SeqCst);
+                tracing::debug!(listen = %self.listen, "too many connections on the peer port: one closed unread");
+                continue;
+            }
             let port = self.clone();
-            let _ = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name("peer-conn".into())
-                .spawn(move || port.opening(conn));
+                .spawn(move || {
+                    port.opening(conn);
+                    port.serving.fetch_sub(1, Ordering::SeqCst);
+                });
+            if spawned.is_err() {
+                self.serving.fetch_sub(1, Ordering::SeqCst);
+            }
         }
     }
 
@@ -425,7 +444,15 @@ struct Shipped {
     sent: u64,
     /// Whether the session is over (nothing more will be sent).
     over: bool,
+    /// When the whole batch had gone out, and when the standby said it had loaded it: the
+    /// standby acknowledges nothing while it loads, so epochs count as unacknowledged only
+    /// from then.
+    batch_sent: Option<Instant>,
+    ready: Option<Instant>,
 }
+
+/// How long a remote standby may take to load a batch once it has all of it.
+const LOAD_PATIENCE: Duration = Duration::from_secs(60);
 
 struct Unacked {
     seq: u64,
@@ -531,6 +558,8 @@ impl ActiveSide {
             told: false,
             sent: 0,
             over: false,
+            batch_sent: None,
+            ready: None,
         }));
         *locked(&self.current) = Some(shipped.clone());
         let writer = Arc::new(Mutex::new(tcp.try_clone().map_err(|e| err(&e))?));
@@ -623,6 +652,7 @@ impl ActiveSide {
                         send_data(&mut out, &journal, PAGE, journal.records_start())
                             .map_err(wrote)?;
                         write_line(&mut *out, &ToRemote::Batch { seq }).map_err(wrote)?;
+                        locked(shipped).batch_sent = Some(Instant::now());
                         // The remote has the image; this host's copy is given back.
                         journal.release_batch_ram();
                     }
@@ -746,15 +776,28 @@ fn acknowledgements(
             Ok(Some(message)) => message,
             Ok(None) => break "the remote standby closed the connection".to_owned(),
             Err(err) if timed_out(&err) => {
-                let late = locked(&shipped)
-                    .unacked
-                    .front()
-                    .is_some_and(|u| u.sent.elapsed() >= ack_timeout);
-                if late {
-                    break format!(
-                        "the remote standby at {peer} acknowledged no epoch for {} ms",
-                        ack_timeout.as_millis()
-                    );
+                let shipped = locked(&shipped);
+                match (shipped.batch_sent, shipped.ready) {
+                    (Some(sent), None) if sent.elapsed() >= LOAD_PATIENCE => {
+                        break format!(
+                            "the remote standby at {peer} did not load the batch in {} s",
+                            LOAD_PATIENCE.as_secs()
+                        );
+                    }
+                    (_, Some(ready)) => {
+                        // An epoch sent while the standby loaded counts from its ready.
+                        let late = shipped
+                            .unacked
+                            .front()
+                            .is_some_and(|u| u.sent.max(ready).elapsed() >= ack_timeout);
+                        if late {
+                            break format!(
+                                "the remote standby at {peer} acknowledged no epoch for {} ms",
+                                ack_timeout.as_millis()
+                            );
+                        }
+                    }
+                    _ => {}
                 }
                 continue;
             }
@@ -799,6 +842,12 @@ fn acknowledgements(
                 }
             }
             ToActive::Hello { .. } => {}
+            ToActive::Ready { seq } => {
+                locked(&shipped).ready = Some(Instant::now());
+                if send(&mut local, &ToActive::Ready { seq }).is_err() {
+                    break "the guest's loop closed the session".into();
+                }
+            }
             other => {
                 if send(&mut local, &other).is_err() {
                     break "the guest's loop closed the session".into();
@@ -830,6 +879,9 @@ struct RelayState {
     /// The active said its machine is fenced.
     handed_over: bool,
     promoted: bool,
+    /// Journals told to the follower that it has not said `opened` to yet: until it has
+    /// opened the last, what it says is about an earlier one, and goes nowhere.
+    opening: u32,
 }
 
 /// The standby's side of a remote guest: follows the active over TCP and feeds the
@@ -1150,6 +1202,7 @@ impl Relay {
                         state.syncing = true;
                         state.handed_over = false;
                         state.epoch = None;
+                        state.opening += 1;
                     }
                     lifecycle!(info, "remote-journal", guest = %self.guest, identifier, active_pid = pid, "the active started a journal for this standby");
                     self.tell(&ToStandby::Journal {
@@ -1209,13 +1262,20 @@ impl Relay {
                 {
                     let mut state = locked(&self.state);
                     match &message {
+                        ToActive::Opened {} => {
+                            state.opening = state.opening.saturating_sub(1);
+                            if state.opening > 0 {
+                                continue;
+                            }
+                        }
+                        ToActive::Refused { .. } => {}
+                        _ if state.opening > 0 => continue,
                         ToActive::Ready { seq } | ToActive::Applied { seq } => {
                             state.loaded = true;
                             state.syncing = false;
                             state.epoch = Some(*seq);
                         }
                         ToActive::Hello { .. } => continue,
-                        _ => {}
                     }
                 }
                 if let Some(session) = locked(&self.session).as_mut() {
@@ -1247,6 +1307,57 @@ fn receive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn garbage_and_mangled_frames_are_errors_not_panics() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let valid: Vec<u8> = [
+            serde_json::to_vec(&ToRemote::Record {
+                seq: 3,
+                offset: 8192,
+            })
+            .unwrap(),
+            serde_json::to_vec(&Opening::Hello {
+                pid: 1,
+                guest: "g".into(),
+            })
+            .unwrap(),
+        ]
+        .join(&b'\n');
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..200 {
+            let mut bytes = valid.clone();
+            for _ in 0..(next() % 8) {
+                let at = (next() as usize) % bytes.len();
+                bytes[at] = next() as u8;
+            }
+            if round % 3 == 0 {
+                bytes = (0..next() % 300).map(|_| next() as u8).collect();
+            }
+            bytes.push(b'\n');
+            let mut client = TcpStream::connect(addr).unwrap();
+            let (server, _) = listener.accept().unwrap();
+            client.write_all(&bytes).unwrap();
+            drop(client);
+            let mut reader = BufReader::new(server);
+            let mut buf = Vec::new();
+            // Each line reads as a frame or as an error, and the stream ends.
+            for _ in 0..bytes.len() + 1 {
+                match read_line::<ToRemote>(&mut reader, &mut buf) {
+                    Ok(None) => break,
+                    Ok(Some(_)) | Err(LinkError::Garbled(_)) => {}
+                    Err(err) => panic!("round {round}: {err}"),
+                }
+            }
+        }
+    }
 
     #[test]
     fn frames_read_back_as_written_and_a_role_query_of_a_closed_port_is_refused() {
