@@ -40,8 +40,15 @@ struct Host {
 }
 
 /// Two hosts for `test` (number `n`, which picks the subnet), each with an environment file
-/// for a counter guest with a remote standby on the other; `cmdline` is the guest's.
+/// for a counter guest of 64 MiB with a remote standby on the other; `cmdline` is the
+/// guest's.
 fn hosts(test: &str, n: u8, cmdline: &str) -> [Host; 2] {
+    hosts_of(test, n, "counter", 64, cmdline)
+}
+
+/// As [`hosts`], the guest (named `counter` whatever it runs) booting test kernel `kernel`
+/// with `memory_mib` of RAM.
+fn hosts_of(test: &str, n: u8, kernel: &str, memory_mib: u64, cmdline: &str) -> [Host; 2] {
     require_kvm();
     let ips = ips(n);
     let name = format!("us{}-{n}", std::process::id() % 100_000);
@@ -51,12 +58,12 @@ fn hosts(test: &str, n: u8, cmdline: &str) -> [Host; 2] {
     let host = |netns: Netns, side: &str, me: &str, peer: &str| {
         let env = dir.join(format!("{side}.toml"));
         let text = format!(
-            "[[guest]]\nname = \"counter\"\nkernel = \"{}\"\nmemory_mib = 64\n\
+            "[[guest]]\nname = \"counter\"\nkernel = \"{}\"\nmemory_mib = {memory_mib}\n\
              cmdline = \"{cmdline}\"\ncrash_dump = false\n\
              [guest.standby]\nresume = \"checkpoint\"\nprocess = \"remote\"\n\
              listen = \"{me}:{PORT}\"\npeer = \"{peer}:{PORT}\"\n\
              journal = \"{}\"\n",
-            env!("UNDERSTUDY_KERNELS").to_owned() + "/counter",
+            format!("{}/{kernel}", env!("UNDERSTUDY_KERNELS")),
             dir.join(format!("{side}.journal")).display()
         );
         std::fs::write(&env, text).unwrap();
@@ -320,6 +327,39 @@ fn a_killed_active_is_promoted_on_the_other_host_with_the_console_exactly_once()
     assert_eq!(code, OCF_SUCCESS, "stop: {said}");
     let (code, _) = b.agent("monitor");
     assert_eq!(code, OCF_NOT_RUNNING);
+}
+
+/// A 1 GiB guest writing 256 MiB/s: its first sync sends the RAM it touched, its epochs
+/// their dirty pages; its active's process is killed and the other host promoted: every
+/// report of the guest once across the two hosts.
+#[test]
+fn a_1_gib_guest_writing_fast_survives_its_active_host_being_lost() {
+    const LAST: u64 = 80;
+    let cmdline = format!("dirty_mib_per_s=256 interval_ms=50 stop_after={LAST}");
+    let [a, b] = hosts_of("remote-1g", 4, "dirty", 1024, &cmdline);
+    let mut active = a.run("the active on host a");
+    let (code, said) = b.agent("start");
+    assert_eq!(code, OCF_SUCCESS, "start: {said}");
+    b.wait_role("state=following", || report(&active, &b));
+    std::thread::sleep(Duration::from_millis(1500));
+    active.kill();
+    let (code, said) = b.agent("promote");
+    assert_eq!(
+        code,
+        OCF_SUCCESS,
+        "promote: {said}\n{}",
+        report(&active, &b)
+    );
+    b.wait_agent_log("event=\"guest-exited\"", 1, || report(&active, &b));
+    let mut seqs = numbers_after(&active.console.text(), "dirty: seq ");
+    seqs.extend(numbers_after(&b.agent_log(), "dirty: seq "));
+    assert_eq!(
+        seqs,
+        (0..=LAST).collect::<Vec<_>>(),
+        "{}",
+        report(&active, &b)
+    );
+    assert_eq!(b.agent("stop").0, OCF_SUCCESS);
 }
 
 /// The link between the hosts goes down: the active stops hearing acknowledgements, releases

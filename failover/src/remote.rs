@@ -530,6 +530,9 @@ impl ActiveSide {
     /// `reader`) until the session ends.
     fn ship(&self, tcp: TcpStream, reader: BufReader<TcpStream>, pid: u32) -> Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
+        // Shipping is bulk work: the guest's own threads come first (the acknowledgements'
+        // thread, started from here, inherits this).
+        crate::background::lower_priority();
         let _ = tcp.set_nodelay(true);
         // A write that makes no progress for this long (the link is down) ends the session,
         // as an epoch left unacknowledged does.
@@ -1083,6 +1086,8 @@ impl Relay {
     }
 
     fn run(self: Arc<Self>, listener: UnixListener) {
+        // Bulk work, below the follower and, on a shared host, below the guests.
+        crate::background::lower_priority();
         let follower = match listener.accept() {
             Ok((conn, _)) => conn,
             Err(err) => {
