@@ -58,12 +58,12 @@ fn hosts_of(test: &str, n: u8, kernel: &str, memory_mib: u64, cmdline: &str) -> 
     let host = |netns: Netns, side: &str, me: &str, peer: &str| {
         let env = dir.join(format!("{side}.toml"));
         let text = format!(
-            "[[guest]]\nname = \"counter\"\nkernel = \"{}\"\nmemory_mib = {memory_mib}\n\
+            "[[guest]]\nname = \"counter\"\nkernel = \"{}/{kernel}\"\nmemory_mib = {memory_mib}\n\
              cmdline = \"{cmdline}\"\ncrash_dump = false\n\
              [guest.standby]\nresume = \"checkpoint\"\nprocess = \"remote\"\n\
              listen = \"{me}:{PORT}\"\npeer = \"{peer}:{PORT}\"\n\
              journal = \"{}\"\n",
-            format!("{}/{kernel}", env!("UNDERSTUDY_KERNELS")),
+            env!("UNDERSTUDY_KERNELS"),
             dir.join(format!("{side}.journal")).display()
         );
         std::fs::write(&env, text).unwrap();
@@ -265,6 +265,18 @@ fn a_killed_active_is_promoted_on_the_other_host_with_the_console_exactly_once()
     b.wait_role("state=following", || report(&active, &b));
     let (code, said) = b.agent("monitor");
     assert_eq!(code, OCF_SUCCESS, "monitor of a following standby: {said}");
+    // The first sync sent the pages the guest touched, not its 64 MiB: holes stay holes.
+    let log = b.agent_log();
+    let resident: u64 = log
+        .lines()
+        .find(|l| l.contains("event=\"standby-process-ready\""))
+        .and_then(|l| l.split("ram_resident_bytes=").nth(1))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no standby-process-ready with its RAM:\n{log}"));
+    assert!(
+        resident < 8 << 20,
+        "the standby holds {resident} bytes:\n{log}"
+    );
     // While the active answers, the standby is not promoted.
     let (code, said) = b.agent("promote");
     assert_eq!(

@@ -339,7 +339,9 @@ impl StandbyLink {
                 if guest != self.guest {
                     return Err(format!("this is guest {}, not {guest}", self.guest));
                 }
-                if session.pid == 0 {
+                // A remote standby's own pid comes in its hello (the connection is the
+                // shipper's, in this process).
+                if session.pid == 0 || self.remote.is_some() {
                     session.pid = pid;
                 }
                 // Nothing is written to the journal before a standby has announced itself.
