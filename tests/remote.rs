@@ -118,36 +118,35 @@ impl Host {
 
     /// Waits until this host's `role` line contains `text`.
     fn wait_role(&self, text: &str, logs: impl Fn() -> String) {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let role = self.role();
-            if role.contains(text) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for a role with {text:?}; the last was {role:?}\n{}",
-                logs()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_role_for(
+            &format!("a role with {text:?}"),
+            |role| role.contains(text),
+            logs,
+        )
     }
 
     /// Waits until this host's standby has applied epoch `epoch` or a later one.
     fn wait_role_epoch(&self, epoch: u64, logs: impl Fn() -> String) {
+        let applied = |role: &str| {
+            role.split_whitespace()
+                .find_map(|f| f.strip_prefix("epoch="))
+                .and_then(|e| e.parse::<u64>().ok())
+                .is_some_and(|a| a >= epoch)
+        };
+        self.wait_role_for(&format!("epoch {epoch}"), applied, logs)
+    }
+
+    /// Waits until this host's `role` line is `done`.
+    fn wait_role_for(&self, what: &str, done: impl Fn(&str) -> bool, logs: impl Fn() -> String) {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let role = self.role();
-            let applied = role
-                .split_whitespace()
-                .find_map(|f| f.strip_prefix("epoch="))
-                .and_then(|e| e.parse::<u64>().ok());
-            if applied.is_some_and(|a| a >= epoch) {
+            if done(&role) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "timed out waiting for epoch {epoch}; the last role was {role:?}\n{}",
+                "timed out waiting for {what}; the last role was {role:?}\n{}",
                 logs()
             );
             std::thread::sleep(Duration::from_millis(5));

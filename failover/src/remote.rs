@@ -495,9 +495,13 @@ impl ActiveSide {
         }
     }
 
-    /// Waits up to `patience` for the `take_over` of the current session to have gone out.
+    /// Waits up to `patience` for the `take_over` of the current session to have gone out
+    /// (or the session to be over).
     pub fn wait_told(&self, patience: Duration) -> bool {
-        self.wait_for(patience, |s| s.told)
+        self.wait_for(patience, |s| s.told || s.over);
+        locked(&self.current)
+            .as_ref()
+            .is_none_or(|s| locked(s).told)
     }
 
     /// Waits up to `patience` for the record of epoch `seq` to have gone out (or the
