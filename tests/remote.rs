@@ -381,6 +381,15 @@ fn a_1_gib_guest_writing_fast_survives_its_active_host_being_lost() {
 fn with_the_link_cut_the_active_runs_on_unprotected_and_no_promote_happens() {
     let [a, b] = hosts("remote-cut", 2, "interval_ms=10 stop_after=100000");
     let mut active = a.run("the active on host a");
+    active.wait_log("event=\"guest-started\"", 1);
+    // The guest runs on host a: `understudy run` of it on host b is refused.
+    let mut second = b.run("a second active on host b");
+    assert_eq!(second.wait().code(), Some(2), "{}", second.log.text());
+    assert!(
+        second.log.text().contains("runs guest counter already"),
+        "{}",
+        second.log.text()
+    );
     let (code, said) = b.agent("start");
     assert_eq!(code, OCF_SUCCESS, "start: {said}");
     b.wait_role("state=following", || report(&active, &b));

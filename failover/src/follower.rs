@@ -360,6 +360,9 @@ pub fn follow(
         Some(socket) => Some(Front::serve(socket).map_err(|e| host(&e))?),
         None => None,
     };
+    if relay.is_some() && front.is_none() {
+        tracing::warn!(guest = %config.name, "no control socket (--api-socket): nothing can promote this remote standby");
+    }
     let mut waiting_said = false;
     loop {
         let mut conn = match UnixStream::connect(&journal_config.socket) {

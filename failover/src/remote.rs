@@ -470,6 +470,19 @@ pub(crate) fn serve_active(
     console: Arc<Mutex<SerialSink>>,
 ) -> Result<Arc<ActiveSide>, String> {
     let port = port(remote.listen)?;
+    // A guest started here afresh (not promoted here) must not run on the peer already:
+    // two `understudy run`s of one guest on two hosts would be two guests.
+    let fresh = matches!(*locked(&port.role), PortRole::None);
+    if fresh {
+        if let Ok(role) = query_role(remote.peer, PEER_PATIENCE) {
+            if role.role == "active" {
+                return Err(format!(
+                    "the peer {} runs guest {guest} already: not starting it here too (start a standby here with `understudy standby`)",
+                    remote.peer
+                ));
+            }
+        }
+    }
     let side = Arc::new(ActiveSide {
         guest: guest.to_owned(),
         socket: journal.socket.clone(),
