@@ -156,10 +156,7 @@ impl Front {
 
 fn promote_reply(promoted: Result<Promoted, String>) -> Reply {
     match promoted {
-        Ok(Promoted::Already) => Reply::ok(PromoteDone {
-            outcome: "already-active".into(),
-            epoch: None,
-        }),
+        Ok(Promoted::Already) => Reply::ok(PromoteDone::already_active()),
         Ok(Promoted::Resuming(epoch)) => Reply::ok(PromoteDone {
             outcome: "resuming".into(),
             epoch: Some(epoch),
@@ -194,9 +191,9 @@ impl View<'_> {
             None => {
                 let epoch = self.standby.committed.as_ref().map(|c| c.0);
                 match self.phase {
-                    "following" => ("following", epoch, 1000),
-                    "loading" => ("syncing", None, 10),
-                    _ => ("empty", None, 5),
+                    "following" => ("following", epoch, GuestRole::SCORE_CURRENT),
+                    "loading" => ("syncing", None, GuestRole::SCORE_SYNCING),
+                    _ => ("empty", None, GuestRole::SCORE_EMPTY),
                 }
             }
         };

@@ -55,6 +55,7 @@ use serde::{Deserialize, Serialize};
 use vmm_core::SerialSink;
 
 use crate::config::{GuestConfig, JournalConfig, RemoteConfig};
+use crate::control::protocol::GuestRole;
 use crate::journal::{Journal, PAGE};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
 
@@ -1000,15 +1001,15 @@ impl Relay {
         let state = locked(&self.state);
         let silent = state.heard.is_none_or(|t| t.elapsed() > self.silence());
         let (name, score) = if state.loaded && state.handed_over {
-            ("handed-over", 1000)
+            ("handed-over", GuestRole::SCORE_CURRENT)
         } else if state.loaded && state.connected && !silent {
-            ("following", 1000)
+            ("following", GuestRole::SCORE_CURRENT)
         } else if state.loaded {
-            ("holding", 500)
+            ("holding", GuestRole::SCORE_HOLDING)
         } else if state.syncing {
-            ("syncing", 10)
+            ("syncing", GuestRole::SCORE_SYNCING)
         } else {
-            ("empty", 5)
+            ("empty", GuestRole::SCORE_EMPTY)
         };
         RelayRole {
             state: name,

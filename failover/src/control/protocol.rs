@@ -234,10 +234,22 @@ pub struct GuestRole {
     /// The last epoch the standby applied, or the active wrote for its standby.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
-    /// How much this instance should be the one promoted: 10000 for an active, 1000 for a
-    /// standby following (or handed the guest over), 500 for one holding an epoch, 10 while
-    /// syncing, 5 when empty.
+    /// How much this instance should be the one promoted: one of [`GuestRole`]'s `SCORE_`
+    /// constants.
     pub score: i64,
+}
+
+impl GuestRole {
+    /// The promotion score of an active: it stays where it is.
+    pub const SCORE_ACTIVE: i64 = 10000;
+    /// Of a standby following a live active, or handed the guest over by it.
+    pub const SCORE_CURRENT: i64 = 1000;
+    /// Of a standby holding an epoch whose active is no longer heard.
+    pub const SCORE_HOLDING: i64 = 500;
+    /// Of a standby loading its first batch.
+    pub const SCORE_SYNCING: i64 = 10;
+    /// Of a standby holding nothing.
+    pub const SCORE_EMPTY: i64 = 5;
 }
 
 /// The reply to `promote`.
@@ -248,6 +260,16 @@ pub struct PromoteDone {
     /// With `resuming`: the epoch the guest resumes from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+}
+
+impl PromoteDone {
+    /// The reply of a process that runs the guest already.
+    pub fn already_active() -> PromoteDone {
+        PromoteDone {
+            outcome: "already-active".into(),
+            epoch: None,
+        }
+    }
 }
 
 /// The active's view of a guest's standby process.

@@ -104,7 +104,7 @@ impl Guest {
             role: crate::control::protocol::Role::Active,
             state: if armed { "protected" } else { "running" }.into(),
             epoch: self.link.as_ref().and_then(|l| l.status().epoch),
-            score: 10000,
+            score: crate::control::protocol::GuestRole::SCORE_ACTIVE,
         }
     }
 

@@ -415,10 +415,9 @@ impl GuestLoop {
             },
             Request::Status {} => Reply::ok(self.guest.status()),
             Request::Role { .. } => Reply::ok(self.guest.role()),
-            Request::Promote { .. } => Reply::ok(crate::control::protocol::PromoteDone {
-                outcome: "already-active".into(),
-                epoch: None,
-            }),
+            Request::Promote { .. } => {
+                Reply::ok(crate::control::protocol::PromoteDone::already_active())
+            }
             Request::Metrics {} | Request::Shutdown {} => {
                 Reply::error(ErrorKind::BadRequest, "not a request about one guest")
             }
