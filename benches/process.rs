@@ -12,7 +12,8 @@
 //!   the same guest unprotected.
 //!
 //! Run (as root, for the namespaces): `cargo bench --bench process` (optionally
-//! `-- ROUNDS`, default 5).
+//! `-- ROUNDS`, default 5, and the names of the sections to run: `takeover`, `remote`,
+//! `sync`, `epoch`, `cpu`; all of them by default).
 
 mod common;
 #[path = "../tests/common/netns.rs"]
@@ -355,8 +356,31 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(5);
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let sections: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.parse::<usize>().is_err() && !a.starts_with('-'))
+        .collect();
+    let run = |section: &str| sections.is_empty() || sections.iter().any(|s| s == section);
     let hosts = Netns::hosts("usbench", HOST_IPS);
+    if run("takeover") {
+        takeovers(rounds);
+    }
+    if run("remote") {
+        remote_takeovers(&hosts, rounds);
+    }
+    if run("sync") {
+        first_syncs(&hosts);
+    }
+    if run("epoch") {
+        epoch_pauses(&hosts);
+    }
+    if run("cpu") {
+        cpu_bound(&hosts);
+    }
+}
+
+fn takeovers(rounds: usize) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("takeover after SIGKILL of the active's process (medians of {rounds} rounds):");
     let mut totals = Vec::new();
     for memory_mib in [64, 1024] {
@@ -382,6 +406,10 @@ fn main() {
         "  1 GiB / 64 MiB: {:.2}",
         totals[1] / totals[0].max(f64::MIN_POSITIVE)
     );
+}
+
+fn remote_takeovers(hosts: &[Netns; 2], rounds: usize) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!(
         "takeover of a remote standby (TCP over a veth pair) after SIGKILL of the active, the \
          promote sent as soon as the kill is done (medians of {rounds} rounds):"
@@ -390,7 +418,7 @@ fn main() {
     for memory_mib in [64, 1024] {
         let (mut kill, mut own) = (Vec::new(), Vec::new());
         for round in 0..rounds {
-            let (k, o) = remote_takeover(&hosts, memory_mib, round);
+            let (k, o) = remote_takeover(hosts, memory_mib, round);
             kill.push(ms(k));
             own.push(ms(o));
         }
@@ -406,11 +434,14 @@ fn main() {
         "  1 GiB / 64 MiB: {:.2}",
         totals[1] / totals[0].max(f64::MIN_POSITIVE)
     );
+}
 
+fn first_syncs(hosts: &[Netns; 2]) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("first sync of a 1 GiB guest that touched all its RAM:");
     let copy = common::memcpy_time(1 << 30);
     for (label, mode) in [("journal", Mode::Separate), ("TCP", Mode::Remote)] {
-        let (sync, resident) = first_sync(&hosts, mode);
+        let (sync, resident) = first_sync(hosts, mode);
         println!(
             "  {label:>7}: hello to armed {:.0} ms for {:.0} MiB held by the standby ({:.2} GB/s); \
              one memcpy of 1 GiB here {:.0} ms",
@@ -420,12 +451,15 @@ fn main() {
             ms(copy)
         );
     }
+}
 
+fn epoch_pauses(hosts: &[Netns; 2]) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("epoch pause, 256 MiB dirty guest, 20 ms epochs (mean over 2 s):");
     for (label, rate) in [("idle", 0), ("~1 MiB/epoch", 50), ("~4 MiB/epoch", 200)] {
-        let (same_pause, same_pages) = epoch_costs(&hosts, rate, Mode::Same);
-        let (sep_pause, sep_pages) = epoch_costs(&hosts, rate, Mode::Separate);
-        let (tcp_pause, tcp_pages) = epoch_costs(&hosts, rate, Mode::Remote);
+        let (same_pause, same_pages) = epoch_costs(hosts, rate, Mode::Same);
+        let (sep_pause, sep_pages) = epoch_costs(hosts, rate, Mode::Separate);
+        let (tcp_pause, tcp_pages) = epoch_costs(hosts, rate, Mode::Remote);
         let ratio = |d: Duration| d.as_secs_f64() / same_pause.as_secs_f64().max(1e-9);
         println!(
             "  {label:>13}: in-process {:.3} ms ({same_pages:.0} pages), journal {:.3} ms \
@@ -438,7 +472,9 @@ fn main() {
             ratio(tcp_pause)
         );
     }
+}
 
+fn cpu_bound(hosts: &[Netns; 2]) {
     // Interleaved rounds, so the machine's drift hits every configuration alike.
     let configs = [
         ("unprotected", None),
@@ -449,7 +485,7 @@ fn main() {
     let mut work: Vec<Vec<f64>> = vec![Vec::new(); configs.len()];
     for round in 0..3 {
         for (i, (_, mode)) in configs.iter().enumerate() {
-            work[i].push(throughput(&hosts, *mode, round));
+            work[i].push(throughput(hosts, *mode, round));
         }
     }
     let unprotected = median(work[0].clone());

@@ -113,6 +113,43 @@ fn the_guest_survives_its_active_process_being_killed_again_and_again() {
     assert!(!all.contains("panicked"), "{all}");
 }
 
+/// The process running the guest is SIGKILLed within 300 ms of each arming, twenty times,
+/// with a new standby started right after each takeover: whatever the takeover meets (the
+/// dead process's socket and lock not yet gone, a standby attaching at that moment), the
+/// guest runs on, its console exactly once, and ends with its own exit status.
+#[test]
+fn the_guest_survives_twenty_kills_soon_after_each_arming() {
+    require_kvm();
+    let seed = fault_seed();
+    println!("UNDERSTUDY_FAULT_SEED={seed}");
+    let mut rng = XorShift(seed);
+    const KILLS: usize = 20;
+    const LAST: u64 = 4000;
+    let env = separate_env("process-early-kills", 64, LAST);
+    let mut processes = vec![Process::active(&env), Process::standby(&env, 1)];
+    for kill in 0..KILLS {
+        let (active, standby) = (processes.len() - 2, processes.len() - 1);
+        processes[active].wait_log("failover armed", 1);
+        std::thread::sleep(Duration::from_millis(rng.next() % 300));
+        processes[active].kill();
+        processes[standby].wait_log("event=\"taken-over\"", 1);
+        processes.push(Process::standby(&env, kill + 2));
+    }
+    let (active, standby) = (processes.len() - 2, processes.len() - 1);
+    let status = processes[active].wait();
+    let standby_status = processes[standby].wait();
+    let all = logs(&processes);
+    assert_eq!(status.code(), Some(1), "seed {seed}\n{all}");
+    assert_eq!(standby_status.code(), Some(1), "seed {seed}\n{all}");
+    let mut counts = Vec::new();
+    for process in &processes {
+        counts.extend(numbers_after(&process.console.text(), "count "));
+    }
+    assert_eq!(counts, (0..=LAST).collect::<Vec<_>>(), "seed {seed}\n{all}");
+    assert_eq!(all.matches("event=\"taken-over\"").count(), KILLS, "{all}");
+    assert!(!all.contains("panicked"), "{all}");
+}
+
 /// A guest of the size users run, writing 256 MiB/s: the journal carries it, and a takeover
 /// after SIGKILL resumes it with its console exactly once.
 #[test]

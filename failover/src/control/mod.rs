@@ -10,7 +10,8 @@ pub mod server;
 pub use http::MetricsEndpoint;
 pub use protocol::{ErrorKind, Reply, Request};
 pub use server::{
-    bind_owner_only, ControlError, ControlSocket, PendingRequest, RequestQueue, Serving,
+    bind_owner_only, bind_owner_only_replacing, ControlError, ControlSocket, PendingRequest,
+    RequestQueue, Serving,
 };
 
 /// The reply for a request a guest could not carry out.

@@ -370,21 +370,50 @@ fn read_line(reader: &mut impl BufRead) -> Line {
 /// Binds a Unix socket at `path`, owner-only from its first moment, replacing a stale socket
 /// nobody answers on; a live one, or a path that is not a socket, is refused.
 pub fn bind_owner_only(path: &Path) -> Result<UnixListener, ControlError> {
+    bind_at(path, Occupant::RefuseLive)
+}
+
+/// Binds a Unix socket at `path` as [`bind_owner_only`] does, replacing whatever socket is
+/// there, answering or not: for a caller that has proved nobody else may serve the path
+/// (the holder of a guest's active lock, whose predecessor may still be dying with its
+/// listener open). A path that is not a socket is still refused.
+pub fn bind_owner_only_replacing(path: &Path) -> Result<UnixListener, ControlError> {
+    bind_at(path, Occupant::Replace)
+}
+
+/// What to do with a socket already at the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Occupant {
+    /// Refuse one that answers; replace one that does not.
+    RefuseLive,
+    /// Replace it.
+    Replace,
+}
+
+fn bind_at(path: &Path, occupant: Occupant) -> Result<UnixListener, ControlError> {
     let io = |step| {
         let path = path.to_owned();
         move |source| ControlError::Io { path, step, source }
     };
     match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-            Ok(_) => return Err(ControlError::InUse(path.to_owned())),
-            Err(_) => std::fs::remove_file(path).map_err(io("remove stale socket"))?,
-        },
+        Ok(meta) if meta.file_type().is_socket() => {
+            if occupant == Occupant::RefuseLive && UnixStream::connect(path).is_ok() {
+                return Err(ControlError::InUse(path.to_owned()));
+            }
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                // Removed by its dying owner in the meantime.
+                Err(err) if err.kind() == IoErrorKind::NotFound => {}
+                Err(err) => return Err(io("remove stale socket")(err)),
+            }
+        }
         Ok(_) => return Err(ControlError::NotASocket(path.to_owned())),
         Err(err) if err.kind() == IoErrorKind::NotFound => {}
         Err(err) => return Err(io("inspect path")(err)),
     }
-    // Bind under a umask that leaves the socket owner-only from its first moment;
-    // no other thread creates files this early.
+    // Bind under a umask that leaves the socket owner-only from its first moment. The mask
+    // is the process's: a file another thread creates in this instant is owner-only too,
+    // which is never less safe.
     // SAFETY: umask only swaps the process file-creation mask.
     let old_mask = unsafe { libc::umask(0o177) };
     let bound = UnixListener::bind(path);

@@ -176,37 +176,52 @@ impl Guest {
             .as_ref()
             .is_some_and(|s| s.process.is_own_process());
         let mut link = None;
-        let (mut mode, standby, active_console): (Option<Box<dyn ResumeMode>>, _, _) =
-            match config.standby.as_ref().map(|s| s.resume) {
-                Some(_) if separate => {
-                    let (unfinished, lock) = match &mut from {
-                        StartFrom::TakenOver(taken) => {
-                            (taken.unfinished_line.clone(), taken.lock.take())
-                        }
-                        _ => (Vec::new(), None),
-                    };
-                    let (made, active_console) = process::StandbyLink::new(
-                        &ctx, console, unfinished, lock,
-                    )
-                    .map_err(|why| StartError::Attach {
-                        guest: config.name.clone(),
-                        why,
-                    })?;
-                    link = Some(made);
-                    (None, None, active_console)
+        let (mut mode, standby, active_console): (Option<Box<dyn ResumeMode>>, _, _) = match config
+            .standby
+            .as_ref()
+            .map(|s| s.resume)
+        {
+            Some(_) if separate => {
+                let (unfinished, mut lock) = match &mut from {
+                    StartFrom::TakenOver(taken) => {
+                        (taken.unfinished_line.clone(), taken.lock.take())
+                    }
+                    _ => (Vec::new(), None),
+                };
+                let taken_over = lock.is_some();
+                match process::StandbyLink::new(&ctx, console, unfinished, &mut lock) {
+                    Ok((made, active_console)) => {
+                        link = Some(made);
+                        (None, None, active_console)
+                    }
+                    // A guest this process took over runs here whatever else fails: it
+                    // runs unprotected, holding its lock until the process ends.
+                    Err(unattached) if taken_over => {
+                        let why = unattached.why;
+                        lifecycle!(error, "standby-link-failed", guest = %config.name, %why, "no standby process can attach to the guest taken over: it runs on unprotected");
+                        std::mem::forget(lock);
+                        (None, None, unattached.console)
+                    }
+                    Err(unattached) => {
+                        return Err(StartError::Attach {
+                            guest: config.name.clone(),
+                            why: unattached.why,
+                        })
+                    }
                 }
-                Some(resume) => {
-                    let (mut mode, active_console) = mode::new(resume, &mut ctx, &ram, console)
-                        .map_err(machine_err("allocate standby RAM"))?;
-                    // The standby is built first, but the active is machine 1.
-                    ctx.machines_built = 1;
-                    let standby = mode
-                        .build_first_standby(&mut ctx, &ram)
-                        .map_err(machine_err("create standby machine"))?;
-                    (Some(mode), Some(standby), active_console)
-                }
-                None => (None, None, console),
-            };
+            }
+            Some(resume) => {
+                let (mut mode, active_console) = mode::new(resume, &mut ctx, &ram, console)
+                    .map_err(machine_err("allocate standby RAM"))?;
+                // The standby is built first, but the active is machine 1.
+                ctx.machines_built = 1;
+                let standby = mode
+                    .build_first_standby(&mut ctx, &ram)
+                    .map_err(machine_err("create standby machine"))?;
+                (Some(mode), Some(standby), active_console)
+            }
+            None => (None, None, console),
+        };
         let active = match &from {
             StartFrom::TakenOver(taken) => {
                 taken.vm.set_serial_sink(active_console);

@@ -136,61 +136,133 @@ pub(crate) struct StandbyLink {
     deferred: u64,
 }
 
+/// Why no standby link could be made for a guest, with the console it was given.
+pub struct Unattached {
+    /// Why.
+    pub why: String,
+    /// The console, unused.
+    pub console: SerialSink,
+}
+
+impl Unattached {
+    fn new(why: impl Into<String>, console: SerialSink) -> Unattached {
+        Unattached {
+            why: why.into(),
+            console,
+        }
+    }
+}
+
+/// A console shared behind a lock, written through it.
+struct SharedConsole(Arc<Mutex<SerialSink>>);
+
+impl std::io::Write for SharedConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
 impl StandbyLink {
     /// Listens for a standby process of `ctx`'s guest; returns the link and the sink the
     /// active's console writes to. `unfinished` is the line the guest was printing when this
     /// process took it over, released with the rest of it.
     /// The guest's active lock (see [`ActiveLock`]) is `lock` when this process took the
     /// guest over holding it, else taken here: a guest whose lock another process holds is
-    /// refused, before it starts.
+    /// refused, before it starts. On an error, `lock` holds what it held before and the
+    /// console comes back with the reason.
     pub fn new(
         ctx: &Context,
         console: SerialSink,
         unfinished: Vec<u8>,
-        lock: Option<ActiveLock>,
-    ) -> Result<(StandbyLink, SerialSink), String> {
+        lock: &mut Option<ActiveLock>,
+    ) -> Result<(StandbyLink, SerialSink), Unattached> {
         let standby = ctx.config.standby.as_ref();
-        let config = standby
-            .and_then(|s| s.journal.clone())
-            .ok_or("no journal configured")?;
+        let Some(config) = standby.and_then(|s| s.journal.clone()) else {
+            return Err(Unattached::new("no journal configured", console));
+        };
         let interval = standby
             .and_then(|s| s.checkpoint_interval_ms)
             .map_or(Duration::from_millis(20), Duration::from_millis);
-        let lock = match lock {
-            Some(lock) => lock,
-            None => ActiveLock::try_take(&config.path)
-                .map_err(|e| format!("{}: {e}", ActiveLock::path(&config.path).display()))?
-                .ok_or_else(|| {
-                    format!(
+        let taken_here = lock.is_none();
+        let held_lock = match lock.take() {
+            Some(held) => held,
+            None => match ActiveLock::try_take(&config.path) {
+                Ok(Some(taken)) => taken,
+                Ok(None) => {
+                    let why = format!(
                         "another process runs this guest: it holds {}",
                         ActiveLock::path(&config.path).display()
-                    )
-                })?,
+                    );
+                    return Err(Unattached::new(why, console));
+                }
+                Err(err) => {
+                    let why = format!("{}: {err}", ActiveLock::path(&config.path).display());
+                    return Err(Unattached::new(why, console));
+                }
+            },
         };
-        let listener =
-            crate::control::bind_owner_only(&config.socket).map_err(|err| match err {
-                crate::control::ControlError::InUse(path) => format!(
-                    "attach socket {}: another understudy serves it (is the guest running twice?)",
-                    path.display()
-                ),
-                crate::control::ControlError::NotASocket(path) => format!(
-                    "attach socket {}: the path exists and is not a socket; refusing to replace it",
-                    path.display()
-                ),
-                other => other.to_string(),
-            })?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| format!("{}: {e}", config.socket.display()))?;
+        let give_back = |lock: &mut Option<ActiveLock>, held: ActiveLock| {
+            if !taken_here {
+                *lock = Some(held);
+            }
+        };
+        // Holding the lock proves no other process may run the guest: a socket still at the
+        // path is a dead predecessor's (its listener may outlive its lock while the process
+        // is torn down), and is replaced.
+        let listener = match crate::control::bind_owner_only_replacing(&config.socket).and_then(
+            |listener| {
+                listener
+                    .set_nonblocking(true)
+                    .map(|()| listener)
+                    .map_err(|source| crate::control::ControlError::Io {
+                        path: config.socket.clone(),
+                        step: "make non-blocking",
+                        source,
+                    })
+            },
+        ) {
+            Ok(listener) => listener,
+            Err(err) => {
+                give_back(lock, held_lock);
+                let why = match err {
+                    crate::control::ControlError::NotASocket(path) => format!(
+                        "attach socket {}: the path exists and is not a socket; refusing to replace it",
+                        path.display()
+                    ),
+                    other => other.to_string(),
+                };
+                return Err(Unattached::new(why, console));
+            }
+        };
         let held = HeldOutput::default();
         let console = Arc::new(Mutex::new(console));
         let remote = match &config.remote {
-            Some(remote) => Some(crate::remote::serve_active(
-                &ctx.config.name,
-                &config,
-                remote,
-                console.clone(),
-            )?),
+            Some(remote) => {
+                match crate::remote::serve_active(
+                    &ctx.config.name,
+                    &config,
+                    remote,
+                    console.clone(),
+                ) {
+                    Ok(side) => Some(side),
+                    Err(why) => {
+                        give_back(lock, held_lock);
+                        drop(listener);
+                        let _ = std::fs::remove_file(&config.socket);
+                        let console = match Arc::try_unwrap(console) {
+                            Ok(console) => console.into_inner().unwrap_or_else(|e| e.into_inner()),
+                            // The remote side kept a handle on it: what it is given now
+                            // reaches the same console through that handle.
+                            Err(shared) => Box::new(SharedConsole(shared)),
+                        };
+                        return Err(Unattached::new(why, console));
+                    }
+                }
+            }
             None => None,
         };
         let link = StandbyLink {
@@ -207,7 +279,7 @@ impl StandbyLink {
             pending: unfinished,
             closed: Vec::new(),
             owns_socket: true,
-            lock: Some(lock),
+            lock: Some(held_lock),
             identifier: 0,
             stats: EpochStats::default(),
             sessions: 0,
