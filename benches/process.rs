@@ -394,9 +394,9 @@ fn takeovers(rounds: usize) {
         let total = median(kill.clone());
         totals.push(total);
         println!(
-            "  {memory_mib:>5} MiB: kill to running {} ms; of it, the active lock coming free after \
-             the connection closed {} ms, and the standby's own part (journal drained, state \
-             loaded, guest resumed) {} ms",
+            "  {memory_mib:>5} MiB: kill to running {} ms; of it, the active lock coming to the \
+             standby after it noticed the active's death {} ms, and the standby's own part \
+             (journal drained, state loaded, guest resumed) {} ms",
             spread(kill, 2),
             spread(lock, 3),
             spread(own, 3)

@@ -447,7 +447,12 @@ fn fake_active(
     let socket = env.with_file_name("counter.journal.sock");
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket).unwrap();
+    // As a real active, it holds the guest's active lock while it runs the guest.
+    let lock = failover::link::ActiveLock::try_take(&journal)
+        .unwrap()
+        .expect("the guest's active lock is free");
     let server = std::thread::spawn(move || {
+        let _lock = lock;
         let (mut conn, _) = listener.accept().unwrap();
         let mut lines = Lines::default();
         let hello: Vec<ToActive> = lines.read(&mut conn).unwrap();

@@ -27,7 +27,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_core::{GuestRam, SerialSink, Vm, VmSnapshot};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::active_lock::{Taken, Waiter};
 use crate::config::{Environment, GuestConfig, JournalConfig};
 use crate::control::protocol::{
     CheckpointStatus, ErrorKind, GuestRole, GuestStatus, HeartbeatStatus, MachineState,
@@ -480,15 +482,55 @@ impl Session<'_> {
             guest: guest.clone(),
         };
         if send(conn, &hello).is_err() {
-            return self.after_close(pidfd, None, standby);
+            return self.after_close(pidfd, None, standby, None);
         }
         let mut lines = Lines::default();
         let mut journal: Option<Journal> = None;
         // When the active last said anything, and whether its silence was reported.
         let (mut heard, mut silence_said) = (Instant::now(), false);
+        // Once this standby could take over, it waits for the guest's active lock in the
+        // background: the lock comes free the moment the active's process starts to die
+        // (or hands the guest over), before that process is torn down.
+        let lock_free =
+            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| FollowError::Host(e.to_string()))?);
+        let mut waiter: Option<Waiter> = None;
+        let mut can_wait = true;
         loop {
+            if can_wait && waiter.is_none() && standby.committed.is_some() {
+                can_wait = false;
+                match ActiveLock::wait(&self.journal_config.path, lock_free.clone()) {
+                    Ok(started) => waiter = Some(started),
+                    Err(err) => {
+                        tracing::warn!(guest = %guest, %err, "cannot wait for the guest's active lock; a takeover waits for the active's connection to close")
+                    }
+                }
+            }
             let front = self.front.map(Front::wake_fd);
-            match wait(conn, pidfd, signals, front) {
+            let lock_fd = waiter.as_ref().map(|_| lock_free.as_raw_fd());
+            match wait(conn, pidfd, signals, front, lock_fd) {
+                Woken::LockFree => {
+                    let since = Instant::now();
+                    let _ = lock_free.read();
+                    match waiter.as_mut().and_then(|w| w.answer(Duration::ZERO)) {
+                        Some(Ok(lock)) => {
+                            match lock.how() {
+                                Taken::FromTheDead { pid } => {
+                                    tracing::info!(guest = %guest, pid, "the active's process is dying: the guest's active lock is this standby's")
+                                }
+                                Taken::Free => {
+                                    tracing::info!(guest = %guest, "the active let go of the guest's active lock")
+                                }
+                            }
+                            return self.gone(journal.as_ref(), standby, since, lock);
+                        }
+                        Some(Err(err)) => {
+                            tracing::warn!(guest = %guest, %err, "waiting for the guest's active lock failed; a takeover waits for the active's connection to close");
+                            waiter = None;
+                        }
+                        None => {}
+                    }
+                    continue;
+                }
                 Woken::Quiet => {
                     let quiet = heard.elapsed();
                     // A remote active's silence is the relay's to report.
@@ -521,8 +563,8 @@ impl Session<'_> {
                 }
                 Woken::ProcessGone => {
                     let since = Instant::now();
-                    return match ActiveLock::take_within(&self.journal_config.path, EXIT_PATIENCE) {
-                        Ok(Some(lock)) => self.gone(journal.as_ref(), standby, since, lock),
+                    return match take_lock(&mut waiter, &self.journal_config.path) {
+                        Some(lock) => self.gone(journal.as_ref(), standby, since, lock),
                         _ => {
                             tracing::warn!(guest = %guest, "the active's process exited, but another holds the guest's active lock: not taking over");
                             Ok(SessionEnd::Reconnect)
@@ -545,7 +587,7 @@ impl Session<'_> {
                     messages
                 }
                 Err(LinkError::Closed | LinkError::Io(_)) => {
-                    return self.after_close(pidfd, journal.as_ref(), standby)
+                    return self.after_close(pidfd, journal.as_ref(), standby, waiter)
                 }
                 Err(LinkError::Garbled(why)) => {
                     return Err(FollowError::Refused(format!(
@@ -618,9 +660,7 @@ impl Session<'_> {
                         // the guest's active lock before it said so.
                         tracing::warn!(guest = %guest, %why, "the active failed and handed the guest over");
                         let since = Instant::now();
-                        let lock = ActiveLock::take_within(&self.journal_config.path, EXIT_PATIENCE)
-                            .ok()
-                            .flatten()
+                        let lock = take_lock(&mut waiter, &self.journal_config.path)
                             .ok_or_else(|| {
                                 FollowError::Refused(format!(
                                     "guest {guest}: told to take over, but the guest's active lock is still held: not taking over"
@@ -712,10 +752,10 @@ impl Session<'_> {
         pidfd: &OwnedFd,
         journal: Option<&Journal>,
         standby: &mut Standby,
+        mut waiter: Option<Waiter>,
     ) -> Result<SessionEnd, FollowError> {
         let closed = Instant::now();
-        let taken = ActiveLock::take_within(&self.journal_config.path, EXIT_PATIENCE);
-        if let Ok(Some(lock)) = taken {
+        if let Some(lock) = take_lock(&mut waiter, &self.journal_config.path) {
             tracing::debug!(guest = %self.config.name, waited_us = closed.elapsed().as_micros() as u64, exited = wait_exit(pidfd, Duration::ZERO), "the connection closed and the active lock came free");
             return self.gone(journal, standby, closed, lock);
         }
@@ -832,8 +872,21 @@ fn take_over(
         .map_err(|e| FollowError::Host(e.to_string()))
 }
 
+/// The guest's active lock, from the waiter if this standby has one, else taken here; at
+/// most [`EXIT_PATIENCE`] later.
+fn take_lock(waiter: &mut Option<Waiter>, journal: &std::path::Path) -> Option<ActiveLock> {
+    match waiter {
+        Some(waiter) => waiter.answer(EXIT_PATIENCE).and_then(Result::ok),
+        None => ActiveLock::take_within(journal, EXIT_PATIENCE)
+            .ok()
+            .flatten(),
+    }
+}
+
 enum Woken {
     Connection,
+    /// The guest's active lock was taken (or waiting for it failed).
+    LockFree,
     ProcessGone,
     Signal,
     Control,
@@ -854,6 +907,7 @@ fn wait(
     pidfd: &OwnedFd,
     signals: Option<&std::fs::File>,
     control: Option<libc::c_int>,
+    lock_free: Option<libc::c_int>,
 ) -> Woken {
     let mut fds = [
         libc::pollfd {
@@ -876,11 +930,22 @@ fn wait(
             events: libc::POLLIN,
             revents: 0,
         },
+        libc::pollfd {
+            fd: lock_free.unwrap_or(-1),
+            events: libc::POLLIN,
+            revents: 0,
+        },
     ];
     loop {
-        // SAFETY: `fds` is a valid array of four pollfds for the duration of the call (a
-        // negative descriptor is ignored).
-        let ret = unsafe { libc::poll(fds.as_mut_ptr(), 4, POLL_QUIET.as_millis() as libc::c_int) };
+        // SAFETY: `fds` is a valid array of pollfds for the duration of the call (a negative
+        // descriptor is ignored).
+        let ret = unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                POLL_QUIET.as_millis() as libc::c_int,
+            )
+        };
         if ret < 0 {
             if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
@@ -889,6 +954,9 @@ fn wait(
         }
         if ret == 0 {
             return Woken::Quiet;
+        }
+        if fds[4].revents != 0 {
+            return Woken::LockFree;
         }
         if fds[0].revents != 0 {
             return Woken::ProcessGone;

@@ -26,6 +26,7 @@ macro_rules! lifecycle {
     };
 }
 
+pub mod active_lock;
 pub mod background;
 pub mod checkpoint;
 pub mod config;

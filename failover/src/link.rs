@@ -104,65 +104,7 @@ pub enum ToStandby {
     Boot {},
 }
 
-/// The guest's *active lock*: an exclusive `flock` on the journal's path plus `.lock`.
-/// Whoever holds it may run the guest, and nobody else: the active takes it before its guest
-/// starts, a standby before it resumes the guest. It is released only with its process's
-/// descriptor table (the process has died, and every thread of it is past the point of
-/// running anything) or once the holder's machine is fenced for good (a handover) or the
-/// guest has ended.
-#[derive(Debug)]
-pub struct ActiveLock {
-    /// The locked file: the lock lives as long as it is open.
-    _held: std::fs::File,
-}
-
-impl ActiveLock {
-    /// Where the lock of the journal at `journal` is.
-    pub fn path(journal: &std::path::Path) -> PathBuf {
-        let mut path = journal.as_os_str().to_owned();
-        path.push(".lock");
-        PathBuf::from(path)
-    }
-
-    /// Takes the lock of the journal at `journal`, if nobody holds it.
-    pub fn try_take(journal: &std::path::Path) -> std::io::Result<Option<ActiveLock>> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(ActiveLock::path(journal))?;
-        // SAFETY: flock on a descriptor this function owns; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(Some(ActiveLock { _held: file }));
-        }
-        let err = std::io::Error::last_os_error();
-        if err.kind() == std::io::ErrorKind::WouldBlock {
-            return Ok(None);
-        }
-        Err(err)
-    }
-
-    /// Takes the lock, trying every 100 µs for at most `patience`.
-    pub fn take_within(
-        journal: &std::path::Path,
-        patience: std::time::Duration,
-    ) -> std::io::Result<Option<ActiveLock>> {
-        let deadline = std::time::Instant::now() + patience;
-        loop {
-            if let Some(lock) = ActiveLock::try_take(journal)? {
-                return Ok(Some(lock));
-            }
-            if std::time::Instant::now() >= deadline {
-                return Ok(None);
-            }
-            std::thread::sleep(std::time::Duration::from_micros(100));
-        }
-    }
-}
+pub use crate::active_lock::ActiveLock;
 
 /// The longest line either side accepts.
 const MAX_LINE: usize = 64 << 10;
@@ -284,23 +226,6 @@ pub fn peer_pid(stream: &UnixStream) -> std::io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_active_lock_has_one_holder_and_is_free_once_dropped() {
-        let dir = std::env::temp_dir().join(format!("understudy-lock-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let journal = dir.join("g.journal");
-        let held = ActiveLock::try_take(&journal)
-            .unwrap()
-            .expect("free at first");
-        assert!(ActiveLock::try_take(&journal).unwrap().is_none());
-        let patience = std::time::Duration::from_millis(5);
-        assert!(ActiveLock::take_within(&journal, patience)
-            .unwrap()
-            .is_none());
-        drop(held);
-        assert!(ActiveLock::try_take(&journal).unwrap().is_some());
-    }
 
     #[test]
     fn messages_read_back_as_sent_and_garbage_is_an_error() {
