@@ -33,55 +33,12 @@ struct GuestCluster {
     binary: PathBuf,
 }
 
-/// The crmsh configuration the test loads: docs/cluster.md's, with this machine's paths and
-/// shorter monitor intervals.
-fn crm_configuration(binary: &str) -> String {
-    format!(
-        "property stonith-enabled=true no-quorum-policy=stop dc-deadtime=2s\n\
-         primitive fence-switch stonith:fence_understudy_switch \\\n\
-         \tparams pcmk_host_list=\"pcmk1 pcmk2 pcmk3\" pcmk_host_check=static-list \\\n\
-         \top monitor interval=60s\n\
-         primitive guest ocf:understudy:understudy \\\n\
-         \tparams config=/run/understudy/counter.toml guest=counter binary={binary} \\\n\
-         \tlog=/run/understudy/counter.log peer_node=\"pcmk1 pcmk2\" \\\n\
-         \top start timeout=30s op stop timeout=30s op promote timeout=30s \\\n\
-         \top demote timeout=60s \\\n\
-         \top monitor interval=3s role=Unpromoted timeout=20s \\\n\
-         \top monitor interval=2s role=Promoted timeout=20s\n\
-         clone guest-clone guest \\\n\
-         \tmeta promotable=true promoted-max=1 promoted-node-max=1 clone-max=2 clone-node-max=1\n\
-         location guest-not-on-pcmk3 guest-clone -inf: pcmk3\n"
-    )
-}
-
 impl GuestCluster {
     fn new() -> GuestCluster {
         require_kvm();
         let cluster = Cluster::new("guest", 3, &[("dc-deadtime", "2s")]);
-        for k in GUEST_NODES {
-            let peer = 3 - k;
-            let env = format!(
-                "[[guest]]\nname = \"counter\"\nkernel = \"{}/counter\"\nmemory_mib = 64\n\
-                 cmdline = \"interval_ms=20 stop_after=100000000\"\ncrash_dump = false\n\
-                 [guest.standby]\nresume = \"checkpoint\"\nprocess = \"remote\"\n\
-                 listen = \"10.99.0.{k}:7770\"\npeer = \"10.99.0.{peer}:7770\"\n",
-                env!("UNDERSTUDY_KERNELS"),
-            );
-            std::fs::write(cluster.node_dir(k).join("understudy/counter.toml"), env).unwrap();
-        }
         let binary = PathBuf::from(env!("CARGO_BIN_EXE_understudy"));
-        let crm = cluster.node_dir(1).join("understudy/cluster.crm");
-        std::fs::write(&crm, crm_configuration(binary.to_str().unwrap())).unwrap();
-        cluster.must(
-            1,
-            &[
-                "crm",
-                "configure",
-                "load",
-                "update",
-                "/run/understudy/cluster.crm",
-            ],
-        );
+        cluster.configure_guest(&binary, "interval_ms=20 stop_after=100000000");
         GuestCluster { cluster, binary }
     }
 

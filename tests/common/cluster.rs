@@ -6,7 +6,8 @@
 //! dropped, on every path including a panic; a cluster left behind by a test process that
 //! was itself killed is removed by the next one made. Needs root and Debian's `pacemaker`,
 //! `corosync`, `pacemaker-cli-utils`, `resource-agents` and `crmsh` (`.ci/run` installs
-//! them).
+//! them). With `UNDERSTUDY_KEEP_CLUSTER` set, the nodes' files (logs, CIB, the guest's
+//! console) are kept after the teardown, as they are after a failure.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -298,6 +299,56 @@ impl Cluster {
         }
     }
 
+    /// Loads `configuration` (crmsh's syntax) into the cluster's CIB.
+    pub fn load_crm(&self, name: &str, configuration: &str) {
+        let file = format!("{name}.crm");
+        std::fs::write(
+            self.node_dir(1).join("understudy").join(&file),
+            configuration,
+        )
+        .unwrap();
+        let seen = format!("/run/understudy/{file}");
+        self.must(1, &["crm", "configure", "load", "update", &seen]);
+    }
+
+    /// Configures the guest `counter` (the counting test kernel, 64 MiB, booted with
+    /// `cmdline`) as docs/cluster.md does, on nodes `pcmk1` and `pcmk2` (never on a third):
+    /// each node's environment file at `/run/understudy/counter.toml`, the OCF agent running
+    /// `binary`, its log at `/run/understudy/counter.log`, fencing by the power switch.
+    pub fn configure_guest(&self, binary: &Path, cmdline: &str) {
+        for k in [1, 2] {
+            let peer = 3 - k;
+            let env = format!(
+                "[[guest]]\nname = \"counter\"\nkernel = \"{}/counter\"\nmemory_mib = 64\n\
+                 cmdline = \"{cmdline}\"\ncrash_dump = false\n\
+                 [guest.standby]\nresume = \"checkpoint\"\nprocess = \"remote\"\n\
+                 listen = \"10.99.0.{k}:7770\"\npeer = \"10.99.0.{peer}:7770\"\n",
+                env!("UNDERSTUDY_KERNELS"),
+            );
+            std::fs::write(self.node_dir(k).join("understudy/counter.toml"), env).unwrap();
+        }
+        let binary = binary.display();
+        // docs/cluster.md's configuration, with this machine's paths and shorter monitors.
+        let configuration = format!(
+            "property stonith-enabled=true no-quorum-policy=stop\n\
+             primitive fence-switch stonith:fence_understudy_switch \\\n\
+             \tparams pcmk_host_list=\"pcmk1 pcmk2 pcmk3\" pcmk_host_check=static-list \\\n\
+             \top monitor interval=60s\n\
+             primitive guest ocf:understudy:understudy \\\n\
+             \tparams config=/run/understudy/counter.toml guest=counter binary={binary} \\\n\
+             \tlog=/run/understudy/counter.log peer_node=\"pcmk1 pcmk2\" \\\n\
+             \top start timeout=30s op stop timeout=30s op promote timeout=30s \\\n\
+             \top demote timeout=60s \\\n\
+             \top monitor interval=3s role=Unpromoted timeout=20s \\\n\
+             \top monitor interval=2s role=Promoted timeout=20s\n\
+             clone guest-clone guest \\\n\
+             \tmeta promotable=true promoted-max=1 promoted-node-max=1 clone-max=2 \
+             clone-node-max=1\n\
+             location guest-not-on-pcmk3 guest-clone -inf: pcmk3\n"
+        );
+        self.load_crm("guest", &configuration);
+    }
+
     /// Whether any node's Pacemaker log has `text`.
     pub fn logs_contain(&self, text: &str) -> bool {
         (1..=self.nodes).any(|k| {
@@ -346,7 +397,7 @@ impl Drop for Cluster {
             .arg("destroy")
             .arg(&self.dir)
             .output();
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("UNDERSTUDY_KEEP_CLUSTER").is_some() {
             eprintln!("the cluster's files are kept in {}", self.dir.display());
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
