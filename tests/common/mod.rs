@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod cluster;
+pub mod cluster_guest;
 pub mod netns;
 pub mod process;
 pub mod running;

@@ -16,14 +16,11 @@
 
 use std::os::fd::AsRawFd;
 
-use userfaultfd::{Event, FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::uffd::{UffdMsg, Userfaultfd, FEATURE_PAGEFAULT_FLAG_WP, FEATURE_WP_SHMEM};
 use super::GuestRam;
 use crate::layout::PAGE_SIZE;
-
-/// `UFFD_FEATURE_WP_HUGETLBFS_SHMEM`: write-protect on shared memory (the crate predates it).
-const FEATURE_WP_SHMEM: u64 = 1 << 12;
 
 /// A write trap could not be set up or served.
 #[derive(Debug, thiserror::Error)]
@@ -31,33 +28,23 @@ pub enum TrapError {
     /// This host's userfaultfd lacks write-protect for shared memory, or this process may not
     /// create one that sees faults taken inside the kernel (KVM's).
     #[error("userfaultfd write-protect for shared memory is not available: {0}")]
-    Unavailable(userfaultfd::Error),
+    Unavailable(#[source] std::io::Error),
     /// The mapping could not be registered or write-protected.
-    #[error("cannot {step} guest RAM: {}", describe(source))]
+    #[error("cannot {step} guest RAM: {source}")]
     Protect {
         /// What was being done.
         step: &'static str,
-        /// What userfaultfd said.
-        source: userfaultfd::Error,
+        /// What the kernel said.
+        source: std::io::Error,
     },
     /// The stop eventfd could not be created or polled.
     #[error("write trap: {0}")]
     Io(std::io::Error),
 }
 
-/// userfaultfd's error with the OS error behind it, which its own message leaves out.
-fn describe(err: &userfaultfd::Error) -> String {
-    match err {
-        userfaultfd::Error::SystemError(errno) => {
-            std::io::Error::from_raw_os_error(*errno as i32).to_string()
-        }
-        other => other.to_string(),
-    }
-}
-
 /// A write-protected mapping of guest RAM and the means to let its writes through.
 pub struct WriteTrap {
-    uffd: Uffd,
+    uffd: Userfaultfd,
     /// Each region of the trapped mapping: (memfd offset, length, host address).
     regions: Vec<(u64, u64, u64)>,
     stop: EventFd,
@@ -67,15 +54,8 @@ impl WriteTrap {
     /// Write-protects all of `view`, a mapping no vCPU runs on yet (see
     /// [`GuestRam::view`]). Costs time in proportion to the mapping's size.
     pub fn arm(view: &GuestRam) -> Result<WriteTrap, TrapError> {
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            // KVM takes a vCPU's faults inside the kernel.
-            .user_mode_only(false)
-            .require_features(
-                FeatureFlags::PAGEFAULT_FLAG_WP | FeatureFlags::from_bits_retain(FEATURE_WP_SHMEM),
-            )
-            .create()
+        // The userfaultfd sees faults taken inside the kernel: KVM takes a vCPU's there.
+        let uffd = Userfaultfd::open(FEATURE_PAGEFAULT_FLAG_WP | FEATURE_WP_SHMEM)
             .map_err(TrapError::Unavailable)?;
         let mut regions = Vec::new();
         let mut offset = 0;
@@ -85,9 +65,9 @@ impl WriteTrap {
         }
         for &(_, len, host) in &regions {
             let protect = |step, source| TrapError::Protect { step, source };
-            uffd.register_with_mode(host as *mut _, len as usize, RegisterMode::WRITE_PROTECT)
+            uffd.register_write_protect(host, len)
                 .map_err(|e| protect("register", e))?;
-            uffd.write_protect(host as *mut _, len as usize)
+            uffd.write_protect(host, len)
                 .map_err(|e| protect("write-protect", e))?;
         }
         Ok(WriteTrap {
@@ -108,7 +88,7 @@ impl WriteTrap {
     ) -> Result<u64, TrapError> {
         let block = block.max(PAGE_SIZE).next_power_of_two();
         let mut held = 0;
-        let mut events = userfaultfd::EventBuffer::new(64);
+        let mut events = [UffdMsg::default(); 64];
         loop {
             let mut fds = [
                 libc::pollfd {
@@ -134,19 +114,13 @@ impl WriteTrap {
             if fds[1].revents != 0 {
                 return Ok(held);
             }
-            let read = self
-                .uffd
-                .read_events(&mut events)
-                .map_err(|source| TrapError::Protect {
-                    step: "read write faults on",
-                    source,
-                })?;
-            let mut faults = Vec::new();
-            for event in read {
-                if let Ok(Event::Pagefault { addr, .. }) = event {
-                    faults.push(addr as u64);
-                }
-            }
+            let faults =
+                self.uffd
+                    .read_faults(&mut events)
+                    .map_err(|source| TrapError::Protect {
+                        step: "read write faults on",
+                        source,
+                    })?;
             for addr in faults {
                 let Some((offset, len, host)) = self.block_around(addr, block) else {
                     continue;
@@ -171,10 +145,8 @@ impl WriteTrap {
             match self.let_through(host, len) {
                 Ok(()) => {}
                 // The mapping is gone already (its machine was torn down): nothing to lift.
-                Err(TrapError::Protect {
-                    source: userfaultfd::Error::SystemError(errno),
-                    ..
-                }) if errno as i32 == libc::ENOENT => {}
+                Err(TrapError::Protect { source, .. })
+                    if source.raw_os_error() == Some(libc::ENOENT) => {}
                 Err(err) => return Err(err),
             }
         }
@@ -196,14 +168,9 @@ impl WriteTrap {
         // The kernel answers EAGAIN while the address space is being changed; it passes.
         let mut tries = 0;
         loop {
-            match self
-                .uffd
-                .remove_write_protection(host as *mut _, len as usize, true)
-            {
+            match self.uffd.remove_write_protection(host, len) {
                 Ok(()) => return Ok(()),
-                Err(userfaultfd::Error::SystemError(errno))
-                    if errno as i32 == libc::EAGAIN && tries < 1000 =>
-                {
+                Err(err) if err.raw_os_error() == Some(libc::EAGAIN) && tries < 1000 => {
                     tries += 1;
                     std::thread::yield_now();
                 }
