@@ -150,6 +150,88 @@ fn the_guest_survives_twenty_kills_soon_after_each_arming() {
     assert!(!all.contains("panicked"), "{all}");
 }
 
+/// The crash-loop guard sees every failure of a guest whose standby is a process of its
+/// own, across the processes that run it in turn: with `max_failovers = 2`, the first two
+/// deaths of the process running the guest are taken over, and the third brings the guest
+/// down (exit status 3) instead of being taken over once more.
+#[test]
+fn the_crash_loop_guard_counts_takeovers_across_standby_processes() {
+    require_kvm();
+    let dir = std::env::temp_dir().join(format!(
+        "understudy-test-{}-process-crash-loop",
+        std::process::id()
+    ));
+    let env = env_file(
+        "process-crash-loop",
+        &format!(
+            "[[guest]]\nname = \"counter\"\nkernel = \"KERNELS/counter\"\nmemory_mib = 64\n\
+             cmdline = \"interval_ms=10 stop_after=100000\"\ncrash_dump = false\n\
+             [guest.standby]\nresume = \"checkpoint\"\nprocess = \"separate\"\n\
+             max_failovers = 2\nfailover_window_s = 600\njournal = \"{}\"\n",
+            dir.join("counter.journal").display()
+        ),
+    );
+    let mut processes = vec![Process::active(&env), Process::standby(&env, 1)];
+    for kill in 0..2 {
+        let (active, standby) = (processes.len() - 2, processes.len() - 1);
+        processes[active].wait_log("failover armed", 1);
+        processes[active].kill();
+        processes[standby].wait_log("event=\"taken-over\"", 1);
+        processes.push(Process::standby(&env, kill + 2));
+    }
+    let (active, standby) = (processes.len() - 2, processes.len() - 1);
+    processes[active].wait_log("failover armed", 1);
+    processes[active].kill();
+    let status = processes[standby].wait();
+    let all = logs(&processes);
+    assert_eq!(status.code(), Some(3), "{all}");
+    let last = processes[standby].log.text();
+    assert!(last.contains("event=\"guest-down\""), "{all}");
+    assert!(last.contains("more than 2 failovers within 600 s"), "{all}");
+    assert!(!last.contains("event=\"taken-over\""), "{all}");
+    assert_eq!(all.matches("event=\"taken-over\"").count(), 2, "{all}");
+    // What ran, ran once: the consoles of the processes that ran the guest, in order.
+    let mut counts = Vec::new();
+    for process in &processes {
+        counts.extend(numbers_after(&process.console.text(), "count "));
+    }
+    let ran = counts.len() as u64;
+    assert_eq!(counts, (0..ran).collect::<Vec<_>>(), "{all}");
+}
+
+/// A new standby started while the one before it is taking the guest over (the moment the
+/// active is killed) either follows the new active or waits for it; it never takes the guest
+/// from the process that just took it over, and the guest runs on once.
+#[test]
+fn a_standby_started_during_a_takeover_follows_the_new_active() {
+    require_kvm();
+    const LAST: u64 = 600;
+    let env = separate_env("process-standby-mid-takeover", 64, LAST);
+    let mut first = Process::active(&env);
+    let mut second = Process::standby(&env, 1);
+    first.wait_log("failover armed", 1);
+    std::thread::sleep(Duration::from_millis(100));
+    // Killed and, in the same instant, a third process starts: it meets the attach socket
+    // of a dying process, then the one the second binds as it takes the guest over.
+    let _ = first.child.kill();
+    let mut third = Process::standby(&env, 2);
+    first.wait();
+    second.wait_log("event=\"taken-over\"", 1);
+    second.wait_log("failover armed", 1);
+    let status = second.wait();
+    let third_status = third.wait();
+    let processes = [first, second, third];
+    let all = logs(&processes);
+    assert_eq!(status.code(), Some(1), "{all}");
+    assert_eq!(third_status.code(), Some(1), "{all}");
+    assert_eq!(all.matches("event=\"taken-over\"").count(), 1, "{all}");
+    let mut counts = Vec::new();
+    for process in &processes {
+        counts.extend(numbers_after(&process.console.text(), "count "));
+    }
+    assert_eq!(counts, (0..=LAST).collect::<Vec<_>>(), "{all}");
+}
+
 /// A guest of the size users run, writing 256 MiB/s: the journal carries it, and a takeover
 /// after SIGKILL resumes it with its console exactly once.
 #[test]
@@ -531,6 +613,7 @@ fn announce(conn: &mut std::os::unix::net::UnixStream, journal: &Path, identifie
         identifier,
         path: journal.to_owned(),
         pid: std::process::id(),
+        failovers: Vec::new(),
     };
     failover::link::send(conn, &message).unwrap();
 }

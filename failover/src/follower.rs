@@ -36,6 +36,7 @@ use crate::control::protocol::{
     MachineStatus, PromoteDone, Request, Role, RunState, StandbyProcessStatus, Status,
 };
 use crate::control::{ControlSocket, PendingRequest, Reply, RequestQueue, Serving};
+use crate::guest::policy::CrashLoopGuard;
 use crate::guest::{GuestEnd, TakenOver};
 use crate::journal::{Journal, ReadRecord};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
@@ -399,6 +400,7 @@ pub fn follow(
             active_pid,
             identifier: None,
             applied: 0,
+            failovers: Vec::new(),
         };
         match session.run(&mut conn, &pidfd, signals.as_ref(), &mut standby)? {
             SessionEnd::Ended(end) => {
@@ -410,8 +412,26 @@ pub fn follow(
                 since,
                 lock,
                 lock_wait,
+                failovers,
             } => {
-                let from = (since, active_pid, lock, lock_wait);
+                // The takeover is a failover like any other: the crash-loop guard counts it,
+                // carrying on from what the active counted.
+                let (max, window) = config
+                    .standby
+                    .as_ref()
+                    .map_or((0, 0), |s| (s.max_failovers, s.failover_window_s));
+                let now = Instant::now();
+                let mut guard =
+                    CrashLoopGuard::with_recent(max, Duration::from_secs(window), &failovers, now);
+                if let Some(why) = guard.would_trip(now) {
+                    let reason = format!("the active's process is gone: {why}");
+                    lifecycle!(error, "guest-down", guest = %config.name, %reason, "guest down: not taken over");
+                    drop(lock);
+                    return Ok(Followed::Ended(GuestEnd::Down { reason }));
+                }
+                guard.record(now);
+                let failovers = guard.recent_unix_ms(now);
+                let from = (since, active_pid, lock, lock_wait, failovers);
                 if let Some(front) = front {
                     control.socket = Some(front.hand_on()?);
                 }
@@ -449,6 +469,8 @@ enum SessionEnd {
         lock: ActiveLock,
         /// How long the lock took to come free after `since`.
         lock_wait: Duration,
+        /// What the active's crash-loop guard counted.
+        failovers: Vec<u64>,
     },
     /// The active's process lives on but this session is over.
     Reconnect,
@@ -466,6 +488,8 @@ struct Session<'a> {
     identifier: Option<u64>,
     /// Records applied.
     applied: u64,
+    /// What the active's crash-loop guard counted when this session began.
+    failovers: Vec<u64>,
 }
 
 impl Session<'_> {
@@ -601,7 +625,9 @@ impl Session<'_> {
                         identifier,
                         path,
                         pid,
+                        failovers,
                     } => {
+                        self.failovers = failovers;
                         if journal.is_some() {
                             tracing::warn!(guest = %guest, identifier, "the active started a new journal: what was loaded is dropped");
                             standby.committed = None;
@@ -800,6 +826,7 @@ impl Session<'_> {
             since,
             lock,
             lock_wait,
+            failovers: std::mem::take(&mut self.failovers),
         })
     }
 }
@@ -841,7 +868,7 @@ fn take_over(
     env: &Environment,
     config: &GuestConfig,
     standby: Standby,
-    (since, from_pid, lock, lock_wait): (Instant, u32, ActiveLock, Duration),
+    (since, from_pid, lock, lock_wait, failovers): (Instant, u32, ActiveLock, Duration, Vec<u64>),
     control: ControlOptions,
     signals: Option<std::fs::File>,
 ) -> Result<Vec<GuestOutcome>, FollowError> {
@@ -867,6 +894,7 @@ fn take_over(
         // Released with the rest of the line, by the guest's console here.
         unfinished_line: tail,
         lock: Some(lock),
+        failovers,
     };
     crate::supervisor::run_taken_over(&single, taken, control, signals)
         .map_err(|e| FollowError::Host(e.to_string()))

@@ -68,6 +68,11 @@ pub enum ToStandby {
         path: PathBuf,
         /// The active's process.
         pid: u32,
+        /// When the guest failed over or restarted recently, in milliseconds since the Unix
+        /// epoch, as the active's crash-loop guard counts them: a standby that takes the
+        /// guest over carries on counting from these.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        failovers: Vec<u64>,
     },
     /// The batch (a full image) of epoch `seq` is in the journal.
     Batch {

@@ -654,6 +654,7 @@ impl ActiveSide {
                         identifier,
                         path,
                         pid,
+                        ..
                     } => {
                         let opened =
                             Arc::new(Journal::open(&path, identifier).map_err(|e| err(&e))?);
@@ -1232,6 +1233,7 @@ impl Relay {
                         identifier,
                         path: self.journal.path.clone(),
                         pid,
+                        failovers: Vec::new(),
                     })
                 }
                 ToRemote::Bytes { offset, len } => {

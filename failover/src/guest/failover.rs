@@ -46,7 +46,21 @@ impl Guest {
         };
         let detected = Instant::now();
         if self.link.as_ref().is_some_and(|l| l.armed()) {
-            return self.hand_over(failure);
+            // A standby process is ready: the same policy as for a standby in this process,
+            // and the crash-loop guard counts the handover (the standby carries the count on).
+            let cover = Cover::Standby {
+                resume: crate::config::ResumeFrom::Checkpoint,
+                ready: Readiness::Ready,
+            };
+            return match policy::decide(&failure, cover, &mut self.guard, detected) {
+                Decision::FailOver => self.hand_over(failure),
+                Decision::Restart => self.restart(failure.to_string()),
+                Decision::Down(reason) => {
+                    self.begin_failure_record(&failure);
+                    lifecycle!(error, "failure-detected", guest = %self.ctx.config.name, phase = "detect", failure = %failure, reason = failure.reason(), armed = true, "active failed");
+                    self.bring_down(reason)
+                }
+            };
         }
         let cover = match &self.mode {
             None => Cover::Unprotected(self.ctx.config.on_failure),
@@ -72,7 +86,11 @@ impl Guest {
             armed = matches!(cover, Cover::Standby { ready: Readiness::Ready, .. }),
             "active failed"
         );
-        match policy::decide(&failure, cover, &mut self.guard, detected) {
+        let decision = policy::decide(&failure, cover, &mut self.guard, detected);
+        if let Some(link) = self.link.as_mut() {
+            link.note_failovers(self.guard.recent_unix_ms(Instant::now()));
+        }
+        match decision {
             Decision::FailOver => self.fail_over(failure, detected),
             Decision::Restart => self.restart(failure.to_string()),
             Decision::Down(reason) => self.bring_down(reason),

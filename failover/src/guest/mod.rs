@@ -92,6 +92,9 @@ pub struct TakenOver {
     pub unfinished_line: Vec<u8>,
     /// The guest's active lock, taken before the guest is resumed here.
     pub lock: Option<crate::link::ActiveLock>,
+    /// When the guest failed over or restarted recently (this takeover included), in
+    /// milliseconds since the Unix epoch: the crash-loop guard carries on from these.
+    pub failovers: Vec<u64>,
 }
 
 impl std::fmt::Debug for TakenOver {
@@ -147,10 +150,17 @@ impl Guest {
             source,
         })?;
         let window = |s| Duration::from_secs(s);
+        let carried = match &from {
+            StartFrom::TakenOver(taken) => taken.failovers.clone(),
+            _ => Vec::new(),
+        };
         let guard = match &config.standby {
-            Some(standby) => {
-                CrashLoopGuard::new(standby.max_failovers, window(standby.failover_window_s))
-            }
+            Some(standby) => CrashLoopGuard::with_recent(
+                standby.max_failovers,
+                window(standby.failover_window_s),
+                &carried,
+                Instant::now(),
+            ),
             None => CrashLoopGuard::new(config.max_restarts, window(config.restart_window_s)),
         };
         let mut ctx = Context {
@@ -325,6 +335,9 @@ impl Guest {
             (Some(mode), Some(standby)) => mode.sync(&mut ctx, &active, standby),
             _ => Protection::Unprotected,
         };
+        if let Some(link) = link.as_mut() {
+            link.note_failovers(guard.recent_unix_ms(Instant::now()));
+        }
         let mut guest = Guest {
             ctx,
             state: State::Running(Running {

@@ -43,6 +43,41 @@ impl CrashLoopGuard {
         self.recent.push_back(now);
     }
 
+    /// The events it counts, as milliseconds since the Unix epoch: what another process of
+    /// the guest carries on counting from (see [`CrashLoopGuard::with_recent`]).
+    pub fn recent_unix_ms(&self, now: Instant) -> Vec<u64> {
+        let now_unix = unix_ms_now();
+        self.recent
+            .iter()
+            .map(|t| now_unix.saturating_sub(now.saturating_duration_since(*t).as_millis() as u64))
+            .collect()
+    }
+
+    /// A guard that already counts the events at `recent` (milliseconds since the Unix
+    /// epoch), as another process of the guest counted them; those older than `window`, or
+    /// in the future, are left out.
+    pub fn with_recent(max: u32, window: Duration, recent: &[u64], now: Instant) -> Self {
+        let now_unix = unix_ms_now();
+        let mut guard = CrashLoopGuard::new(max, window);
+        let mut ages: Vec<Duration> = recent
+            .iter()
+            .filter(|t| **t <= now_unix)
+            .map(|t| Duration::from_millis(now_unix - t))
+            .filter(|age| *age <= window)
+            .collect();
+        ages.sort_unstable_by(|a, b| b.cmp(a));
+        guard
+            .recent
+            .extend(ages.into_iter().filter_map(|age| now.checked_sub(age)));
+        guard
+    }
+
+    /// Whether one more event at `now` would be over the limit: what a process taking the
+    /// guest over asks before it counts the takeover.
+    pub fn would_trip(&mut self, now: Instant) -> Option<String> {
+        (!self.allows(now)).then(|| self.describe("failovers"))
+    }
+
     fn describe(&self, what: &str) -> String {
         format!(
             "crash loop, more than {} {what} within {} s",
@@ -50,6 +85,12 @@ impl CrashLoopGuard {
             self.window.as_secs()
         )
     }
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// How the guest stands when its active fails.
@@ -257,5 +298,30 @@ mod tests {
             matches!(&third, Decision::Down(w) if w.contains("more than 2 restarts")),
             "{third:?}"
         );
+    }
+
+    #[test]
+    fn a_guard_carried_to_another_process_counts_what_the_first_counted() {
+        let t0 = Instant::now() + 120 * S;
+        let mut first = CrashLoopGuard::new(2, 60 * S);
+        let armed = armed(ResumeFrom::Checkpoint);
+        assert_eq!(decide(&killed(), armed, &mut first, t0), Decision::FailOver);
+        assert_eq!(
+            decide(&killed(), armed, &mut first, t0 + S),
+            Decision::FailOver
+        );
+        let carried = first.recent_unix_ms(t0 + S);
+        assert_eq!(carried.len(), 2);
+        let mut second = CrashLoopGuard::with_recent(2, 60 * S, &carried, t0 + S);
+        assert!(
+            second.would_trip(t0 + 2 * S).is_some(),
+            "a third within the window"
+        );
+        // Out of the window, the carried ones no longer count.
+        assert!(second.would_trip(t0 + 70 * S).is_none());
+        // Times from another clock's future, or older than the window, are left out.
+        let odd = [u64::MAX, 0];
+        let mut third = CrashLoopGuard::with_recent(1, 60 * S, &odd, t0);
+        assert!(third.would_trip(t0).is_none());
     }
 }

@@ -134,6 +134,8 @@ pub(crate) struct StandbyLink {
     sessions: u64,
     /// Epochs deferred because the journal had no room.
     deferred: u64,
+    /// What the guest's crash-loop guard counts, told to each standby that attaches.
+    failovers: Vec<u64>,
 }
 
 /// Why no standby link could be made for a guest, with the console it was given.
@@ -284,8 +286,15 @@ impl StandbyLink {
             stats: EpochStats::default(),
             sessions: 0,
             deferred: 0,
+            failovers: Vec::new(),
         };
         Ok((link, Box::new(held)))
+    }
+
+    /// What the guest's crash-loop guard counts now (milliseconds since the Unix epoch),
+    /// for the standbys that attach from now on.
+    pub fn note_failovers(&mut self, failovers: Vec<u64>) {
+        self.failovers = failovers;
     }
 
     /// The epoch length.
@@ -425,6 +434,7 @@ impl StandbyLink {
                     identifier,
                     path: self.config.path.clone(),
                     pid: std::process::id(),
+                    failovers: self.failovers.clone(),
                 };
                 session.journal = Some(Arc::new(journal));
                 session.phase = Phase::Opened;
