@@ -150,17 +150,20 @@ fn the_guest_survives_twenty_kills_soon_after_each_arming() {
     assert!(!all.contains("panicked"), "{all}");
 }
 
-/// The crash-loop guard sees every failure of a guest whose standby is a process of its
-/// own, across the processes that run it in turn: with `max_failovers = 2`, the first two
-/// deaths of the process running the guest are taken over, and the third brings the guest
-/// down (exit status 3) instead of being taken over once more.
+/// The crash-loop guard sees every failure inside a guest whose standby is a process of its
+/// own, across the processes that run it in turn: with `max_failovers = 2`, two panics are
+/// handed over to the next standby process, and the third brings the guest down (exit
+/// status 3) instead of being handed over once more. The death of a process running the
+/// guest is not the guest's failure and is not counted (the kill tests take the guest over
+/// twenty times).
 #[test]
-fn the_crash_loop_guard_counts_takeovers_across_standby_processes() {
+fn the_crash_loop_guard_counts_handovers_across_standby_processes() {
     require_kvm();
     let dir = std::env::temp_dir().join(format!(
         "understudy-test-{}-process-crash-loop",
         std::process::id()
     ));
+    std::fs::create_dir_all(&dir).unwrap();
     let env = env_file(
         "process-crash-loop",
         &format!(
@@ -171,24 +174,72 @@ fn the_crash_loop_guard_counts_takeovers_across_standby_processes() {
             dir.join("counter.journal").display()
         ),
     );
-    let mut processes = vec![Process::active(&env), Process::standby(&env, 1)];
-    for kill in 0..2 {
-        let (active, standby) = (processes.len() - 2, processes.len() - 1);
-        processes[active].wait_log("failover armed", 1);
-        processes[active].kill();
-        processes[standby].wait_log("event=\"taken-over\"", 1);
-        processes.push(Process::standby(&env, kill + 2));
+    let socket = |n: usize| dir.join(format!("api-{n}.sock"));
+    let start = |args: &[&OsStr], what: &str| Process::start(args, what);
+    let api = |n: usize| socket(n).into_os_string();
+    let (s0, s1) = (api(0), api(1));
+    let mut processes = vec![
+        start(
+            &[
+                OsStr::new("run"),
+                env.as_os_str(),
+                OsStr::new("--api-socket"),
+                &s0,
+            ],
+            "the active",
+        ),
+        start(
+            &[
+                OsStr::new("standby"),
+                env.as_os_str(),
+                OsStr::new("--api-socket"),
+                &s1,
+            ],
+            "standby 1",
+        ),
+    ];
+    let panic_in = |n: usize| {
+        let out = common::understudy(&[
+            "ctl",
+            socket(n).to_str().unwrap(),
+            "fault",
+            "counter",
+            "panic",
+        ]);
+        assert!(out.status.success(), "{}", common::stderr(&out));
+    };
+    for n in 0..2 {
+        processes[n].wait_log("failover armed", 1);
+        panic_in(n);
+        processes[n + 1].wait_log("event=\"taken-over\"", 1);
+        let next = api(n + 2);
+        processes.push(start(
+            &[
+                OsStr::new("standby"),
+                env.as_os_str(),
+                OsStr::new("--api-socket"),
+                &next,
+            ],
+            &format!("standby {}", n + 2),
+        ));
     }
-    let (active, standby) = (processes.len() - 2, processes.len() - 1);
-    processes[active].wait_log("failover armed", 1);
-    processes[active].kill();
-    let status = processes[standby].wait();
+    processes[2].wait_log("failover armed", 1);
+    panic_in(2);
+    let status = processes[2].wait();
+    let last_standby = processes[3].wait();
     let all = logs(&processes);
     assert_eq!(status.code(), Some(3), "{all}");
-    let last = processes[standby].log.text();
-    assert!(last.contains("event=\"guest-down\""), "{all}");
-    assert!(last.contains("more than 2 failovers within 600 s"), "{all}");
-    assert!(!last.contains("event=\"taken-over\""), "{all}");
+    assert_eq!(last_standby.code(), Some(3), "{all}");
+    let third = processes[2].log.text();
+    assert!(third.contains("event=\"guest-down\""), "{all}");
+    assert!(
+        third.contains("more than 2 failovers within 600 s"),
+        "{all}"
+    );
+    assert!(
+        !processes[3].log.text().contains("event=\"taken-over\""),
+        "{all}"
+    );
     assert_eq!(all.matches("event=\"taken-over\"").count(), 2, "{all}");
     // What ran, ran once: the consoles of the processes that ran the guest, in order.
     let mut counts = Vec::new();

@@ -12,6 +12,12 @@ use vmm_core::vm::MAX_MEMORY_MIB;
 use vmm_core::CpuFeature;
 
 pub mod fuzz;
+mod standby;
+
+pub use standby::{JournalConfig, PeerAddress, Placement, RemoteConfig, StandbyConfig};
+#[cfg(test)]
+use standby::{DEFAULT_CHECKPOINT_INTERVAL_MS, DEFAULT_HEARTBEAT_TIMEOUT_MS};
+use standby::{DEFAULT_MAX_FAILOVERS, DEFAULT_WINDOW_S};
 
 /// Largest vCPU count a guest may have.
 pub const MAX_VCPUS: u8 = vmm_core::boot::mptable::MAX_VCPUS;
@@ -129,7 +135,7 @@ struct GuestFile {
     serial: Option<String>,
     serial_input: Option<SerialInput>,
     cpu: Option<CpuFile>,
-    standby: Option<StandbyFile>,
+    standby: Option<standby::StandbyFile>,
     on_failure: Option<OnFailure>,
     max_restarts: Option<u32>,
     restart_window_s: Option<u64>,
@@ -196,90 +202,6 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
-/// The `[guest.standby]` table as written.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct StandbyFile {
-    heartbeat_timeout_ms: Option<u64>,
-    resume: Option<ResumeFrom>,
-    rearm: Option<bool>,
-    max_failovers: Option<u32>,
-    failover_window_s: Option<u64>,
-    checkpoint_interval_ms: Option<u64>,
-    process: Option<StandbyProcess>,
-    journal: Option<PathBuf>,
-    journal_size_mib: Option<u64>,
-    listen: Option<String>,
-    peer: Option<String>,
-    ack_timeout_ms: Option<u64>,
-}
-
-/// Where a hot-standby guest's standby runs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StandbyProcess {
-    /// Beside the active, in the same process.
-    #[default]
-    Same,
-    /// In a process of its own (`understudy standby`), fed through a take-over journal: the
-    /// guest survives the death of the active's process.
-    Separate,
-    /// In a process on another host, fed over TCP: the guest survives the loss of the
-    /// active's host. Which side runs the guest is decided by the cluster manager
-    /// (`understudy ctl SOCKET promote`), never by the standby on its own.
-    Remote,
-}
-
-impl StandbyProcess {
-    /// Whether the standby runs in a process of its own (here or on another host).
-    pub fn is_own_process(self) -> bool {
-        matches!(self, StandbyProcess::Separate | StandbyProcess::Remote)
-    }
-}
-
-/// Where a remote standby and its active meet: each side's TCP address.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RemoteConfig {
-    /// This host's address: the active takes its standby's connection here, and either
-    /// side answers the other's "who runs the guest" here.
-    pub listen: std::net::SocketAddr,
-    /// The other host's `listen`.
-    pub peer: std::net::SocketAddr,
-    /// An epoch the standby has not acknowledged for this long ends the protection: its
-    /// held output is released and the guest runs on unprotected.
-    pub ack_timeout_ms: u64,
-}
-
-/// Where a separate standby process meets the active: the take-over journal and the socket
-/// it attaches through. Written back as the file's `journal` and `journal_size_mib` keys.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JournalConfig {
-    /// The journal file (on tmpfs by default).
-    pub path: PathBuf,
-    /// Its size in bytes: at least 3 x batch + 1 page.
-    pub size: u64,
-    /// The Unix socket the standby process attaches through: the journal's path with
-    /// `.sock` added.
-    pub socket: PathBuf,
-    /// With `process = "remote"`: the two hosts' addresses.
-    pub remote: Option<RemoteConfig>,
-}
-
-impl Serialize for JournalConfig {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = serializer.serialize_map(None)?;
-        map.serialize_entry("journal", &self.path)?;
-        map.serialize_entry("journal_size_mib", &(self.size >> 20))?;
-        if let Some(remote) = &self.remote {
-            map.serialize_entry("listen", &remote.listen)?;
-            map.serialize_entry("peer", &remote.peer)?;
-            map.serialize_entry("ack_timeout_ms", &remote.ack_timeout_ms)?;
-        }
-        map.end()
-    }
-}
-
 /// What state a standby resumes the guest from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -301,35 +223,7 @@ pub enum OnFailure {
     Down,
 }
 
-/// A hot-standby guest's protection settings, with defaults filled in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct StandbyConfig {
-    /// No heartbeat for this long means the active has failed; 0 disables the watch.
-    pub heartbeat_timeout_ms: u64,
-    /// What the standby resumes from.
-    pub resume: ResumeFrom,
-    /// Whether a recovered failed VM becomes the new standby.
-    pub rearm: bool,
-    /// More failovers than this within `failover_window_s` bring the guest down.
-    pub max_failovers: u32,
-    /// The crash-loop window, in seconds.
-    pub failover_window_s: u64,
-    /// With `resume = "checkpoint"`: the epoch length.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub checkpoint_interval_ms: Option<u64>,
-    /// Where the standby runs.
-    pub process: StandbyProcess,
-    /// With `process = "separate"`: the take-over journal.
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub journal: Option<JournalConfig>,
-}
-
-const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 2000;
-const DEFAULT_MAX_FAILOVERS: u32 = 3;
-const DEFAULT_WINDOW_S: u64 = 60;
-const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 20;
 const DEFAULT_MAX_DUMPS: u32 = 4;
-const MAX_CHECKPOINT_INTERVAL_MS: u64 = 60_000;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -612,140 +506,13 @@ impl Environment {
             }
             let mut hide = g.cpu.map(|c| c.hide).unwrap_or_default();
             hide.dedup();
+            let has_devices = g.disk.as_ref().is_some_and(|d| !d.is_empty())
+                || g.net.as_ref().is_some_and(|n| !n.is_empty());
             let standby = match g.standby {
-                Some(table) => {
-                    let resume = table.resume.unwrap_or(ResumeFrom::FailedState);
-                    let checkpoint_interval_ms = match (resume, table.checkpoint_interval_ms) {
-                        (ResumeFrom::Checkpoint, interval) => {
-                            let ms = interval.unwrap_or(DEFAULT_CHECKPOINT_INTERVAL_MS);
-                            if !(1..=MAX_CHECKPOINT_INTERVAL_MS).contains(&ms) {
-                                return Err(invalid(
-                                    key("standby.checkpoint_interval_ms"),
-                                    format!(
-                                        "must be between 1 and {MAX_CHECKPOINT_INTERVAL_MS}, got {ms}"
-                                    ),
-                                ));
-                            }
-                            Some(ms)
-                        }
-                        (ResumeFrom::FailedState, Some(_)) => {
-                            return Err(invalid(
-                                key("standby.checkpoint_interval_ms"),
-                                "applies only with resume = \"checkpoint\"".into(),
-                            ))
-                        }
-                        (ResumeFrom::FailedState, None) => None,
-                    };
-                    let max_failovers = table.max_failovers.unwrap_or(DEFAULT_MAX_FAILOVERS);
-                    let failover_window_s = table.failover_window_s.unwrap_or(DEFAULT_WINDOW_S);
-                    if failover_window_s == 0 {
-                        return Err(invalid(
-                            key("standby.failover_window_s"),
-                            "must be at least 1".into(),
-                        ));
-                    }
-                    let process = table.process.unwrap_or_default();
-                    if process != StandbyProcess::Remote {
-                        for (given, name) in [
-                            (table.listen.is_some(), "standby.listen"),
-                            (table.peer.is_some(), "standby.peer"),
-                            (table.ack_timeout_ms.is_some(), "standby.ack_timeout_ms"),
-                        ] {
-                            if given {
-                                return Err(invalid(
-                                    key(name),
-                                    "applies only with process = \"remote\"".into(),
-                                ));
-                            }
-                        }
-                    }
-                    let journal = match process {
-                        StandbyProcess::Same => {
-                            for (given, name) in [
-                                (table.journal.is_some(), "standby.journal"),
-                                (table.journal_size_mib.is_some(), "standby.journal_size_mib"),
-                            ] {
-                                if given {
-                                    return Err(invalid(
-                                        key(name),
-                                        "applies only with process = \"separate\" or \"remote\""
-                                            .into(),
-                                    ));
-                                }
-                            }
-                            None
-                        }
-                        StandbyProcess::Separate | StandbyProcess::Remote => {
-                            if resume != ResumeFrom::Checkpoint {
-                                return Err(invalid(
-                                    key("standby.process"),
-                                    "a standby in a process of its own resumes from checkpoints: set resume = \"checkpoint\"".into(),
-                                ));
-                            }
-                            if g.disk.as_ref().is_some_and(|d| !d.is_empty())
-                                || g.net.as_ref().is_some_and(|n| !n.is_empty())
-                            {
-                                return Err(invalid(
-                                    key("standby.process"),
-                                    "a standby in a process of its own does not take over disks or NICs yet; use process = \"same\" for this guest".into(),
-                                ));
-                            }
-                            let memory = memory_mib << 20;
-                            let minimum =
-                                crate::journal::minimum_size(crate::journal::batch_size(memory));
-                            let size = match table.journal_size_mib {
-                                None => minimum.div_ceil(1 << 20) << 20,
-                                Some(mib) => {
-                                    let size = mib.saturating_mul(1 << 20);
-                                    if size < minimum {
-                                        return Err(invalid(
-                                            key("standby.journal_size_mib"),
-                                            format!(
-                                                "{mib} MiB is below the smallest journal for {} MiB of RAM: 3 x batch + 1 page = {} MiB",
-                                                memory >> 20,
-                                                minimum.div_ceil(1 << 20)
-                                            ),
-                                        ));
-                                    }
-                                    size
-                                }
-                            };
-                            let path = match &table.journal {
-                                Some(path) => base.join(path),
-                                None => {
-                                    PathBuf::from(format!("/dev/shm/understudy-{}.journal", g.name))
-                                }
-                            };
-                            let mut socket = path.clone().into_os_string();
-                            socket.push(".sock");
-                            let remote = match process {
-                                StandbyProcess::Remote => Some(
-                                    remote_config(&table)
-                                        .map_err(|(field, why)| invalid(key(field), why))?,
-                                ),
-                                _ => None,
-                            };
-                            Some(JournalConfig {
-                                path,
-                                size,
-                                socket: PathBuf::from(socket),
-                                remote,
-                            })
-                        }
-                    };
-                    Some(StandbyConfig {
-                        process,
-                        journal,
-                        heartbeat_timeout_ms: table
-                            .heartbeat_timeout_ms
-                            .unwrap_or(DEFAULT_HEARTBEAT_TIMEOUT_MS),
-                        resume,
-                        rearm: table.rearm.unwrap_or(true),
-                        max_failovers,
-                        failover_window_s,
-                        checkpoint_interval_ms,
-                    })
-                }
+                Some(table) => Some(
+                    standby::resolve(table, &g.name, memory_mib, has_devices, base)
+                        .map_err(|(field, why)| invalid(key(field), why))?,
+                ),
                 None => None,
             };
             if standby.is_some() && g.on_failure.is_some() {
@@ -903,48 +670,6 @@ impl Environment {
 }
 
 /// Whether `name` can be a Linux interface name.
-/// The default of `ack_timeout_ms`.
-const DEFAULT_ACK_TIMEOUT_MS: u64 = 1000;
-/// The largest `ack_timeout_ms`: output is held that long at most.
-const MAX_ACK_TIMEOUT_MS: u64 = 60_000;
-
-/// A remote standby's addresses, or the key at fault and why.
-fn remote_config(table: &StandbyFile) -> Result<RemoteConfig, (&'static str, String)> {
-    let address = |value: &Option<String>, field: &'static str| {
-        let value = value.as_deref().ok_or((
-            field,
-            "is required with process = \"remote\" (an IP address and port, e.g. \"10.0.0.1:7770\")"
-                .to_owned(),
-        ))?;
-        value.parse::<std::net::SocketAddr>().map_err(|_| {
-            (
-                field,
-                format!("{value:?} is not an IP address and port, e.g. \"10.0.0.1:7770\""),
-            )
-        })
-    };
-    let listen = address(&table.listen, "standby.listen")?;
-    let peer = address(&table.peer, "standby.peer")?;
-    if listen == peer {
-        return Err((
-            "standby.peer",
-            "is the same address as listen: the peer is the other host's listen".into(),
-        ));
-    }
-    let ack_timeout_ms = table.ack_timeout_ms.unwrap_or(DEFAULT_ACK_TIMEOUT_MS);
-    if !(1..=MAX_ACK_TIMEOUT_MS).contains(&ack_timeout_ms) {
-        return Err((
-            "standby.ack_timeout_ms",
-            format!("must be between 1 and {MAX_ACK_TIMEOUT_MS}"),
-        ));
-    }
-    Ok(RemoteConfig {
-        listen,
-        peer,
-        ack_timeout_ms,
-    })
-}
-
 fn check_tap_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("is empty; name a TAP device, like \"us-tap0\"".into());
@@ -1023,6 +748,13 @@ mod tests {
             err.contains("guest[0].standby.listen") && err.contains("not an IP address and port"),
             "{err}"
         );
+        let err = remote("listen = \"10.0.0.1:7770\"\npeer = \"host b\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("guest[0].standby.peer") && err.contains("not a host and port"),
+            "{err}"
+        );
         let err = remote("listen = \"10.0.0.1:7770\"\npeer = \"10.0.0.1:7770\"\n")
             .unwrap_err()
             .to_string();
@@ -1032,24 +764,23 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(err.contains("guest[0].standby.ack_timeout_ms"), "{err}");
-        let env = remote("listen = \"10.0.0.1:7770\"\npeer = \"10.0.0.2:7770\"\n").unwrap();
-        let journal = env.guest[0]
-            .standby
-            .as_ref()
-            .unwrap()
-            .journal
-            .clone()
-            .unwrap();
-        let addresses = journal.remote.clone().unwrap();
-        assert_eq!(addresses.listen, "10.0.0.1:7770".parse().unwrap());
-        assert_eq!(addresses.peer, "10.0.0.2:7770".parse().unwrap());
-        assert_eq!(addresses.ack_timeout_ms, 1000);
-        // `understudy check` writes it back as a file that parses to the same.
-        let written = toml::to_string(&env).unwrap();
-        assert!(written.contains("process = \"remote\""), "{written}");
-        assert!(written.contains("peer = \"10.0.0.2:7770\""), "{written}");
-        let again = Environment::parse(&written, Path::new("x.toml"), Path::new("/")).unwrap();
-        assert_eq!(again.guest[0].standby, env.guest[0].standby);
+        for peer in ["10.0.0.2:7770", "host-b:7770"] {
+            let env = remote(&format!("listen = \"10.0.0.1:7770\"\npeer = \"{peer}\"\n")).unwrap();
+            let standby = env.guest[0].standby.as_ref().unwrap();
+            let Placement::Remote { journal, link } = &standby.placement else {
+                panic!("not a remote placement: {standby:?}");
+            };
+            assert_eq!(journal.path, PathBuf::from("/dev/shm/understudy-a.journal"));
+            assert_eq!(link.listen, "10.0.0.1:7770".parse().unwrap());
+            assert_eq!(link.peer.to_string(), peer);
+            assert_eq!(link.ack_timeout_ms, 1000);
+            // `understudy check` writes it back as a file that parses to the same.
+            let written = toml::to_string(&env).unwrap();
+            assert!(written.contains("process = \"remote\""), "{written}");
+            assert!(written.contains(&format!("peer = \"{peer}\"")), "{written}");
+            let again = Environment::parse(&written, Path::new("x.toml"), Path::new("/")).unwrap();
+            assert_eq!(again.guest[0].standby, env.guest[0].standby);
+        }
         let err = parse(
             "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.standby]\nresume = \"checkpoint\"\n\
              process = \"separate\"\npeer = \"10.0.0.2:7770\"\n",
@@ -1092,19 +823,17 @@ mod tests {
             "{err}"
         );
         let env = separate("", "resume = \"checkpoint\"\n").unwrap();
-        let journal = env.guest[0]
-            .standby
-            .as_ref()
-            .unwrap()
-            .journal
-            .clone()
-            .unwrap();
+        let standby = env.guest[0].standby.as_ref().unwrap();
+        let Placement::Separate(journal) = &standby.placement else {
+            panic!("not a separate placement: {standby:?}");
+        };
         assert_eq!(journal.path, PathBuf::from("/dev/shm/understudy-a.journal"));
         assert_eq!(
             journal.socket,
             PathBuf::from("/dev/shm/understudy-a.journal.sock")
         );
         assert_eq!(journal.size, 199 << 20);
+        assert!(standby.placement.remote().is_none());
         let err = parse(
             "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[guest.standby]\njournal = \"j\"\n",
         )

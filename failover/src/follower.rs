@@ -36,7 +36,6 @@ use crate::control::protocol::{
     MachineStatus, PromoteDone, Request, Role, RunState, StandbyProcessStatus, Status,
 };
 use crate::control::{ControlSocket, PendingRequest, Reply, RequestQueue, Serving};
-use crate::guest::policy::CrashLoopGuard;
 use crate::guest::{GuestEnd, TakenOver};
 use crate::journal::{Journal, ReadRecord};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
@@ -275,7 +274,7 @@ pub fn chosen_guest<'a>(
         .filter(|g| {
             g.standby
                 .as_ref()
-                .is_some_and(|s| s.process.is_own_process())
+                .is_some_and(|s| s.placement.is_own_process())
         })
         .collect();
     match name {
@@ -328,10 +327,14 @@ pub fn follow(
     let config = chosen_guest(env, name)?.clone();
     // Before any thread starts, so that none of them takes these signals.
     let signals = crate::supervisor::stop_signals();
-    let journal_config = config
+    let placement = config
         .standby
         .as_ref()
-        .and_then(|s| s.journal.clone())
+        .map(|s| s.placement.clone())
+        .ok_or_else(|| FollowError::NoGuest("no standby configured".into()))?;
+    let journal_config = placement
+        .journal()
+        .cloned()
         .ok_or_else(|| FollowError::NoGuest("no journal configured".into()))?;
     let host = |e: &dyn std::fmt::Display| FollowError::Host(format!("guest {}: {e}", config.name));
     let ram = GuestRam::new(config.memory_mib << 20).map_err(|e| host(&e))?;
@@ -348,12 +351,12 @@ pub fn follow(
         ram,
         committed: None,
         tail: Vec::new(),
-        unreleased: journal_config.remote.is_some().then(VecDeque::new),
+        unreleased: placement.remote().is_some().then(VecDeque::new),
     };
     // A remote active is followed through a relay, which this process's follower attaches
     // to as it would to a local active.
-    let relay = match journal_config.remote {
-        Some(_) => Some(Relay::start(&config, &journal_config).map_err(|e| host(&e))?),
+    let relay = match placement.remote() {
+        Some(remote) => Some(Relay::start(&config, &journal_config, remote).map_err(|e| host(&e))?),
         None => None,
     };
     let front = match control.socket.take() {
@@ -414,23 +417,9 @@ pub fn follow(
                 lock_wait,
                 failovers,
             } => {
-                // The takeover is a failover like any other: the crash-loop guard counts it,
-                // carrying on from what the active counted.
-                let (max, window) = config
-                    .standby
-                    .as_ref()
-                    .map_or((0, 0), |s| (s.max_failovers, s.failover_window_s));
-                let now = Instant::now();
-                let mut guard =
-                    CrashLoopGuard::with_recent(max, Duration::from_secs(window), &failovers, now);
-                if let Some(why) = guard.would_trip(now) {
-                    let reason = format!("the active's process is gone: {why}");
-                    lifecycle!(error, "guest-down", guest = %config.name, %reason, "guest down: not taken over");
-                    drop(lock);
-                    return Ok(Followed::Ended(GuestEnd::Down { reason }));
-                }
-                guard.record(now);
-                let failovers = guard.recent_unix_ms(now);
+                // What the active's crash-loop guard counted goes on being counted here (a
+                // failure it handed over included: it was decided there). The death of the
+                // active's process is not the guest's failure and is not counted.
                 let from = (since, active_pid, lock, lock_wait, failovers);
                 if let Some(front) = front {
                     control.socket = Some(front.hand_on()?);
@@ -506,7 +495,7 @@ impl Session<'_> {
             guest: guest.clone(),
         };
         if send(conn, &hello).is_err() {
-            return self.after_close(pidfd, None, standby, None);
+            return self.after_close(pidfd, None, standby, LockWait::default());
         }
         let mut lines = Lines::default();
         let mut journal: Option<Journal> = None;
@@ -517,39 +506,40 @@ impl Session<'_> {
         // (or hands the guest over), before that process is torn down.
         let lock_free =
             Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| FollowError::Host(e.to_string()))?);
-        let mut waiter: Option<Waiter> = None;
+        let mut lock = LockWait::default();
         let mut can_wait = true;
         loop {
-            if can_wait && waiter.is_none() && standby.committed.is_some() {
+            if can_wait && lock.waiter.is_none() && standby.committed.is_some() {
                 can_wait = false;
                 match ActiveLock::wait(&self.journal_config.path, lock_free.clone()) {
-                    Ok(started) => waiter = Some(started),
+                    Ok(started) => lock.waiter = Some(started),
                     Err(err) => {
                         tracing::warn!(guest = %guest, %err, "cannot wait for the guest's active lock; a takeover waits for the active's connection to close")
                     }
                 }
             }
             let front = self.front.map(Front::wake_fd);
-            let lock_fd = waiter.as_ref().map(|_| lock_free.as_raw_fd());
+            let lock_fd = lock.waiter.as_ref().map(|_| lock_free.as_raw_fd());
             match wait(conn, pidfd, signals, front, lock_fd) {
                 Woken::LockFree => {
                     let since = Instant::now();
                     let _ = lock_free.read();
-                    match waiter.as_mut().and_then(|w| w.answer(Duration::ZERO)) {
-                        Some(Ok(lock)) => {
-                            match lock.how() {
-                                Taken::FromTheDead { pid } => {
-                                    tracing::info!(guest = %guest, pid, "the active's process is dying: the guest's active lock is this standby's")
-                                }
-                                Taken::Free => {
-                                    tracing::info!(guest = %guest, "the active let go of the guest's active lock")
-                                }
+                    match lock.waiter.as_mut().and_then(|w| w.answer(Duration::ZERO)) {
+                        Some(Ok(taken)) => match taken.how() {
+                            Taken::FromTheDead { pid } => {
+                                tracing::info!(guest = %guest, pid, "the active's process is dying: the guest's active lock is this standby's");
+                                return self.gone(journal.as_ref(), standby, since, taken);
                             }
-                            return self.gone(journal.as_ref(), standby, since, lock);
-                        }
+                            // Let go of on purpose: the active's word of why (a handover, or
+                            // the guest's end) follows on the connection.
+                            Taken::Free => {
+                                tracing::debug!(guest = %guest, "the active let go of the guest's active lock");
+                                lock.held = Some(taken);
+                            }
+                        },
                         Some(Err(err)) => {
                             tracing::warn!(guest = %guest, %err, "waiting for the guest's active lock failed; a takeover waits for the active's connection to close");
-                            waiter = None;
+                            lock.waiter = None;
                         }
                         None => {}
                     }
@@ -587,7 +577,7 @@ impl Session<'_> {
                 }
                 Woken::ProcessGone => {
                     let since = Instant::now();
-                    return match take_lock(&mut waiter, &self.journal_config.path) {
+                    return match lock.take(&self.journal_config.path) {
                         Some(lock) => self.gone(journal.as_ref(), standby, since, lock),
                         _ => {
                             tracing::warn!(guest = %guest, "the active's process exited, but another holds the guest's active lock: not taking over");
@@ -611,7 +601,7 @@ impl Session<'_> {
                     messages
                 }
                 Err(LinkError::Closed | LinkError::Io(_)) => {
-                    return self.after_close(pidfd, journal.as_ref(), standby, waiter)
+                    return self.after_close(pidfd, journal.as_ref(), standby, lock)
                 }
                 Err(LinkError::Garbled(why)) => {
                     return Err(FollowError::Refused(format!(
@@ -681,12 +671,13 @@ impl Session<'_> {
                         }
                         let _ = send(conn, &ToActive::Applied { seq });
                     }
-                    ToStandby::TakeOver { why } => {
+                    ToStandby::TakeOver { why, failovers } => {
+                        self.failovers = failovers;
                         // The active's word that its machine is fenced for good; it gave up
                         // the guest's active lock before it said so.
                         tracing::warn!(guest = %guest, %why, "the active failed and handed the guest over");
                         let since = Instant::now();
-                        let lock = take_lock(&mut waiter, &self.journal_config.path)
+                        let lock = lock.take(&self.journal_config.path)
                             .ok_or_else(|| {
                                 FollowError::Refused(format!(
                                     "guest {guest}: told to take over, but the guest's active lock is still held: not taking over"
@@ -778,10 +769,10 @@ impl Session<'_> {
         pidfd: &OwnedFd,
         journal: Option<&Journal>,
         standby: &mut Standby,
-        mut waiter: Option<Waiter>,
+        mut lock: LockWait,
     ) -> Result<SessionEnd, FollowError> {
         let closed = Instant::now();
-        if let Some(lock) = take_lock(&mut waiter, &self.journal_config.path) {
+        if let Some(lock) = lock.take(&self.journal_config.path) {
             tracing::debug!(guest = %self.config.name, waited_us = closed.elapsed().as_micros() as u64, exited = wait_exit(pidfd, Duration::ZERO), "the connection closed and the active lock came free");
             return self.gone(journal, standby, closed, lock);
         }
@@ -900,14 +891,27 @@ fn take_over(
         .map_err(|e| FollowError::Host(e.to_string()))
 }
 
-/// The guest's active lock, from the waiter if this standby has one, else taken here; at
-/// most [`EXIT_PATIENCE`] later.
-fn take_lock(waiter: &mut Option<Waiter>, journal: &std::path::Path) -> Option<ActiveLock> {
-    match waiter {
-        Some(waiter) => waiter.answer(EXIT_PATIENCE).and_then(Result::ok),
-        None => ActiveLock::take_within(journal, EXIT_PATIENCE)
-            .ok()
-            .flatten(),
+/// A session's hold on the guest's active lock: taken already (let go of on purpose by the
+/// active, whose word of why is still to come), waited for in the background, or neither.
+#[derive(Default)]
+struct LockWait {
+    held: Option<ActiveLock>,
+    waiter: Option<Waiter>,
+}
+
+impl LockWait {
+    /// The lock: held already, from the waiter, or taken here; at most [`EXIT_PATIENCE`]
+    /// later.
+    fn take(&mut self, journal: &std::path::Path) -> Option<ActiveLock> {
+        if let Some(held) = self.held.take() {
+            return Some(held);
+        }
+        match &mut self.waiter {
+            Some(waiter) => waiter.answer(EXIT_PATIENCE).and_then(Result::ok),
+            None => ActiveLock::take_within(journal, EXIT_PATIENCE)
+                .ok()
+                .flatten(),
+        }
     }
 }
 

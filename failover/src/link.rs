@@ -92,6 +92,10 @@ pub enum ToStandby {
     TakeOver {
         /// What failed.
         why: String,
+        /// What the active's crash-loop guard counts, this failure included (as in
+        /// `journal`): the standby carries on counting from these.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        failovers: Vec<u64>,
     },
     /// The active will not go on with this standby.
     Refused {

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vmm_core::SerialSink;
 
-use crate::config::{GuestConfig, JournalConfig, RemoteConfig};
+use crate::config::{GuestConfig, JournalConfig, PeerAddress, RemoteConfig};
 use crate::control::protocol::GuestRole;
 use crate::journal::{Journal, PAGE};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
@@ -202,9 +202,9 @@ fn timed_out(err: &LinkError) -> bool {
     matches!(err, LinkError::Io(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
 }
 
-/// Asks the process at `peer` what it is for its guest.
-pub fn query_role(peer: SocketAddr, patience: Duration) -> std::io::Result<PeerRole> {
-    let mut conn = TcpStream::connect_timeout(&peer, patience)?;
+/// Asks the process at `peer` what it is for its guest (a name is looked up first).
+pub fn query_role(peer: &PeerAddress, patience: Duration) -> std::io::Result<PeerRole> {
+    let mut conn = TcpStream::connect_timeout(&peer.resolve()?, patience)?;
     conn.set_read_timeout(Some(patience))?;
     conn.set_write_timeout(Some(patience))?;
     write_line(&mut conn, &Opening::Role {})?;
@@ -224,7 +224,7 @@ pub fn query_role(peer: SocketAddr, patience: Duration) -> std::io::Result<PeerR
 /// Asks the peer what it is, as a promote does: a connection reset or closed unanswered
 /// (a process whose sockets are being torn down as it dies) is asked again, a few times,
 /// until the port is gone for good or answers.
-fn query_peer(peer: SocketAddr) -> std::io::Result<PeerRole> {
+fn query_peer(peer: &PeerAddress) -> std::io::Result<PeerRole> {
     let mut tries = 0;
     loop {
         match query_role(peer, PEER_PATIENCE) {
@@ -475,7 +475,7 @@ pub(crate) fn serve_active(
     // two `understudy run`s of one guest on two hosts would be two guests.
     let fresh = matches!(*locked(&port.role), PortRole::None);
     if fresh {
-        if let Ok(role) = query_role(remote.peer, PEER_PATIENCE) {
+        if let Ok(role) = query_role(&remote.peer, PEER_PATIENCE) {
             if role.role == "active" {
                 return Err(format!(
                     "the peer {} runs guest {guest} already: not starting it here too (start a standby here with `understudy standby`)",
@@ -692,7 +692,7 @@ impl ActiveSide {
                         write_line(&mut *out, &ToRemote::Record { seq, offset }).map_err(wrote)?;
                         locked(shipped).sent = seq;
                     }
-                    ToStandby::TakeOver { why } => {
+                    ToStandby::TakeOver { why, .. } => {
                         let released = {
                             let mut shipped = locked(shipped);
                             shipped.halted = true;
@@ -951,11 +951,12 @@ impl Relay {
     /// Starts following `config`'s active at its `peer`: takes the guest's active lock on
     /// this host, binds the attach socket the follower connects to, and answers `role` on
     /// `listen`.
-    pub fn start(config: &GuestConfig, journal: &JournalConfig) -> Result<Arc<Relay>, String> {
-        let remote = journal
-            .remote
-            .clone()
-            .ok_or("no remote addresses configured")?;
+    pub fn start(
+        config: &GuestConfig,
+        journal: &JournalConfig,
+        remote: &RemoteConfig,
+    ) -> Result<Arc<Relay>, String> {
+        let remote = remote.clone();
         // A process of this guest that is ending (a demoted active, a standby restarted)
         // holds the lock, the socket and the port until its last thread is gone: they are
         // waited for, a while.
@@ -1034,7 +1035,7 @@ impl Relay {
         if locked(&self.state).promoted {
             return Ok(Promoted::Already);
         }
-        let peer = self.remote.peer;
+        let peer = self.remote.peer.clone();
         let port = locked(&PORT).clone();
         let set_port = |role: PortRole| {
             if let Some(port) = &port {
@@ -1044,7 +1045,7 @@ impl Relay {
         // From here this process answers as the active: a peer promoted at the same time
         // finds it so and refuses.
         set_port(PortRole::Promoting(self.guest.clone()));
-        let refused = match query_peer(peer) {
+        let refused = match query_peer(&peer) {
             Ok(role) if role.role == "active" => Some(format!(
                 "the peer {peer} answers as the active of guest {}: not promoting (demote it first, or fence its host)",
                 role.guest
@@ -1094,6 +1095,7 @@ impl Relay {
             Some(epoch) => (
                 ToStandby::TakeOver {
                     why: "promoted".into(),
+                    failovers: Vec::new(),
                 },
                 Promoted::Resuming(epoch),
             ),
@@ -1123,10 +1125,13 @@ impl Relay {
         let _ = std::thread::Builder::new()
             .name("relay-answers".into())
             .spawn(move || answers.answers(reading));
-        let peer = self.remote.peer;
+        let peer = self.remote.peer.clone();
         let mut waiting_said = false;
         while !locked(&self.state).promoted {
-            let tcp = match TcpStream::connect_timeout(&peer, PEER_PATIENCE) {
+            let tcp = match peer
+                .resolve()
+                .and_then(|addr| TcpStream::connect_timeout(&addr, PEER_PATIENCE))
+            {
                 Ok(tcp) => tcp,
                 Err(err) => {
                     if !waiting_said {
@@ -1427,7 +1432,8 @@ mod tests {
             Ok(None)
         ));
         drop(listener);
-        let refused = query_role(addr, PEER_PATIENCE).unwrap_err();
+        let peer = PeerAddress::parse(&addr.to_string()).unwrap();
+        let refused = query_role(&peer, PEER_PATIENCE).unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 }

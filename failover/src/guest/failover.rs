@@ -52,7 +52,11 @@ impl Guest {
                 resume: crate::config::ResumeFrom::Checkpoint,
                 ready: Readiness::Ready,
             };
-            return match policy::decide(&failure, cover, &mut self.guard, detected) {
+            let decision = policy::decide(&failure, cover, &mut self.guard, detected);
+            if let Some(link) = self.link.as_mut() {
+                link.note_failovers(self.guard.recent_unix_ms(Instant::now()));
+            }
+            return match decision {
                 Decision::FailOver => self.hand_over(failure),
                 Decision::Restart => self.restart(failure.to_string()),
                 Decision::Down(reason) => {

@@ -184,7 +184,7 @@ impl Guest {
         let separate = config
             .standby
             .as_ref()
-            .is_some_and(|s| s.process.is_own_process());
+            .is_some_and(|s| s.placement.is_own_process());
         let mut link = None;
         let (mut mode, standby, active_console): (Option<Box<dyn ResumeMode>>, _, _) = match config
             .standby

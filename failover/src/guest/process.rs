@@ -183,7 +183,9 @@ impl StandbyLink {
         lock: &mut Option<ActiveLock>,
     ) -> Result<(StandbyLink, SerialSink), Unattached> {
         let standby = ctx.config.standby.as_ref();
-        let Some(config) = standby.and_then(|s| s.journal.clone()) else {
+        let placement = standby.map(|s| &s.placement);
+        let remote_config = placement.and_then(|p| p.remote()).cloned();
+        let Some(config) = placement.and_then(|p| p.journal()).cloned() else {
             return Err(Unattached::new("no journal configured", console));
         };
         let interval = standby
@@ -242,7 +244,7 @@ impl StandbyLink {
         };
         let held = HeldOutput::default();
         let console = Arc::new(Mutex::new(console));
-        let remote = match &config.remote {
+        let remote = match &remote_config {
             Some(remote) => {
                 match crate::remote::serve_active(
                     &ctx.config.name,
@@ -800,6 +802,7 @@ impl StandbyLink {
         self.lock = None;
         let told = session.tell(&ToStandby::TakeOver {
             why: why.to_owned(),
+            failovers: self.failovers.clone(),
         });
         drop(self.held.take());
         self.pending.clear();
