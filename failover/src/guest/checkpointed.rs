@@ -12,12 +12,10 @@
 
 use std::time::{Duration, Instant};
 
-use vmm_core::{DirtyPages, GuestRam, SerialSink, VmError, VmSnapshot};
+use vmm_core::{GuestRam, SerialSink, VmError};
 
-use super::mode::{
-    start_standby, EpochTick, Handover, NotArmed, Prepared, ResumeMode, TakeOverFailed,
-};
-use super::{Context, Failure, Finished, Machine, Protection};
+use super::mode::{start_standby, EpochTick, Handover, NotArmed, ResumeMode, TakeOverFailed};
+use super::{Captured, Context, Failure, Finished, Machine, Prepared, Protection};
 use crate::background::JobId;
 use crate::checkpoint::{initial_copy, precopy, Checkpoint, EpochOutcome};
 use crate::config::ResumeFrom;
@@ -28,23 +26,6 @@ pub(crate) struct Checkpointed {
     checkpoint: Checkpoint,
     /// The dump job whose preserver the epochs call, while it runs.
     dump: Option<JobId>,
-}
-
-/// A failed machine stopped and captured in the background.
-pub(crate) struct Captured {
-    failed: Machine,
-    /// Its state, if every vCPU answered.
-    state: Option<VmSnapshot>,
-    /// The pages it wrote in its lost epoch, if it could be stopped.
-    lost_epoch: Option<DirtyPages>,
-    why_not: Option<String>,
-}
-
-impl Captured {
-    /// The failed machine.
-    pub fn into_machine(self) -> Machine {
-        self.failed
-    }
 }
 
 impl Checkpointed {

@@ -290,11 +290,7 @@ impl Guest {
         }
     }
 
-    fn standby_finished(
-        &mut self,
-        id: JobId,
-        result: Result<super::mode::Prepared, String>,
-    ) -> Change {
+    fn standby_finished(&mut self, id: JobId, result: Result<super::Prepared, String>) -> Change {
         let (State::Running(running), Some(mode)) = (&mut self.state, self.mode.as_mut()) else {
             if let Ok(prepared) = result {
                 crate::background::retire(prepared.machine.vm);
@@ -376,12 +372,5 @@ impl Guest {
         // The machine has taken over (or gone) meanwhile: a trap under a running guest is
         // lifted at once.
         super::dumps::release_in_background(trap);
-    }
-}
-
-impl super::checkpointed::Captured {
-    /// Nothing wants this capture any more: the machine is torn down.
-    pub(crate) fn retire(self) {
-        crate::background::retire(self.into_machine().vm);
     }
 }

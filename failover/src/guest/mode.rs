@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use vmm_core::{GuestRam, SerialSink, VmError, VmEvent};
 
-use super::{Context, Failure, Machine, Protection};
-use crate::checkpoint::{Checkpoint, Precopied};
+use super::{Captured, Context, Failure, Machine, Prepared, Protection};
+use crate::checkpoint::Checkpoint;
 use crate::config::ResumeFrom;
 
 /// What an epoch tick did.
@@ -26,18 +26,6 @@ pub(crate) enum EpochTick {
     Unresponsive(u8),
     /// The standby side is no longer consistent: it must be rebuilt.
     StandbyLost(String),
-}
-
-/// A standby made ready in the background, for the guest's thread to arm.
-pub(crate) struct Prepared {
-    pub machine: Machine,
-    /// What was copied while the guest ran, for a checkpointed standby.
-    pub precopied: Option<Precopied>,
-    /// How long the background work took.
-    pub took: Duration,
-    /// A checkpointed standby whose RAM had to be replaced (the failed machine's could not
-    /// be trusted): the new RAM.
-    pub replaced_ram: Option<GuestRam>,
 }
 
 /// Why a standby that came back from the background could not be armed.
@@ -148,7 +136,7 @@ pub(crate) trait ResumeMode: Send {
     fn captured(
         &mut self,
         _ctx: &mut Context,
-        _captured: super::checkpointed::Captured,
+        _captured: Captured,
         _active: &Machine,
     ) -> Protection {
         Protection::Unprotected
@@ -170,26 +158,6 @@ pub(crate) trait ResumeMode: Send {
     fn checkpoint(&self) -> Option<&Checkpoint> {
         None
     }
-}
-
-/// The setting `resume` for a guest over `ram` whose console is `console`, and the sink the
-/// active machine's console writes to.
-pub(crate) fn new(
-    resume: ResumeFrom,
-    ctx: &mut Context,
-    ram: &GuestRam,
-    console: SerialSink,
-) -> Result<(Box<dyn ResumeMode>, SerialSink), VmError> {
-    Ok(match resume {
-        ResumeFrom::FailedState => (
-            Box::new(super::shared::SharedRam::new(ram.clone())),
-            console,
-        ),
-        ResumeFrom::Checkpoint => {
-            let (mode, active_console) = super::checkpointed::Checkpointed::new(ctx, ram, console)?;
-            (Box::new(mode), active_console)
-        }
-    })
 }
 
 /// Loads `state` into `standby`, hands it the disks and the console of `from` (whose vCPUs

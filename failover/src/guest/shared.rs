@@ -14,10 +14,8 @@ use std::time::Instant;
 use vmm_core::{GuestRam, VmError};
 
 use super::dumps::{arm_trap, release_in_background};
-use super::mode::{
-    own_stops, start_standby, Handover, NotArmed, Prepared, ResumeMode, TakeOverFailed,
-};
-use super::{Context, Failure, Finished, Machine, Protection};
+use super::mode::{own_stops, start_standby, Handover, NotArmed, ResumeMode, TakeOverFailed};
+use super::{Context, Failure, Finished, Machine, Prepared, Protection};
 use crate::config::ResumeFrom;
 use crate::control::protocol::Phase;
 
