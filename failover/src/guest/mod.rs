@@ -40,11 +40,12 @@ pub use control::{describe_end, GuestError};
 use failover::AfterRewire;
 pub use failure::{Change, Failure, GuestEnd, StartError};
 use mode::ResumeMode;
+pub use mode::{HandoverError, StartStandbyError};
 use policy::CrashLoopGuard;
 pub(crate) use state::State;
 pub(crate) use state::{
-    Captured, Context, DumpDone, Finished, Machine, Prepared, Protection, Record, Run, Running,
-    SyncReport, Syncing,
+    Captured, Context, DumpDone, DumpError, Finished, Machine, Prepared, Protection, Record, Run,
+    Running, SyncReport, Syncing,
 };
 
 /// The setting `resume` for a guest over `ram` whose console is `console`, and the sink the

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm_core::memory::trap::WriteTrap;
+use vmm_core::memory::trap::{TrapError, WriteTrap};
 use vmm_core::{DirtyPages, GuestRam, UnknownAccesses, Vm, VmError, VmSnapshot};
 
 use super::{us, GuestEnd};
@@ -90,11 +90,11 @@ pub(crate) enum State {
 pub(crate) enum Finished {
     /// A standby machine was built (and, checkpointed, its RAM brought close to the
     /// active's); `Err` says why not.
-    Standby(Result<Prepared, String>),
+    Standby(Result<Prepared, VmError>),
     /// The write trap of standby machine `machine` is laid down, or could not be.
     Trap {
         machine: u32,
-        trap: Result<Arc<WriteTrap>, String>,
+        trap: Result<Arc<WriteTrap>, TrapError>,
     },
     /// A failed checkpointed machine was stopped and captured: its dump can be written and
     /// its RAM recycled.
@@ -124,7 +124,7 @@ pub(crate) struct Captured {
     pub state: Option<VmSnapshot>,
     /// The pages it wrote in its lost epoch, if it could be stopped.
     pub lost_epoch: Option<DirtyPages>,
-    pub why_not: Option<String>,
+    pub why_not: Option<VmError>,
 }
 
 impl Captured {
@@ -143,12 +143,23 @@ impl Captured {
 pub(crate) struct DumpDone {
     pub path: PathBuf,
     /// Bytes of memory written, or why the dump failed.
-    pub result: Result<u64, String>,
+    pub result: Result<u64, DumpError>,
     pub took: Duration,
     /// Writes of the resumed guest held by the write trap until their pages were taken.
     pub writes_held: Option<u64>,
     /// Old dumps removed to make room for it.
     pub removed: Vec<PathBuf>,
+}
+
+/// Why a crash dump was not written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DumpError {
+    /// The failed machine could not be stopped or its state saved.
+    #[error("the failed machine could not be captured: {0}")]
+    NotCaptured(#[source] VmError),
+    /// The dump file could not be written.
+    #[error(transparent)]
+    Write(#[from] std::io::Error),
 }
 
 /// How a standby was made ready.
