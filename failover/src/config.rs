@@ -916,7 +916,6 @@ impl Environment {
     }
 }
 
-/// Whether `name` can be a Linux interface name.
 /// The default of `ack_timeout_ms`.
 const DEFAULT_ACK_TIMEOUT_MS: u64 = 1000;
 /// The largest `ack_timeout_ms`: output is held that long at most.
@@ -970,6 +969,7 @@ enum TapNameError {
     NotAnInterfaceName(String),
 }
 
+/// Whether `name` can be a Linux interface name.
 fn check_tap_name(name: &str) -> Result<(), TapNameError> {
     if name.is_empty() {
         return Err(TapNameError::Empty);
@@ -1154,6 +1154,30 @@ mod tests {
         assert!(err.to_string().contains("guest[0].memory_mib"), "{err}");
         let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nvcpus = 200\n").unwrap_err();
         assert!(err.to_string().contains("guest[0].vcpus"), "{err}");
+    }
+
+    #[test]
+    fn tap_names_no_interface_can_have_are_refused_with_the_reason() {
+        let net = |tap: &str| {
+            let text = format!(
+                "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[[guest.net]]\ntap = {tap:?}\n"
+            );
+            parse(&text).unwrap_err().to_string()
+        };
+        assert_eq!(
+            net(""),
+            "env.toml: guest[0].net[0].tap: is empty; name a TAP device, like \"us-tap0\""
+        );
+        assert_eq!(
+            net("a-very-long-tap-name"),
+            "env.toml: guest[0].net[0].tap: \"a-very-long-tap-name\" is longer than 15 bytes, \
+             the most an interface name has"
+        );
+        assert_eq!(
+            net("tap/0"),
+            "env.toml: guest[0].net[0].tap: \"tap/0\" cannot be an interface name \
+             ('/', ':' and white space are not allowed)"
+        );
     }
 
     #[test]
