@@ -36,12 +36,22 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The file is not valid TOML for this schema (syntax, unknown key, wrong type).
-    #[error("{path}: {message}")]
+    #[error("{path}: {}", .source.to_string().trim_end())]
     Parse {
         /// The file.
         path: PathBuf,
         /// What toml said, with line and column.
-        message: String,
+        source: toml::de::Error,
+    },
+    /// A guest's kernel file cannot be read or is no kernel.
+    #[error("{path}: {key}: {source}")]
+    Kernel {
+        /// The file.
+        path: PathBuf,
+        /// The key, e.g. `guest[0].kernel`.
+        key: String,
+        /// Why the kernel cannot be used.
+        source: vmm_core::BootError,
     },
     /// A value is out of range or inconsistent with another.
     #[error("{path}: {key}: {message}")]
@@ -404,9 +414,9 @@ impl Environment {
 
     /// Parses and validates `text`; `path` is named in errors, `base` resolves relative paths.
     pub fn parse(text: &str, path: &Path, base: &Path) -> Result<Self, ConfigError> {
-        let file: EnvironmentFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let file: EnvironmentFile = toml::from_str(text).map_err(|source| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
+            source,
         })?;
         let invalid = |key: String, message: String| ConfigError::Invalid {
             path: path.to_owned(),
@@ -464,7 +474,11 @@ impl Environment {
                 ));
             }
             let kernel = base.join(&g.kernel);
-            probe_kernel(&kernel).map_err(|e| invalid(key("kernel"), e.to_string()))?;
+            probe_kernel(&kernel).map_err(|source| ConfigError::Kernel {
+                path: path.to_owned(),
+                key: key("kernel"),
+                source,
+            })?;
             let kernel = canonical(kernel);
             let initrd = match g.initrd {
                 Some(p) => {
@@ -587,7 +601,7 @@ impl Environment {
             for (n, net) in net_files.into_iter().enumerate() {
                 let tap_key = key(&format!("net[{n}].tap"));
                 if let Err(why) = check_tap_name(&net.tap) {
-                    return Err(invalid(tap_key, why));
+                    return Err(invalid(tap_key, why.to_string()));
                 }
                 if let Some(other) = taps.get(&net.tap) {
                     return Err(invalid(
@@ -669,23 +683,30 @@ impl Environment {
     }
 }
 
+/// Why a `net[].tap` value cannot name a TAP device.
+#[derive(Debug, thiserror::Error)]
+enum TapNameError {
+    #[error("is empty; name a TAP device, like \"us-tap0\"")]
+    Empty,
+    #[error("{0:?} is longer than 15 bytes, the most an interface name has")]
+    TooLong(String),
+    #[error("{0:?} cannot be an interface name ('/', ':' and white space are not allowed)")]
+    NotAnInterfaceName(String),
+}
+
 /// Whether `name` can be a Linux interface name.
-fn check_tap_name(name: &str) -> Result<(), String> {
+fn check_tap_name(name: &str) -> Result<(), TapNameError> {
     if name.is_empty() {
-        return Err("is empty; name a TAP device, like \"us-tap0\"".into());
+        return Err(TapNameError::Empty);
     }
     if name.len() >= 16 {
-        return Err(format!(
-            "{name:?} is longer than 15 bytes, the most an interface name has"
-        ));
+        return Err(TapNameError::TooLong(name.to_owned()));
     }
     if name
         .bytes()
         .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
     {
-        return Err(format!(
-            "{name:?} cannot be an interface name ('/', ':' and white space are not allowed)"
-        ));
+        return Err(TapNameError::NotAnInterfaceName(name.to_owned()));
     }
     Ok(())
 }
@@ -862,6 +883,30 @@ mod tests {
         assert!(err.to_string().contains("guest[0].memory_mib"), "{err}");
         let err = parse("[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nvcpus = 200\n").unwrap_err();
         assert!(err.to_string().contains("guest[0].vcpus"), "{err}");
+    }
+
+    #[test]
+    fn tap_names_no_interface_can_have_are_refused_with_the_reason() {
+        let net = |tap: &str| {
+            let text = format!(
+                "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n[[guest.net]]\ntap = {tap:?}\n"
+            );
+            parse(&text).unwrap_err().to_string()
+        };
+        assert_eq!(
+            net(""),
+            "env.toml: guest[0].net[0].tap: is empty; name a TAP device, like \"us-tap0\""
+        );
+        assert_eq!(
+            net("a-very-long-tap-name"),
+            "env.toml: guest[0].net[0].tap: \"a-very-long-tap-name\" is longer than 15 bytes, \
+             the most an interface name has"
+        );
+        assert_eq!(
+            net("tap/0"),
+            "env.toml: guest[0].net[0].tap: \"tap/0\" cannot be an interface name \
+             ('/', ':' and white space are not allowed)"
+        );
     }
 
     #[test]

@@ -22,9 +22,9 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
 use crate::dirty_ring::{self, DirtyRing};
+use crate::error::VmError;
 use crate::layout::PAGE_SIZE;
 use crate::memory::GuestRam;
-use crate::vm::VmError;
 
 const KVMIO: u32 = 0xae;
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);

@@ -59,7 +59,7 @@ use kvm_ioctls::Kvm;
 
 pub use self::complete::complete_refused_instruction;
 use crate::cpuid::CpuFeature;
-use crate::vm::VmError;
+use crate::error::VmError;
 
 /// Linux's option that clears CPU features by name, comma-separated.
 const CLEARCPUID: &str = "clearcpuid=";

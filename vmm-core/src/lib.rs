@@ -11,10 +11,12 @@ pub mod cpuid;
 pub mod devices;
 pub mod dirty_log;
 pub mod dirty_ring;
+mod error;
 pub mod host_limits;
 pub mod layout;
 pub mod mce;
 pub mod memory;
+mod memslots;
 #[cfg(any(test, feature = "seeded-inputs"))]
 #[doc(hidden)]
 pub mod seeded_inputs;

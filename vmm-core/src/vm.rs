@@ -11,27 +11,28 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_msr_entry, kvm_pit_config, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_msr_entry, kvm_pit_config, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::boot::{self, mptable::MAX_VCPUS, BootError, BootSource};
+use crate::boot::{self, mptable::MAX_VCPUS, BootSource};
 use crate::cpuid::{vcpu_cpuid, CpuFeature};
 use crate::devices::disk::Disk;
 use crate::devices::heartbeat::{HeartbeatStatus, Heartbeats};
 use crate::devices::net::Nic;
-use crate::devices::serial::{Com1, SerialError, SerialSink, COM1_IRQ};
+use crate::devices::serial::{Com1, SerialSink, COM1_IRQ};
 use crate::devices::virtio::{self, block::Block, net::Net, VirtioSlot};
-use crate::devices::{DeviceRestoreError, Devices, UnknownAccesses};
+use crate::devices::{Devices, UnknownAccesses};
 use crate::dirty_log::{self, DirtyLog, DirtyPages};
 use crate::dirty_ring::{self, DirtyRing};
+pub use crate::error::VmError;
 use crate::host_limits::HostLimits;
 use crate::layout::KVM_TSS_ADDRESS;
-use crate::memory::{GuestRam, MemoryError};
-use crate::state::{StateError, VcpuState, VcpuStateLayout, VmSnapshot, VmState};
+use crate::memory::GuestRam;
+use crate::memslots::register_memslots;
+use crate::state::{VcpuState, VcpuStateLayout, VmSnapshot, VmState};
 use crate::vcpu::{self, VcpuContext, VcpuHandle, VcpuRequest, VmEvent};
 
 /// Largest guest RAM accepted, in MiB.
@@ -82,85 +83,6 @@ pub struct MachineSpec {
     /// per-memslot bitmaps.
     #[serde(default)]
     pub dirty_ring: bool,
-}
-
-/// Errors of machine operations.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    /// `/dev/kvm` cannot be opened.
-    #[error("cannot open /dev/kvm: {0} (is KVM available, and may this user open /dev/kvm?)")]
-    KvmUnavailable(kvm_ioctls::Error),
-    /// The host KVM lacks a capability the machine needs.
-    #[error("the host KVM lacks {0:?}, which understudy needs")]
-    MissingCapability(Cap),
-    /// A KVM call while building the machine failed.
-    #[error("{step} failed: {source}")]
-    Kvm {
-        /// The call.
-        step: &'static str,
-        /// KVM's error.
-        source: kvm_ioctls::Error,
-    },
-    /// The spec asks for something impossible.
-    #[error("invalid machine: {0}")]
-    InvalidSpec(String),
-    /// Guest RAM could not be set up.
-    #[error(transparent)]
-    Memory(#[from] MemoryError),
-    /// The kernel could not be loaded.
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    /// The serial device failed.
-    #[error(transparent)]
-    Serial(#[from] SerialError),
-    /// A device's state could not be loaded.
-    #[error(transparent)]
-    DeviceState(#[from] DeviceRestoreError),
-    /// A virtio device could not be set up.
-    #[error(transparent)]
-    Virtio(#[from] virtio::SlotError),
-    /// A virtio device's I/O thread did not stop between two requests in time.
-    #[error("virtio device {0} did not stop: a request of its did not finish")]
-    DeviceUnresponsive(usize),
-    /// A disk or NIC could not change hands.
-    #[error("{kind} {index}: {source}")]
-    DeviceOwnership {
-        /// "disk" or "NIC".
-        kind: &'static str,
-        /// Which one of that kind.
-        index: usize,
-        /// Why.
-        source: crate::devices::holder::OwnershipError,
-    },
-    /// Saving or loading state failed.
-    #[error("{what}: {source}")]
-    State {
-        /// What was being saved or loaded ("vCPU 1 state", "VM state").
-        what: String,
-        /// The KVM call that failed.
-        source: StateError,
-    },
-    /// A dirty ring could not be mapped or reset.
-    #[error("dirty ring: {0}")]
-    DirtyRing(std::io::Error),
-    /// The dirty bitmap could not be cleared.
-    #[error("KVM_CLEAR_DIRTY_LOG failed: {0}")]
-    DirtyLog(std::io::Error),
-    /// An eventfd could not be created (out of file descriptors?).
-    #[error("cannot create an eventfd: {0}")]
-    EventFd(std::io::Error),
-    /// A vCPU thread could not be started.
-    #[error("cannot start vCPU thread: {0}")]
-    Thread(std::io::Error),
-    /// A vCPU thread did not answer in time.
-    #[error("vCPU {0} did not respond")]
-    VcpuUnresponsive(u8),
-    /// A vCPU's thread has ended, so it cannot run or take requests.
-    #[error("vCPU {0}'s thread has ended")]
-    VcpuGone(u8),
-    /// A snapshot of another shape was given.
-    #[error("snapshot does not fit this machine: {0}")]
-    ShapeMismatch(String),
 }
 
 fn kvm_step<T>(step: &'static str, r: Result<T, kvm_ioctls::Error>) -> Result<T, VmError> {
@@ -892,35 +814,6 @@ impl Drop for Vm {
         }
         self.devices.flush_serial();
     }
-}
-
-/// Registers each RAM region as a KVM memslot, logging dirty pages if asked.
-pub(crate) fn register_memslots(
-    fd: &VmFd,
-    ram: &GuestRam,
-    dirty_tracking: bool,
-) -> Result<(), VmError> {
-    for (slot, (guest_phys_addr, memory_size, userspace_addr)) in
-        ram.regions().into_iter().enumerate()
-    {
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: if dirty_tracking {
-                KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-            guest_phys_addr,
-            memory_size,
-            userspace_addr,
-        };
-        // SAFETY: the host range is a live mapping owned by `ram`, which the Vm keeps for as
-        // long as the VM fd (and so the memslot) exists.
-        kvm_step("KVM_SET_USER_MEMORY_REGION", unsafe {
-            fd.set_user_memory_region(region)
-        })?;
-    }
-    Ok(())
 }
 
 /// Wires LINT0 to the 8259 (ExtINT) and LINT1 to NMI, as firmware would, so a guest that

@@ -12,12 +12,13 @@
 
 use std::time::{Duration, Instant};
 
-use vmm_core::{DirtyPages, GuestRam, SerialSink, VmError, VmSnapshot};
+use vmm_core::{GuestRam, SerialSink, VmError};
 
 use super::mode::{
-    start_standby, EpochTick, Handover, NotArmed, Prepared, ResumeMode, TakeOverFailed,
+    start_standby, EpochTick, Handover, HandoverError, NotArmed, ResumeMode, TakeOverError,
+    TakeOverFailed,
 };
-use super::{Context, Failure, Finished, Machine, Protection};
+use super::{Captured, Context, Failure, Finished, Machine, Prepared, Protection};
 use crate::background::JobId;
 use crate::checkpoint::{initial_copy, precopy, Checkpoint, EpochOutcome};
 use crate::config::ResumeFrom;
@@ -28,23 +29,6 @@ pub(crate) struct Checkpointed {
     checkpoint: Checkpoint,
     /// The dump job whose preserver the epochs call, while it runs.
     dump: Option<JobId>,
-}
-
-/// A failed machine stopped and captured in the background.
-pub(crate) struct Captured {
-    failed: Machine,
-    /// Its state, if every vCPU answered.
-    state: Option<VmSnapshot>,
-    /// The pages it wrote in its lost epoch, if it could be stopped.
-    lost_epoch: Option<DirtyPages>,
-    why_not: Option<String>,
-}
-
-impl Captured {
-    /// The failed machine.
-    pub fn into_machine(self) -> Machine {
-        self.failed
-    }
 }
 
 impl Checkpointed {
@@ -91,14 +75,12 @@ impl Checkpointed {
             let begun = Instant::now();
             let target = standby.vm.ram().clone();
             Finished::Standby(
-                initial_copy(&target, &source, &log)
-                    .map(|precopied| Prepared {
-                        machine: standby,
-                        precopied: Some(precopied),
-                        took: begun.elapsed(),
-                        replaced_ram: None,
-                    })
-                    .map_err(|e| e.to_string()),
+                initial_copy(&target, &source, &log).map(|precopied| Prepared {
+                    machine: standby,
+                    precopied: Some(precopied),
+                    took: begun.elapsed(),
+                    replaced_ram: None,
+                }),
             )
         });
         Protection::syncing(job, Some(id))
@@ -124,7 +106,7 @@ impl Checkpointed {
                         replaced_ram: Some(ram),
                     })
                 });
-            Finished::Standby(built.map_err(|e| e.to_string()))
+            Finished::Standby(built)
         });
         Protection::syncing(job, Some(id))
     }
@@ -190,7 +172,7 @@ impl ResumeMode for Checkpointed {
             }
             Err(err) => {
                 crate::background::retire(prepared.machine.vm);
-                Err(NotArmed::Failed(err.to_string()))
+                Err(NotArmed::Failed(err.into()))
             }
         }
     }
@@ -205,7 +187,7 @@ impl ResumeMode for Checkpointed {
                 tracing::debug!(guest = %ctx.config.name, %err, "active could not resume after an epoch");
                 EpochTick::Committed
             }
-            Err(err) => EpochTick::StandbyLost(err.to_string()),
+            Err(err) => EpochTick::StandbyLost(err),
         }
     }
 
@@ -233,8 +215,11 @@ impl ResumeMode for Checkpointed {
         ctx.phase(Phase::Fence, t, "failed machine fenced");
 
         let Some(committed) = self.checkpoint.committed().cloned() else {
-            let why = format!("{failure}; no checkpoint has committed yet");
-            return Err(TakeOverFailed::new(why, standby));
+            let failure = failure.clone();
+            return Err(TakeOverFailed::new(
+                TakeOverError::NothingCommitted { failure },
+                standby,
+            ));
         };
         // The standby's RAM is the last failure's, recycled: a dump of it still being written
         // would see the guest's writes from now on. It is given up.
@@ -247,7 +232,10 @@ impl ResumeMode for Checkpointed {
         // The failed machine's disks are taken from it before its uncommitted writes are
         // dropped: nothing it might still do reaches a disk after that.
         if let Err(err) = failed.vm.revoke_devices(ctx.pause_patience()) {
-            let why = format!("{failure}; its disks and NICs could not be taken from it: {err}");
+            let why = TakeOverError::DevicesKept {
+                failure: failure.clone(),
+                source: err,
+            };
             return Err(TakeOverFailed::new(why, standby));
         }
         let replay = self.checkpoint.abandon_epoch();
@@ -299,7 +287,7 @@ impl ResumeMode for Checkpointed {
                 Ok(()) => failed.vm.take_dirty_pages().ok(),
                 Err(_) => None,
             };
-            let why_not = stopped.err().map(|e| e.to_string());
+            let why_not = stopped.err();
             Finished::Captured(Box::new(Captured {
                 failed,
                 state,
@@ -328,7 +316,11 @@ impl ResumeMode for Checkpointed {
                 }
             }
             None if ctx.config.crash_dump => {
-                tracing::warn!(guest = %ctx.config.name, why = why_not.as_deref().unwrap_or("its state could not be saved"), "the failed machine could not be captured: no crash dump");
+                let why = why_not.as_ref().map_or_else(
+                    || "its state could not be saved".to_owned(),
+                    ToString::to_string,
+                );
+                tracing::warn!(guest = %ctx.config.name, why = why.as_str(), "the failed machine could not be captured: no crash dump");
             }
             None => {}
         }
@@ -358,7 +350,7 @@ impl ResumeMode for Checkpointed {
                         replaced_ram: None,
                     })
                 });
-            Finished::Standby(prepared.map_err(|e| e.to_string()))
+            Finished::Standby(prepared)
         });
         Protection::syncing(job, Some(id))
     }
@@ -389,20 +381,20 @@ impl ResumeMode for Checkpointed {
             Ok(EpochOutcome::VcpuStopped(events)) => return Err(Handover::ActiveStopped(events)),
             Ok(EpochOutcome::Unresponsive(vcpu)) => return Err(Handover::Unresponsive(vcpu)),
             Ok(EpochOutcome::CommittedActiveGone(err)) => {
-                return Err(Handover::Refused(format!("final epoch: {err}")))
+                return Err(Handover::Refused(HandoverError::ActiveGone(err)))
             }
             Err(err) => {
                 let _ = active.vm.resume();
-                return Err(Handover::StandbyLost(format!("final epoch: {err}")));
+                return Err(Handover::StandbyLost(HandoverError::FinalEpoch(err)));
             }
         }
         let Some(state) = self.checkpoint.committed().cloned() else {
             let _ = active.vm.resume();
-            return Err(Handover::Refused("nothing committed".into()));
+            return Err(Handover::Refused(HandoverError::NothingCommitted));
         };
         if let Err(why) = start_standby(ctx, active, standby, &state, None) {
             let _ = active.vm.resume();
-            return Err(Handover::StandbyLost(why));
+            return Err(Handover::StandbyLost(why.into()));
         }
         self.checkpoint.switch_sides(active.vm.ram().clone());
         Ok(())

@@ -5,12 +5,12 @@
 //! thread, between the events it watches. Errors are [`GuestError`]s; the control layer turns
 //! them into replies.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use vmm_core::{Snapshot, VmError};
+use vmm_core::{Snapshot, SnapshotError, VmError};
 
-use super::mode::Handover;
+use super::mode::{Handover, HandoverError};
 use super::{us, Change, Guest, GuestEnd, Protection, Run, Running, State, Syncing};
 use crate::control::protocol::{
     CheckpointStatus, DiskStatus, GuestStatus, HeartbeatStatus, MachineState, MachineStatus,
@@ -49,14 +49,38 @@ pub enum GuestError {
         /// What failed.
         source: VmError,
     },
-    /// Carrying it out failed otherwise (a file could not be written, the standby failed).
-    #[error("guest {guest}: {what}: {why}")]
-    Failed {
+    /// The snapshot's directory could not be created.
+    #[error("guest {guest}: create {}: {source}", .path.display())]
+    SnapshotDir {
         /// The guest.
         guest: String,
-        /// What was being done.
-        what: String,
-        /// What failed.
+        /// The directory.
+        path: PathBuf,
+        /// Why not.
+        source: std::io::Error,
+    },
+    /// The snapshot could not be written.
+    #[error("guest {guest}: write the snapshot: {source}")]
+    Snapshot {
+        /// The guest.
+        guest: String,
+        /// Why not.
+        source: SnapshotError,
+    },
+    /// A planned switchover to the standby machine failed.
+    #[error("guest {guest}: switch over: {source}")]
+    SwitchOver {
+        /// The guest.
+        guest: String,
+        /// Why.
+        source: HandoverError,
+    },
+    /// The standby process could not be told to take over (as its link reports it).
+    #[error("guest {guest}: switch over: {why}")]
+    StandbyProcess {
+        /// The guest.
+        guest: String,
+        /// What the link to the standby process reported.
         why: String,
     },
 }
@@ -515,15 +539,13 @@ impl Guest {
     /// is written.
     pub fn snapshot(&mut self, path: &Path) -> Result<SnapshotDone, GuestError> {
         let guest = self.ctx.config.name.clone();
-        let failed = |what: String, why: String| GuestError::Failed {
-            guest: guest.clone(),
-            what,
-            why,
-        };
         let (pause_err, resume_err) = (self.machine_error("pause"), self.machine_error("resume"));
         let running = self.running()?;
-        std::fs::create_dir(path)
-            .map_err(|e| failed(format!("create {}", path.display()), e.to_string()))?;
+        std::fs::create_dir(path).map_err(|source| GuestError::SnapshotDir {
+            guest: guest.clone(),
+            path: path.to_owned(),
+            source,
+        })?;
         let begun = Instant::now();
         let was_paused = running.run == Run::Paused;
         if !was_paused {
@@ -538,7 +560,7 @@ impl Guest {
         let paused = begun.elapsed();
 
         let memory_bytes_written = written
-            .map_err(|e| failed("write the snapshot".into(), e.to_string()))?
+            .map_err(|source| GuestError::Snapshot { guest, source })?
             .memory_bytes;
         resumed.map_err(resume_err)?;
         lifecycle!(
@@ -597,20 +619,18 @@ impl Guest {
         let begun = Instant::now();
         match mode.switch_over(&mut self.ctx, &mut running.active, standby) {
             Ok(()) => {}
-            Err(Handover::Refused(why)) => {
-                let err = GuestError::Failed {
+            Err(Handover::Refused(source)) => {
+                let err = GuestError::SwitchOver {
                     guest: self.ctx.config.name.clone(),
-                    what: "switch over".into(),
-                    why,
+                    source,
                 };
                 return (Err(err), Change::None);
             }
-            Err(Handover::StandbyLost(why)) => {
+            Err(Handover::StandbyLost(source)) => {
                 self.standby_lost();
-                let err = GuestError::Failed {
+                let err = GuestError::SwitchOver {
                     guest: self.ctx.config.name.clone(),
-                    what: "switch over".into(),
-                    why,
+                    source,
                 };
                 return (Err(err), Change::None);
             }
@@ -722,9 +742,8 @@ impl Guest {
                 (Ok(done), self.ended(GuestEnd::HandedOver { pid }))
             }
             Some(Err(why)) => {
-                let err = GuestError::Failed {
+                let err = GuestError::StandbyProcess {
                     guest: self.ctx.config.name.clone(),
-                    what: "switch over".into(),
                     why: why.clone(),
                 };
                 let change = self.ended(GuestEnd::Down {

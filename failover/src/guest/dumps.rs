@@ -11,7 +11,7 @@ use std::time::Instant;
 use vmm_core::memory::trap::WriteTrap;
 use vmm_core::{GuestRam, VcpuState};
 
-use super::{Context, DumpDone, Finished, Machine};
+use super::{Context, DumpDone, DumpError, Finished, Machine};
 use crate::background::JobId;
 use crate::control::protocol::Phase;
 use crate::dump::{dump_path, make_room, CoreWriter, Preserver};
@@ -43,7 +43,7 @@ impl Context {
             let begun = Instant::now();
             let removed = make_room(&dir, &guest, keep, number);
             let path = dump_path(&dir, &guest, number);
-            let result = writer.write(&path, &vcpus).map_err(|e| e.to_string());
+            let result = writer.write(&path, &vcpus).map_err(DumpError::Write);
             DumpDone {
                 path,
                 result,
@@ -72,7 +72,7 @@ impl Context {
                 Ok(state) => write(state.vcpus),
                 Err(err) => DumpDone {
                     path,
-                    result: Err(format!("the failed machine could not be captured: {err}")),
+                    result: Err(DumpError::NotCaptured(err)),
                     took: std::time::Duration::ZERO,
                     writes_held: None,
                     removed: Vec::new(),
@@ -231,9 +231,7 @@ pub(crate) fn arm_trap(ctx: &mut Context, machine: &Machine) {
         crate::background::lower_priority();
         Finished::Trap {
             machine: id,
-            trap: vmm_core::memory::trap::WriteTrap::arm(&ram)
-                .map(Arc::new)
-                .map_err(|e| e.to_string()),
+            trap: vmm_core::memory::trap::WriteTrap::arm(&ram).map(Arc::new),
         }
     });
 }

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use vmm_core::GuestRam;
+use vmm_core::{GuestRam, VmError};
 
 use super::mode::{NotArmed, TakeOverFailed};
 use super::policy::{self, Cover, Decision, Readiness};
@@ -312,11 +312,7 @@ impl Guest {
         }
     }
 
-    fn standby_finished(
-        &mut self,
-        id: JobId,
-        result: Result<super::mode::Prepared, String>,
-    ) -> Change {
+    fn standby_finished(&mut self, id: JobId, result: Result<super::Prepared, VmError>) -> Change {
         let (State::Running(running), Some(mode)) = (&mut self.state, self.mode.as_mut()) else {
             if let Ok(prepared) = result {
                 crate::background::retire(prepared.machine.vm);
@@ -331,7 +327,7 @@ impl Guest {
         }
         let armed = match result {
             Ok(prepared) => mode.arm(&mut self.ctx, &running.active, prepared),
-            Err(why) => Err(NotArmed::Failed(why)),
+            Err(why) => Err(NotArmed::Failed(why.into())),
         };
         let recovery = self.ctx.recovering_since.take();
         match armed {
@@ -376,7 +372,10 @@ impl Guest {
     fn trap_finished(
         &mut self,
         machine: u32,
-        trap: Result<std::sync::Arc<vmm_core::memory::trap::WriteTrap>, String>,
+        trap: Result<
+            std::sync::Arc<vmm_core::memory::trap::WriteTrap>,
+            vmm_core::memory::trap::TrapError,
+        >,
     ) {
         let trap = match trap {
             Ok(trap) => trap,
@@ -398,12 +397,5 @@ impl Guest {
         // The machine has taken over (or gone) meanwhile: a trap under a running guest is
         // lifted at once.
         super::dumps::release_in_background(trap);
-    }
-}
-
-impl super::checkpointed::Captured {
-    /// Nothing wants this capture any more: the machine is torn down.
-    pub(crate) fn retire(self) {
-        crate::background::retire(self.into_machine().vm);
     }
 }

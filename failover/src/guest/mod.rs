@@ -40,11 +40,32 @@ pub use control::{describe_end, GuestError};
 use failover::AfterRewire;
 pub use failure::{Change, Failure, GuestEnd, StartError};
 use mode::ResumeMode;
+pub use mode::{HandoverError, StartStandbyError};
 use policy::CrashLoopGuard;
 pub(crate) use state::State;
 pub(crate) use state::{
-    Context, DumpDone, Finished, Machine, Protection, Record, Run, Running, SyncReport, Syncing,
+    Captured, Context, DumpDone, DumpError, Finished, Machine, Prepared, Protection, Record, Run,
+    Running, SyncReport, Syncing,
 };
+
+/// The setting `resume` for a guest over `ram` whose console is `console`, and the sink the
+/// active machine's console writes to.
+fn resume_mode(
+    resume: crate::config::ResumeFrom,
+    ctx: &mut Context,
+    ram: &GuestRam,
+    console: vmm_core::SerialSink,
+) -> Result<(Box<dyn ResumeMode>, vmm_core::SerialSink), VmError> {
+    Ok(match resume {
+        crate::config::ResumeFrom::FailedState => {
+            (Box::new(shared::SharedRam::new(ram.clone())), console)
+        }
+        crate::config::ResumeFrom::Checkpoint => {
+            let (mode, active_console) = checkpointed::Checkpointed::new(ctx, ram, console)?;
+            (Box::new(mode), active_console)
+        }
+    })
+}
 
 /// A machine's vCPUs' lost time, with what the host's own hypervisor stole added to each: the
 /// time the heartbeat watch leaves out of a guest's silence.
@@ -221,7 +242,7 @@ impl Guest {
                 }
             }
             Some(resume) => {
-                let (mut mode, active_console) = mode::new(resume, &mut ctx, &ram, console)
+                let (mut mode, active_console) = resume_mode(resume, &mut ctx, &ram, console)
                     .map_err(machine_err("allocate standby RAM"))?;
                 // The standby is built first, but the active is machine 1.
                 ctx.machines_built = 1;

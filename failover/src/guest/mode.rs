@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use vmm_core::{GuestRam, SerialSink, VmError, VmEvent};
 
-use super::{Context, Failure, Machine, Protection};
-use crate::checkpoint::{Checkpoint, Precopied};
+use super::{Captured, Context, Failure, Machine, Prepared, Protection};
+use crate::checkpoint::{Checkpoint, EpochError};
 use crate::config::ResumeFrom;
 
 /// What an epoch tick did.
@@ -25,19 +25,7 @@ pub(crate) enum EpochTick {
     /// A vCPU of the active did not answer the pause: the active has failed.
     Unresponsive(u8),
     /// The standby side is no longer consistent: it must be rebuilt.
-    StandbyLost(String),
-}
-
-/// A standby made ready in the background, for the guest's thread to arm.
-pub(crate) struct Prepared {
-    pub machine: Machine,
-    /// What was copied while the guest ran, for a checkpointed standby.
-    pub precopied: Option<Precopied>,
-    /// How long the background work took.
-    pub took: Duration,
-    /// A checkpointed standby whose RAM had to be replaced (the failed machine's could not
-    /// be trusted): the new RAM.
-    pub replaced_ram: Option<GuestRam>,
+    StandbyLost(EpochError),
 }
 
 /// Why a standby that came back from the background could not be armed.
@@ -47,32 +35,111 @@ pub(crate) enum NotArmed {
     /// A vCPU of the active did not answer the pause: the active has failed.
     Unresponsive(u8, Machine),
     /// The standby could not be made consistent.
-    Failed(String),
+    Failed(StandbyError),
+}
+
+/// Why a standby could not be built, synced or made consistent.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StandbyError {
+    /// Building its machine or copying RAM into it failed.
+    #[error(transparent)]
+    Build(#[from] VmError),
+    /// The epoch that arms it failed.
+    #[error(transparent)]
+    Epoch(#[from] EpochError),
 }
 
 /// The standby could not take over.
 pub(crate) struct TakeOverFailed {
-    /// Why.
-    pub reason: String,
+    /// Why (boxed: a failure and a machine error make it large, and it is rare).
+    pub reason: Box<TakeOverError>,
     /// The standby, to be torn down.
     pub standby: Machine,
 }
 
 impl TakeOverFailed {
-    pub fn new(reason: impl Into<String>, standby: Machine) -> Self {
+    pub fn new(reason: impl Into<TakeOverError>, standby: Machine) -> Self {
         TakeOverFailed {
-            reason: reason.into(),
+            reason: Box::new(reason.into()),
             standby,
         }
     }
 }
 
+/// Why a standby could not take over from a failed machine.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TakeOverError {
+    /// The failed machine's vCPUs did not all stop.
+    #[error("the failed machine could not be stopped: {0}")]
+    NotStopped(#[source] VmError),
+    /// The failed machine's state could not be saved.
+    #[error("its state could not be captured: {0}")]
+    NotCaptured(#[source] VmError),
+    /// A checkpointed guest failed before its first epoch committed.
+    #[error("{failure}; no checkpoint has committed yet")]
+    NothingCommitted {
+        /// The failure being failed over.
+        failure: Failure,
+    },
+    /// The failed machine kept its disks and NICs.
+    #[error("{failure}; its disks and NICs could not be taken from it: {source}")]
+    DevicesKept {
+        /// The failure being failed over.
+        failure: Failure,
+        /// Why they could not be taken.
+        source: VmError,
+    },
+    /// The standby could not be started.
+    #[error(transparent)]
+    Start(#[from] StartStandbyError),
+}
+
+/// Why a standby could not be started in place of a stopped machine.
+#[derive(Debug, thiserror::Error)]
+pub enum StartStandbyError {
+    /// The standby could not load the machine's state.
+    #[error("the standby could not load the state: {0}")]
+    LoadState(#[source] VmError),
+    /// The machine would not give up its disks and NICs.
+    #[error("the disks and NICs could not be taken from the machine: {0}")]
+    RevokeDevices(#[source] VmError),
+    /// The standby could not be made their holder.
+    #[error("the standby could not be given the disks and NICs: {0}")]
+    GrantDevices(#[source] VmError),
+    /// The standby's vCPUs could not be started.
+    #[error("the standby could not start: {0}")]
+    Resume(#[source] VmError),
+}
+
+/// Why a planned switchover failed, as its requester is told.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    /// The active did not pause.
+    #[error("pause: {0}")]
+    Pause(#[source] VmError),
+    /// The paused active's state could not be saved.
+    #[error("save the state: {0}")]
+    SaveState(#[source] VmError),
+    /// The last epoch committed, but the active could not be resumed after it.
+    #[error("final epoch: {0}")]
+    ActiveGone(#[source] VmError),
+    /// The last epoch failed.
+    #[error("final epoch: {0}")]
+    FinalEpoch(#[source] EpochError),
+    /// No epoch has committed, so there is no state to hand over.
+    #[error("nothing committed")]
+    NothingCommitted,
+    /// The standby could not be started.
+    #[error(transparent)]
+    Start(#[from] StartStandbyError),
+}
+
 /// Why a planned switchover did not happen.
 pub(crate) enum Handover {
     /// Nothing changed; the active runs on.
-    Refused(String),
+    Refused(HandoverError),
     /// The active runs on, but the standby is no longer consistent and must be rebuilt.
-    StandbyLost(String),
+    StandbyLost(HandoverError),
     /// A vCPU of the active stopped on its own; its events are to be acted on.
     ActiveStopped(Vec<VmEvent>),
     /// A vCPU of the active did not answer the pause: the active has failed.
@@ -148,7 +215,7 @@ pub(crate) trait ResumeMode: Send {
     fn captured(
         &mut self,
         _ctx: &mut Context,
-        _captured: super::checkpointed::Captured,
+        _captured: Captured,
         _active: &Machine,
     ) -> Protection {
         Protection::Unprotected
@@ -172,26 +239,6 @@ pub(crate) trait ResumeMode: Send {
     }
 }
 
-/// The setting `resume` for a guest over `ram` whose console is `console`, and the sink the
-/// active machine's console writes to.
-pub(crate) fn new(
-    resume: ResumeFrom,
-    ctx: &mut Context,
-    ram: &GuestRam,
-    console: SerialSink,
-) -> Result<(Box<dyn ResumeMode>, SerialSink), VmError> {
-    Ok(match resume {
-        ResumeFrom::FailedState => (
-            Box::new(super::shared::SharedRam::new(ram.clone())),
-            console,
-        ),
-        ResumeFrom::Checkpoint => {
-            let (mode, active_console) = super::checkpointed::Checkpointed::new(ctx, ram, console)?;
-            (Box::new(mode), active_console)
-        }
-    })
-}
-
 /// Loads `state` into `standby`, hands it the disks and the console of `from` (whose vCPUs
 /// are stopped) and starts it. The disks are taken from `from` before `standby` is given
 /// them, so the two never both hold one. On failure `from` gets its disks and console back.
@@ -201,19 +248,17 @@ pub(crate) fn start_standby(
     standby: &Machine,
     state: &vmm_core::VmSnapshot,
     console: Option<SerialSink>,
-) -> Result<(), String> {
+) -> Result<(), StartStandbyError> {
     standby
         .vm
         .restore(state)
-        .map_err(|err| format!("the standby could not load the state: {err}"))?;
+        .map_err(StartStandbyError::LoadState)?;
     from.vm
         .revoke_devices(ctx.pause_patience())
-        .map_err(|err| format!("the disks and NICs could not be taken from the machine: {err}"))?;
+        .map_err(StartStandbyError::RevokeDevices)?;
     if let Err(err) = standby.vm.grant_devices() {
         let _ = from.vm.grant_devices();
-        return Err(format!(
-            "the standby could not be given the disks and NICs: {err}"
-        ));
+        return Err(StartStandbyError::GrantDevices(err));
     }
     let console = console.unwrap_or_else(|| from.vm.set_serial_sink(Box::new(std::io::sink())));
     standby.vm.set_serial_sink(console);
@@ -225,7 +270,7 @@ pub(crate) fn start_standby(
         from.vm.set_serial_sink(console);
         let _ = standby.vm.revoke_devices(ctx.pause_patience());
         let _ = from.vm.grant_devices();
-        return Err(format!("the standby could not start: {err}"));
+        return Err(StartStandbyError::Resume(err));
     }
     Ok(())
 }

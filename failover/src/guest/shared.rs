@@ -15,9 +15,10 @@ use vmm_core::{GuestRam, VmError};
 
 use super::dumps::{arm_trap, release_in_background};
 use super::mode::{
-    own_stops, start_standby, Handover, NotArmed, Prepared, ResumeMode, TakeOverFailed,
+    own_stops, start_standby, Handover, HandoverError, NotArmed, ResumeMode, TakeOverError,
+    TakeOverFailed,
 };
-use super::{Context, Failure, Finished, Machine, Protection};
+use super::{Context, Failure, Finished, Machine, Prepared, Protection};
 use crate::config::ResumeFrom;
 use crate::control::protocol::Phase;
 
@@ -62,8 +63,7 @@ impl SharedRam {
                             took: begun.elapsed(),
                             replaced_ram: None,
                         }
-                    })
-                    .map_err(|e| e.to_string()),
+                    }),
             )
         });
         Protection::syncing(job, Some(id))
@@ -115,8 +115,7 @@ impl ResumeMode for SharedRam {
         let t = Instant::now();
         failed.vm.fence();
         if let Err(err) = failed.vm.pause_within(ctx.pause_patience()) {
-            let why = format!("the failed machine could not be stopped: {err}");
-            return Err(TakeOverFailed::new(why, standby));
+            return Err(TakeOverFailed::new(TakeOverError::NotStopped(err), standby));
         }
         let console = failed.vm.set_serial_sink(Box::new(std::io::sink()));
         ctx.phase(Phase::Fence, t, "failed machine fenced");
@@ -125,8 +124,10 @@ impl ResumeMode for SharedRam {
         let state = match failed.vm.save() {
             Ok(state) => state,
             Err(err) => {
-                let why = format!("its state could not be captured: {err}");
-                return Err(TakeOverFailed::new(why, standby));
+                return Err(TakeOverFailed::new(
+                    TakeOverError::NotCaptured(err),
+                    standby,
+                ));
             }
         };
         ctx.phase(Phase::Capture, t, "state captured");
@@ -190,7 +191,7 @@ impl ResumeMode for SharedRam {
         match active.vm.pause_within(ctx.pause_patience()) {
             Ok(()) => {}
             Err(VmError::VcpuUnresponsive(vcpu)) => return Err(Handover::Unresponsive(vcpu)),
-            Err(err) => return Err(Handover::Refused(format!("pause: {err}"))),
+            Err(err) => return Err(Handover::Refused(HandoverError::Pause(err))),
         }
         if let Some(events) = own_stops(active) {
             return Err(Handover::ActiveStopped(events));
@@ -199,12 +200,12 @@ impl ResumeMode for SharedRam {
             Ok(state) => state,
             Err(err) => {
                 let _ = active.vm.resume();
-                return Err(Handover::Refused(format!("save the state: {err}")));
+                return Err(Handover::Refused(HandoverError::SaveState(err)));
             }
         };
         if let Err(why) = start_standby(ctx, active, standby, &state, None) {
             let _ = active.vm.resume();
-            return Err(Handover::StandbyLost(why));
+            return Err(Handover::StandbyLost(why.into()));
         }
         // The new active needs no trap; the new standby gets one.
         if let Some(trap) = standby.trap.take() {

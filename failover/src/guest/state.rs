@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmm_core::memory::trap::WriteTrap;
-use vmm_core::{GuestRam, UnknownAccesses, Vm, VmError};
+use vmm_core::memory::trap::{TrapError, WriteTrap};
+use vmm_core::{DirtyPages, GuestRam, UnknownAccesses, Vm, VmError, VmSnapshot};
 
-use super::{checkpointed, mode, us, GuestEnd};
+use super::{us, GuestEnd};
 use crate::background::{JobId, Jobs};
+use crate::checkpoint::Precopied;
 use crate::config::GuestConfig;
 use crate::control::protocol::{FailureRecord, Phase, PhaseTiming};
 use crate::disk::GuestDisks;
@@ -89,31 +90,76 @@ pub(crate) enum State {
 pub(crate) enum Finished {
     /// A standby machine was built (and, checkpointed, its RAM brought close to the
     /// active's); `Err` says why not.
-    Standby(Result<mode::Prepared, String>),
+    Standby(Result<Prepared, VmError>),
     /// The write trap of standby machine `machine` is laid down, or could not be.
     Trap {
         machine: u32,
-        trap: Result<Arc<WriteTrap>, String>,
+        trap: Result<Arc<WriteTrap>, TrapError>,
     },
     /// A failed checkpointed machine was stopped and captured: its dump can be written and
     /// its RAM recycled.
-    Captured(Box<checkpointed::Captured>),
+    Captured(Box<Captured>),
     /// A crash dump was written (or not).
     Dump(DumpDone),
     /// The bulk of a separate standby process's journal batch was copied (or not).
     Batch(Result<crate::checkpoint::Precopied, String>),
 }
 
+/// A standby made ready in the background, for the guest's thread to arm.
+pub(crate) struct Prepared {
+    pub machine: Machine,
+    /// What was copied while the guest ran, for a checkpointed standby.
+    pub precopied: Option<Precopied>,
+    /// How long the background work took.
+    pub took: Duration,
+    /// A checkpointed standby whose RAM had to be replaced (the failed machine's could not
+    /// be trusted): the new RAM.
+    pub replaced_ram: Option<GuestRam>,
+}
+
+/// A failed machine stopped and captured in the background.
+pub(crate) struct Captured {
+    pub failed: Machine,
+    /// Its state, if every vCPU answered.
+    pub state: Option<VmSnapshot>,
+    /// The pages it wrote in its lost epoch, if it could be stopped.
+    pub lost_epoch: Option<DirtyPages>,
+    pub why_not: Option<VmError>,
+}
+
+impl Captured {
+    /// The failed machine.
+    pub fn into_machine(self) -> Machine {
+        self.failed
+    }
+
+    /// Nothing wants this capture any more: the machine is torn down.
+    pub(crate) fn retire(self) {
+        crate::background::retire(self.into_machine().vm);
+    }
+}
+
 /// A crash dump job's report.
 pub(crate) struct DumpDone {
     pub path: PathBuf,
     /// Bytes of memory written, or why the dump failed.
-    pub result: Result<u64, String>,
+    pub result: Result<u64, DumpError>,
     pub took: Duration,
     /// Writes of the resumed guest held by the write trap until their pages were taken.
     pub writes_held: Option<u64>,
     /// Old dumps removed to make room for it.
     pub removed: Vec<PathBuf>,
+}
+
+/// Why a crash dump was not written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DumpError {
+    /// The failed machine could not be stopped or its state saved.
+    #[error("the failed machine could not be captured: {0}")]
+    NotCaptured(#[source] VmError),
+    /// The dump file could not be written.
+    #[error(transparent)]
+    Write(#[from] std::io::Error),
 }
 
 /// How a standby was made ready.

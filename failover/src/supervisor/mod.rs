@@ -72,9 +72,17 @@ pub enum RunError {
     /// The control socket could not be served.
     #[error(transparent)]
     Control(#[from] ControlError),
-    /// The event loop, a timer or a thread could not be set up.
-    #[error("event loop: {0}")]
-    EventLoop(String),
+    /// A timer, an eventfd or a thread of the event loop could not be set up.
+    #[error("event loop: {what}: {source}")]
+    EventLoopSetup {
+        /// What was being set up.
+        what: &'static str,
+        /// Why it could not be.
+        source: std::io::Error,
+    },
+    /// The event loop itself could not be made or run.
+    #[error("event loop: {0:?}")]
+    EventLoop(#[source] event_manager::Error),
 }
 
 /// What an eventfd registered with the loop stands for; the event's data.
@@ -398,8 +406,8 @@ pub(crate) fn stop_signals() -> Option<std::fs::File> {
     Some(unsafe { std::fs::File::from_raw_fd(fd) })
 }
 
-fn setup_error(what: &str) -> impl Fn(std::io::Error) -> RunError + '_ {
-    move |err| RunError::EventLoop(format!("{what}: {err}"))
+fn setup_error(what: &'static str) -> impl Fn(std::io::Error) -> RunError {
+    move |source| RunError::EventLoopSetup { what, source }
 }
 
 /// Starts every guest of `env` (those named in `restores` from their snapshot), fires the
@@ -551,7 +559,7 @@ fn run_guests(
         signals,
     }));
     let mut manager: EventManager<Arc<std::sync::Mutex<dyn MutEventSubscriber + Send>>> =
-        EventManager::new().map_err(|e| RunError::EventLoop(format!("{e:?}")))?;
+        EventManager::new().map_err(RunError::EventLoop)?;
     manager.add_subscriber(supervisor.clone());
     loop {
         if supervisor
@@ -561,9 +569,7 @@ fn run_guests(
         {
             break;
         }
-        manager
-            .run()
-            .map_err(|e| RunError::EventLoop(format!("{e:?}")))?;
+        manager.run().map_err(RunError::EventLoop)?;
     }
     let mut supervisor = supervisor.lock().unwrap_or_else(|e| e.into_inner());
     // The control front ends go first, so nothing asks a loop that is ending.

@@ -9,9 +9,10 @@ use super::complete::{complete_refused_instruction, BREAKPOINT_VECTOR, CR4_OSFXS
 use super::{HostLimits, Refusal, Workaround};
 use crate::boot::regs;
 use crate::cpuid::{vcpu_cpuid, CpuFeature, Reg};
+use crate::error::VmError;
 use crate::layout::{BOOT_STACK_POINTER, KVM_TSS_ADDRESS};
 use crate::memory::GuestRam;
-use crate::vm::{register_memslots, VmError};
+use crate::memslots::register_memslots;
 
 pub(super) const HLT: u8 = 0xf4;
 const CR4_FSGSBASE: u64 = 1 << 16;

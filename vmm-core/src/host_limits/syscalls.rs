@@ -8,9 +8,9 @@ use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use super::probe::{probe_vm, write_gate, HLT, KERNEL_CS, PROBE_DATA, PROBE_IDT};
 use super::SystemCalls;
 use crate::boot::regs;
+use crate::error::VmError;
 use crate::layout::BOOT_STACK_POINTER;
 use crate::memory::GuestRam;
-use crate::vm::VmError;
 
 /// The user-mode probes: a GDT with user segments and a TSS, user-accessible page tables, the
 /// stack the CPU switches to on an interrupt from user mode, and the user stack.

@@ -5,7 +5,7 @@
 //! it. This module allocates, copies and describes RAM, (`trap`) holds writes to a mapping
 //! until its owner has seen the page (through `uffd`, the kernel's userfaultfd interface),
 //! and (`paging`) translates guest-virtual addresses as the guest's CPU does; registering RAM
-//! with KVM is `vm`'s job.
+//! with KVM is `memslots`'s job.
 //!
 //! A memfd keeps pages nobody ever wrote as holes: they cost no host memory, and every copy
 //! here skips them, so RAM costs what the guest touched, not its configured size.
