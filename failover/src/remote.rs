@@ -1161,7 +1161,12 @@ impl Relay {
     /// One session with the active at the peer; returns why it ended.
     fn session(&self, tcp: TcpStream) -> String {
         let _ = tcp.set_nodelay(true);
-        let _ = tcp.set_read_timeout(Some(self.silence()));
+        // Until this standby has loaded a batch, the active may be building one (a 1 GiB
+        // guest's takes seconds on a busy host) and sends nothing meanwhile: it is given as
+        // long as it gives a standby to load one. Once following, a silence is judged by
+        // `silence()`.
+        let _ = tcp.set_read_timeout(Some(LOAD_PATIENCE));
+        let (mut batch_seen, mut following) = (false, false);
         let Ok(mut writer) = tcp.try_clone() else {
             return "cannot use the connection".into();
         };
@@ -1181,16 +1186,23 @@ impl Relay {
                 Ok(Some(message)) => message,
                 Ok(None) => return "the active closed the connection".into(),
                 Err(err) if timed_out(&err) => {
-                    return format!(
-                        "the active sent nothing for {} ms",
-                        self.silence().as_millis()
-                    )
+                    let patience = if following {
+                        self.silence()
+                    } else {
+                        LOAD_PATIENCE
+                    };
+                    return format!("the active sent nothing for {} ms", patience.as_millis());
                 }
                 Err(err) => return err.to_string(),
             };
             let _frame = locked(&self.frame);
             if locked(&self.state).promoted {
                 return "promoted".into();
+            }
+            batch_seen |= matches!(message, ToRemote::Batch { .. });
+            if !following && batch_seen && locked(&self.state).loaded {
+                following = true;
+                let _ = reader.get_ref().set_read_timeout(Some(self.silence()));
             }
             if let ToRemote::Refused { why } = &message {
                 // A peer that stands by itself answers so: no session was had.
