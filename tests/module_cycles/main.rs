@@ -50,20 +50,8 @@ struct Reference {
 type PeerEdges = BTreeMap<(ModPath, String, String), Vec<Reference>>;
 
 /// Edges allowed to close a cycle, each (crate, parent module or "" for the crate root, from,
-/// to). Only one circle is allowed, and it is being removed: `failover`'s `control` →
-/// `guest` → `remote` → `control` (`control::reply_for` maps a `guest::GuestError`;
-/// `guest::process` serves a remote standby through `remote`; `remote` binds the attach socket
-/// and reports roles with `control`'s helpers and protocol types). Within it `guest` also
-/// uses `control` directly: `guest::process` binds its socket with `control`'s helpers, and
-/// the guest's records and phases are `control::protocol` types. The standby-process modules
-/// that close the circle are being rewritten; these entries go when it is gone. Any other
-/// cycle, or another edge inside this one, fails the check.
-const ALLOWED_EDGES: &[(&str, &str, &str, &str)] = &[
-    ("failover", "", "control", "guest"),
-    ("failover", "", "guest", "control"),
-    ("failover", "", "guest", "remote"),
-    ("failover", "", "remote", "control"),
-];
+/// to). None: every cycle fails the check.
+const ALLOWED_EDGES: &[(&str, &str, &str, &str)] = &[];
 
 fn render(path: &[String]) -> String {
     if path.is_empty() {

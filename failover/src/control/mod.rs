@@ -13,13 +13,3 @@ pub use server::{
     bind_owner_only, bind_owner_only_replacing, ControlError, ControlSocket, PendingRequest,
     RequestQueue, Serving,
 };
-
-/// The reply for a request a guest could not carry out.
-pub fn reply_for(err: &crate::guest::GuestError) -> Reply {
-    let kind = if err.is_refusal() {
-        ErrorKind::NotPossible
-    } else {
-        ErrorKind::Failed
-    };
-    Reply::error(kind, err.to_string())
-}

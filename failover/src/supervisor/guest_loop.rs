@@ -24,7 +24,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::GuestOutcome;
 use crate::control::protocol::{ErrorKind, GuestStatus};
-use crate::control::{reply_for, Reply, Request};
+use crate::control::{Reply, Request};
 use crate::fault::FaultKind;
 use crate::guest::{describe_end, Change, Guest, GuestEnd};
 use crate::liveness::Deadline;
@@ -571,4 +571,15 @@ impl GuestLoop {
             self.maybe_report_end();
         }
     }
+}
+
+/// The reply for a request a guest could not carry out: refused (not possible now) or
+/// failed, with the guest's own words.
+fn reply_for(err: &crate::guest::GuestError) -> Reply {
+    let kind = if err.is_refusal() {
+        ErrorKind::NotPossible
+    } else {
+        ErrorKind::Failed
+    };
+    Reply::error(kind, err.to_string())
 }
