@@ -262,11 +262,11 @@ fn standby(path: &Path, guest: Option<&str>, api_socket: Option<&Path>) -> ExitC
             exit_status(&[outcome])
         }
         Ok(Followed::TookOver(outcomes)) => exit_status(&outcomes),
-        Err(err @ (FollowError::NoGuest(_) | FollowError::Refused(_))) => {
+        Err(err @ (FollowError::NoGuest(_) | FollowError::Refused { .. })) => {
             eprintln!("understudy: {err}");
             ExitCode::from(EXIT_INVALID_INPUT)
         }
-        Err(err @ FollowError::Host(_)) => {
+        Err(err @ FollowError::Host { .. }) => {
             eprintln!("understudy: {err}");
             ExitCode::from(EXIT_HOST_ERROR)
         }

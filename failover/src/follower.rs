@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,15 +55,111 @@ pub enum Followed {
 /// Why a follower could not follow.
 #[derive(Debug, thiserror::Error)]
 pub enum FollowError {
-    /// The environment file names no guest with a separate standby process, or not which.
-    #[error("{0}")]
-    NoGuest(String),
-    /// A journal or a message the follower must not load.
-    #[error("{0}")]
-    Refused(String),
-    /// The host could not build the standby (RAM, KVM) or the guest failed to take over.
-    #[error("{0}")]
-    Host(String),
+    /// The environment file names no guest this process can follow.
+    #[error(transparent)]
+    NoGuest(#[from] NoGuest),
+    /// The active sent something this standby must not load.
+    #[error("guest {guest}: {why}")]
+    Refused {
+        /// The guest.
+        guest: String,
+        /// What was refused.
+        #[source]
+        why: Refusal,
+    },
+    /// The host could not build the standby (RAM, KVM, sockets), or the guest taken over
+    /// could not be run.
+    #[error("guest {guest}: {step}: {source}")]
+    Host {
+        /// The guest.
+        guest: String,
+        /// What failed.
+        step: &'static str,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Why the environment file gives this process no guest to follow.
+#[derive(Debug, thiserror::Error)]
+pub enum NoGuest {
+    /// The named guest's standby runs in the active's process.
+    #[error(
+        "guest {0} has no separate standby process: set [guest.standby] process = \"separate\""
+    )]
+    NotOwnProcess(String),
+    /// No guest has that name.
+    #[error("no guest {0} in the environment file")]
+    NotFound(String),
+    /// No guest has a standby process of its own.
+    #[error("no guest has [guest.standby] process = \"separate\"")]
+    NoneSeparate,
+    /// Several have, and none was named.
+    #[error("{0} guests have a separate standby process; say which with --guest")]
+    Ambiguous(usize),
+}
+
+/// What a standby refuses to load, or to go on with.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// A message that does not parse.
+    #[error("the active sent an unreadable message: {0}")]
+    Garbled(String),
+    /// A journal at another path than this standby's configuration names.
+    #[error("the active writes journal {}, this standby was given {}: refused", .given.display(), .expected.display())]
+    OtherJournal {
+        /// Where the active writes.
+        given: PathBuf,
+        /// Where this standby's configuration says.
+        expected: PathBuf,
+    },
+    /// The journal, or a record or batch in it, failed its checks.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+    /// A batch announced before any journal.
+    #[error("a batch before a journal")]
+    BatchBeforeJournal,
+    /// The batch is of another epoch than announced.
+    #[error("the batch holds epoch {found}, not {announced}")]
+    BatchEpoch {
+        /// What it holds.
+        found: u64,
+        /// What was announced.
+        announced: u64,
+    },
+    /// The batch's machine state does not parse.
+    #[error("the batch's state: {0}")]
+    BatchState(#[source] serde_json::Error),
+    /// The batch's RAM image could not be loaded.
+    #[error(transparent)]
+    BatchRam(#[from] vmm_core::memory::MemoryError),
+    /// A record is announced whose predecessor is not in the journal.
+    #[error("epoch {announced} is announced, but epoch {missing} is not in the journal")]
+    Missing {
+        /// The announced epoch.
+        announced: u64,
+        /// The first one missing.
+        missing: u64,
+    },
+    /// An end record that does not parse.
+    #[error("an unreadable end record: {0}")]
+    EndRecord(#[source] serde_json::Error),
+    /// A record whose machine state does not parse.
+    #[error("epoch {epoch}: unreadable state: {source}")]
+    State {
+        /// The record's epoch.
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Told to take over while another process holds the guest's active lock.
+    #[error("told to take over, but the guest's active lock is still held: not taking over")]
+    LockHeld,
+    /// The active refused this standby.
+    #[error("the active refused this standby: {0}")]
+    ByActive(String),
 }
 
 /// How long a follower whose connection closed waits for the active's process to exit
@@ -149,10 +246,14 @@ impl Front {
     }
 
     /// Stops serving and binds the socket afresh, for the guest this process now runs.
-    fn hand_on(self) -> Result<ControlSocket, FollowError> {
+    fn hand_on(self, guest: &str) -> Result<ControlSocket, FollowError> {
         let path = self.path.clone();
         drop(self);
-        ControlSocket::bind(&path).map_err(|e| FollowError::Host(e.to_string()))
+        ControlSocket::bind(&path).map_err(|source| FollowError::Host {
+            guest: guest.to_owned(),
+            step: "bind the control socket",
+            source: Box::new(source),
+        })
     }
 }
 
@@ -280,22 +381,13 @@ pub fn chosen_guest<'a>(
     match name {
         Some(name) => match env.guest.iter().find(|g| g.name == name) {
             Some(g) if separate.iter().any(|s| s.name == name) => Ok(g),
-            Some(_) => Err(FollowError::NoGuest(format!(
-                "guest {name} has no separate standby process: set [guest.standby] process = \"separate\""
-            ))),
-            None => Err(FollowError::NoGuest(format!(
-                "no guest {name} in the environment file"
-            ))),
+            Some(_) => Err(NoGuest::NotOwnProcess(name.to_owned()).into()),
+            None => Err(NoGuest::NotFound(name.to_owned()).into()),
         },
         None => match separate.as_slice() {
             [one] => Ok(one),
-            [] => Err(FollowError::NoGuest(
-                "no guest has [guest.standby] process = \"separate\"".into(),
-            )),
-            _ => Err(FollowError::NoGuest(format!(
-                "{} guests have a separate standby process; say which with --guest",
-                separate.len()
-            ))),
+            [] => Err(NoGuest::NoneSeparate.into()),
+            _ => Err(NoGuest::Ambiguous(separate.len()).into()),
         },
     }
 }
@@ -327,25 +419,33 @@ pub fn follow(
     let config = chosen_guest(env, name)?.clone();
     // Before any thread starts, so that none of them takes these signals.
     let signals = crate::supervisor::stop_signals();
+    // A guest `chosen_guest` returns has a standby in a process of its own, with a journal.
+    let not_own = || NoGuest::NotOwnProcess(config.name.clone());
     let placement = config
         .standby
         .as_ref()
         .map(|s| s.placement.clone())
-        .ok_or_else(|| FollowError::NoGuest("no standby configured".into()))?;
-    let journal_config = placement
-        .journal()
-        .cloned()
-        .ok_or_else(|| FollowError::NoGuest("no journal configured".into()))?;
-    let host = |e: &dyn std::fmt::Display| FollowError::Host(format!("guest {}: {e}", config.name));
-    let ram = GuestRam::new(config.memory_mib << 20).map_err(|e| host(&e))?;
+        .ok_or_else(not_own)?;
+    let journal_config = placement.journal().cloned().ok_or_else(not_own)?;
+    let host = |step: &'static str| {
+        let guest = config.name.clone();
+        move |source: Box<dyn std::error::Error + Send + Sync>| FollowError::Host {
+            guest,
+            step,
+            source,
+        }
+    };
+    let ram = GuestRam::new(config.memory_mib << 20)
+        .map_err(|e| host("allocate the standby's RAM")(Box::new(e)))?;
     // Built now, so that a takeover only loads a state into it.
     let vm = Vm::create_with_ram(
         &config.machine_spec(),
         ram.clone(),
         Box::new(std::io::sink()),
     )
-    .map_err(|e| host(&e))?;
-    let mut console = crate::console::console_sink(&config, false).map_err(|e| host(&e))?;
+    .map_err(|e| host("create the standby's machine")(Box::new(e)))?;
+    let mut console = crate::console::console_sink(&config, false)
+        .map_err(|e| host("open the console")(Box::new(e)))?;
     let mut standby = Standby {
         vm,
         ram,
@@ -356,11 +456,16 @@ pub fn follow(
     // A remote active is followed through a relay, which this process's follower attaches
     // to as it would to a local active.
     let relay = match placement.remote() {
-        Some(remote) => Some(Relay::start(&config, &journal_config, remote).map_err(|e| host(&e))?),
+        Some(remote) => Some(
+            Relay::start(&config, &journal_config, remote)
+                .map_err(|e| host("follow the remote active")(e.into()))?,
+        ),
         None => None,
     };
     let front = match control.socket.take() {
-        Some(socket) => Some(Front::serve(socket).map_err(|e| host(&e))?),
+        Some(socket) => {
+            Some(Front::serve(socket).map_err(|e| host("serve the control socket")(Box::new(e)))?)
+        }
         None => None,
     };
     if relay.is_some() && front.is_none() {
@@ -392,7 +497,8 @@ pub fn follow(
             }
         };
         waiting_said = false;
-        let pidfd = peer_pidfd(&conn).map_err(|e| host(&format!("the active's process: {e}")))?;
+        let pidfd =
+            peer_pidfd(&conn).map_err(|e| host("watch the active's process")(Box::new(e)))?;
         let active_pid = crate::link::peer_pid(&conn).unwrap_or(0);
         let session = Session {
             relay: relay.as_ref(),
@@ -422,7 +528,7 @@ pub fn follow(
                 // active's process is not the guest's failure and is not counted.
                 let from = (since, active_pid, lock, lock_wait, failovers);
                 if let Some(front) = front {
-                    control.socket = Some(front.hand_on()?);
+                    control.socket = Some(front.hand_on(&config.name)?);
                 }
                 return take_over(env, &config, standby, from, control, signals)
                     .map(Followed::TookOver);
@@ -430,14 +536,14 @@ pub fn follow(
             SessionEnd::Boot => {
                 lifecycle!(warn, "promoted-booting", guest = %config.name, "promoted with no epoch of the guest loaded: booting it");
                 if let Some(front) = front {
-                    control.socket = Some(front.hand_on()?);
+                    control.socket = Some(front.hand_on(&config.name)?);
                 }
                 let mut single = env.clone();
                 single.guest.retain(|g| g.name == config.name);
                 drop(standby);
                 return crate::supervisor::run_booted(&single, control, signals)
                     .map(Followed::TookOver)
-                    .map_err(|e| FollowError::Host(e.to_string()));
+                    .map_err(|e| host("boot the guest")(Box::new(e)));
             }
             SessionEnd::Reconnect => {
                 standby.committed = None;
@@ -505,7 +611,13 @@ impl Session<'_> {
         // background: the lock comes free the moment the active's process starts to die
         // (or hands the guest over), before that process is torn down.
         let lock_free =
-            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| FollowError::Host(e.to_string()))?);
+            Arc::new(
+                EventFd::new(EFD_NONBLOCK).map_err(|source| FollowError::Host {
+                    guest: guest.clone(),
+                    step: "make an eventfd",
+                    source: Box::new(source),
+                })?,
+            );
         let mut lock = LockWait::default();
         let mut can_wait = true;
         loop {
@@ -603,11 +715,7 @@ impl Session<'_> {
                 Err(LinkError::Closed | LinkError::Io(_)) => {
                     return self.after_close(pidfd, journal.as_ref(), standby, lock)
                 }
-                Err(LinkError::Garbled(why)) => {
-                    return Err(FollowError::Refused(format!(
-                        "guest {guest}: the active sent an unreadable message: {why}"
-                    )))
-                }
+                Err(LinkError::Garbled(why)) => return Err(self.refused(Refusal::Garbled(why))),
             };
             for message in messages {
                 match message {
@@ -632,12 +740,11 @@ impl Session<'_> {
                         let _ = send(conn, &ToActive::Opened {});
                     }
                     ToStandby::Batch { seq } => {
-                        let j = journal.as_ref().ok_or_else(|| {
-                            FollowError::Refused(format!("guest {guest}: a batch before a journal"))
-                        })?;
+                        let j = journal
+                            .as_ref()
+                            .ok_or_else(|| self.refused(Refusal::BatchBeforeJournal))?;
                         let began = Instant::now();
-                        load_batch(j, standby, seq)
-                            .map_err(|why| FollowError::Refused(format!("guest {guest}: {why}")))?;
+                        load_batch(j, standby, seq).map_err(|why| self.refused(why))?;
                         let resident = standby.ram.resident_bytes();
                         lifecycle!(info, "standby-process-ready", guest = %guest, batch_epoch = seq, load_us = began.elapsed().as_micros() as u64, ram_resident_bytes = resident, "batch loaded: standing by");
                         let _ = send(conn, &ToActive::Ready { seq });
@@ -655,9 +762,10 @@ impl Session<'_> {
                         while standby.committed.as_ref().is_some_and(|c| c.0 + 1 < seq) {
                             let missing = standby.committed.as_ref().map_or(0, |c| c.0 + 1);
                             let record = next_record(j, standby).ok_or_else(|| {
-                                FollowError::Refused(format!(
-                                    "guest {guest}: epoch {seq} is announced, but epoch {missing} is not in the journal"
-                                ))
+                                self.refused(Refusal::Missing {
+                                    announced: seq,
+                                    missing,
+                                })
                             })?;
                             if let Some(end) = self.apply(j, standby, record)? {
                                 return Ok(SessionEnd::Ended(end));
@@ -665,7 +773,7 @@ impl Session<'_> {
                         }
                         let record = j
                             .read_record(offset, seq)
-                            .map_err(|e| FollowError::Refused(format!("guest {guest}: {e}")))?;
+                            .map_err(|e| self.refused(e.into()))?;
                         if let Some(end) = self.apply(j, standby, record)? {
                             return Ok(SessionEnd::Ended(end));
                         }
@@ -677,19 +785,12 @@ impl Session<'_> {
                         // the guest's active lock before it said so.
                         tracing::warn!(guest = %guest, %why, "the active failed and handed the guest over");
                         let since = Instant::now();
-                        let lock = lock.take(&self.journal_config.path)
-                            .ok_or_else(|| {
-                                FollowError::Refused(format!(
-                                    "guest {guest}: told to take over, but the guest's active lock is still held: not taking over"
-                                ))
-                            })?;
+                        let lock = lock
+                            .take(&self.journal_config.path)
+                            .ok_or_else(|| self.refused(Refusal::LockHeld))?;
                         return self.gone(journal.as_ref(), standby, since, lock);
                     }
-                    ToStandby::Refused { why } => {
-                        return Err(FollowError::Refused(format!(
-                            "guest {guest}: the active refused this standby: {why}"
-                        )))
-                    }
+                    ToStandby::Refused { why } => return Err(self.refused(Refusal::ByActive(why))),
                     ToStandby::Released { seq } => {
                         if let Some(unreleased) = standby.unreleased.as_mut() {
                             unreleased.retain(|(s, _)| *s > seq);
@@ -702,16 +803,21 @@ impl Session<'_> {
     }
 
     fn open(&self, path: &std::path::Path, identifier: u64) -> Result<Journal, FollowError> {
-        let guest = &self.config.name;
         if path != self.journal_config.path {
-            return Err(FollowError::Refused(format!(
-                "guest {guest}: the active writes journal {}, this standby was given {}: refused",
-                path.display(),
-                self.journal_config.path.display()
-            )));
+            return Err(self.refused(Refusal::OtherJournal {
+                given: path.to_owned(),
+                expected: self.journal_config.path.clone(),
+            }));
         }
-        Journal::open(path, identifier)
-            .map_err(|e| FollowError::Refused(format!("guest {guest}: {e}")))
+        Journal::open(path, identifier).map_err(|e| self.refused(e.into()))
+    }
+
+    /// The error for `why`, naming this session's guest.
+    fn refused(&self, why: Refusal) -> FollowError {
+        FollowError::Refused {
+            guest: self.config.name.clone(),
+            why,
+        }
     }
 
     /// Applies one record: its pages, its state, its output (released here, once). An end
@@ -722,25 +828,27 @@ impl Session<'_> {
         standby: &mut Standby,
         record: ReadRecord,
     ) -> Result<Option<GuestEnd>, FollowError> {
-        let guest = &self.config.name;
-        let refused = |why: String| FollowError::Refused(format!("guest {guest}: {why}"));
         let end = match &record.end {
             Some(end) => Some(
                 serde_json::from_slice::<GuestEnd>(end)
-                    .map_err(|e| refused(format!("an unreadable end record: {e}")))?,
+                    .map_err(|e| self.refused(Refusal::EndRecord(e)))?,
             ),
             None => None,
         };
         let state = match end {
             Some(_) => None,
-            None => Some(
-                serde_json::from_slice::<VmSnapshot>(&record.state)
-                    .map_err(|e| refused(format!("epoch {}: unreadable state: {e}", record.seq)))?,
-            ),
+            None => Some(serde_json::from_slice::<VmSnapshot>(&record.state).map_err(
+                |source| {
+                    self.refused(Refusal::State {
+                        epoch: record.seq,
+                        source,
+                    })
+                },
+            )?),
         };
         journal
             .apply_pages(&record, &standby.ram)
-            .map_err(|e| refused(e.to_string()))?;
+            .map_err(|e| self.refused(e.into()))?;
         if !record.output.is_empty() {
             match standby.unreleased.as_mut() {
                 // A remote active releases it once this standby acknowledged the record.
@@ -836,17 +944,18 @@ fn next_record(journal: &Journal, standby: &Standby) -> Option<ReadRecord> {
 }
 
 /// Loads the batch of epoch `seq`: its RAM image into the standby's RAM and its state.
-fn load_batch(journal: &Journal, standby: &mut Standby, seq: u64) -> Result<(), String> {
-    let (found, state, tail) = journal.read_batch().map_err(|e| e.to_string())?;
+fn load_batch(journal: &Journal, standby: &mut Standby, seq: u64) -> Result<(), Refusal> {
+    let (found, state, tail) = journal.read_batch()?;
     if found != seq {
-        return Err(format!("the batch holds epoch {found}, not {seq}"));
+        return Err(Refusal::BatchEpoch {
+            found,
+            announced: seq,
+        });
     }
-    let state: VmSnapshot =
-        serde_json::from_slice(&state).map_err(|e| format!("the batch's state: {e}"))?;
+    let state: VmSnapshot = serde_json::from_slice(&state).map_err(Refusal::BatchState)?;
     standby
         .ram
-        .read_from_at(journal.file(), journal.ram_base())
-        .map_err(|e| e.to_string())?;
+        .read_from_at(journal.file(), journal.ram_base())?;
     // The image is in the standby's RAM now: the journal's copy is given back.
     journal.release_batch_ram();
     standby.committed = Some((seq, state, None));
@@ -869,8 +978,14 @@ fn take_over(
         tail,
         ..
     } = standby;
+    let host =
+        |step: &'static str, source: Box<dyn std::error::Error + Send + Sync>| FollowError::Host {
+            guest: config.name.clone(),
+            step,
+            source,
+        };
     let Some((seq, state, _)) = committed else {
-        return Err(FollowError::Host("nothing to take over".into()));
+        return Err(host("take over", "no epoch was loaded".into()));
     };
 
     let mut single = env.clone();
@@ -888,7 +1003,7 @@ fn take_over(
         failovers,
     };
     crate::supervisor::run_taken_over(&single, taken, control, signals)
-        .map_err(|e| FollowError::Host(e.to_string()))
+        .map_err(|e| host("run the guest taken over", Box::new(e)))
 }
 
 /// A session's hold on the guest's active lock: taken already (let go of on purpose by the
