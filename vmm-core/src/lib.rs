@@ -15,6 +15,7 @@ pub mod host_limits;
 pub mod layout;
 pub mod mce;
 pub mod memory;
+pub mod run_clock;
 #[cfg(any(test, feature = "seeded-inputs"))]
 #[doc(hidden)]
 pub mod seeded_inputs;
@@ -23,6 +24,7 @@ pub mod snapshot_fuzz;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
+pub mod witness;
 
 pub use boot::{BootError, BootSource};
 pub use cpuid::CpuFeature;
