@@ -155,6 +155,77 @@ impl Liveness {
 /// [`vmm_core::run_clock::host_steal`].
 pub use vmm_core::run_clock::host_steal;
 
+/// How finely this host can judge a guest's run time: what `understudy check` compares
+/// heartbeat timeouts with.
+///
+/// A busy vCPU is judged by its thread's CPU time, which is exact. A vCPU the guest halted, or
+/// a thread asleep outside the guest, is credited with the wall time between two looks less
+/// what the hypervisor below stole meanwhile; the kernel accounts steal per CPU at its timer
+/// tick and reports it in units of `1/USER_HZ`, so a steal can be seen up to one unit and a
+/// tick late. A timeout that short cannot tell a guest that waited for a timer on a stolen CPU
+/// from a guest that stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostJudgment {
+    /// The unit steal is reported in, where the host has a hypervisor that steals (zero
+    /// otherwise).
+    pub steal_unit: Duration,
+    /// The kernel's timer tick, at which CPU time and steal are accounted.
+    pub tick: Duration,
+}
+
+impl HostJudgment {
+    /// Looks at this host.
+    pub fn of_this_host() -> Self {
+        // SAFETY: sysconf with a valid name has no preconditions.
+        let user_hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+            hz if hz > 0 => hz as u64,
+            _ => 100,
+        };
+        HostJudgment {
+            steal_unit: if host_steal().is_zero() {
+                Duration::ZERO
+            } else {
+                Duration::from_micros(1_000_000 / user_hz)
+            },
+            tick: Duration::from_micros(1_000_000 / kernel_hz().unwrap_or(250)),
+        }
+    }
+
+    /// The shortest heartbeat timeout this host judges without false failures for a guest
+    /// that halts between heartbeats: a steal unit, and a tick on either side of it.
+    pub fn floor(&self) -> Duration {
+        self.steal_unit + 2 * self.tick
+    }
+
+    /// What to tell the user of guest `guest` with heartbeat timeout `timeout`, if it is
+    /// below [`HostJudgment::floor`].
+    pub fn warning(&self, guest: &str, timeout: Duration) -> Option<String> {
+        (!timeout.is_zero() && timeout < self.floor()).then(|| {
+            format!(
+                "guest {guest}: heartbeat_timeout_ms = {} is below what this host can judge \
+                 ({} ms: steal counted in {} ms units, a {} ms scheduler tick); a guest that \
+                 halts between heartbeats may be failed over while it is well (a guest that \
+                 keeps its vCPUs busy is judged by their CPU time and is not affected)",
+                timeout.as_millis(),
+                self.floor().as_millis(),
+                self.steal_unit.as_millis(),
+                self.tick.as_millis(),
+            )
+        })
+    }
+}
+
+/// The kernel's `CONFIG_HZ`, where its configuration can be read.
+fn kernel_hz() -> Option<u64> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let config = std::fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()?;
+    config
+        .lines()
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|hz| hz.trim().parse().ok())
+        .filter(|&hz| hz > 0)
+}
+
 /// A one-shot timer for an event loop, non-blocking: reading it when it has not fired (a
 /// spurious wake-up, or a re-arm in the same loop turn) returns at once.
 pub struct Deadline {
@@ -330,6 +401,22 @@ mod tests {
             live.verdict(t0 + 5000 * MS, &[5000 * MS]),
             Verdict::NotJudged
         );
+    }
+
+    #[test]
+    fn a_timeout_below_what_the_host_judges_is_warned_of() {
+        let host = HostJudgment {
+            steal_unit: 10 * MS,
+            tick: 4 * MS,
+        };
+        assert_eq!(host.floor(), 18 * MS);
+        let warning = host.warning("web", 10 * MS).unwrap();
+        assert!(
+            warning.contains("guest web: heartbeat_timeout_ms = 10"),
+            "{warning}"
+        );
+        assert_eq!(host.warning("web", 18 * MS), None);
+        assert_eq!(host.warning("web", Duration::ZERO), None, "no watch");
     }
 
     /// The freeze this guards against: the deadline fired, a heartbeat handled in the same
