@@ -86,3 +86,49 @@ impl Witness {
             .then(|| Evidence::Beat(self.last_sequence.load(Ordering::Relaxed)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counters() -> (Arc<AtomicU64>, Arc<AtomicU32>) {
+        (Arc::new(AtomicU64::new(40)), Arc::new(AtomicU32::new(39)))
+    }
+
+    #[test]
+    fn a_pause_answered_after_it_was_given_up_on_disproves_the_verdict() {
+        let unanswered = Unanswered::default();
+        let (ack, answer) = std::sync::mpsc::channel();
+        unanswered.lock().unwrap().push((1, answer));
+        let witness = Witness::new(unanswered, counters());
+        assert_eq!(witness.evidence(), None, "no answer yet");
+        ack.send(()).unwrap();
+        assert_eq!(witness.evidence(), Some(Evidence::Answered(1)));
+        assert_eq!(witness.evidence(), None, "reported once");
+    }
+
+    #[test]
+    fn a_thread_that_ended_without_answering_disproves_nothing() {
+        let unanswered = Unanswered::default();
+        let (ack, answer) = std::sync::mpsc::channel::<()>();
+        unanswered.lock().unwrap().push((0, answer));
+        let witness = Witness::new(unanswered, counters());
+        drop(ack);
+        assert_eq!(witness.evidence(), None);
+    }
+
+    #[test]
+    fn a_heartbeat_after_the_verdict_disproves_it() {
+        let (count, sequence) = counters();
+        let witness = Witness::new(Unanswered::default(), (count.clone(), sequence.clone()));
+        assert_eq!(witness.beats_at_verdict(), 40);
+        assert_eq!(witness.evidence(), None);
+        sequence.store(40, Ordering::Relaxed);
+        count.store(41, Ordering::Release);
+        assert_eq!(witness.evidence(), Some(Evidence::Beat(40)));
+        assert_eq!(
+            Evidence::Beat(40).to_string(),
+            "heartbeat 40 arrived after the verdict"
+        );
+    }
+}
