@@ -22,6 +22,16 @@ fn hog() -> Child {
         .expect("start a busy loop")
 }
 
+/// The number after `text` in `line`.
+fn number_after(line: &str, text: &str) -> Option<f64> {
+    line.split(text)
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn percentile(mut samples: Vec<f64>, p: f64) -> f64 {
     samples.sort_by(|a, b| a.partial_cmp(b).expect("comparable"));
     let at = ((samples.len() as f64 - 1.0) * p).round() as usize;
@@ -29,8 +39,9 @@ fn percentile(mut samples: Vec<f64>, p: f64) -> f64 {
 }
 
 /// Milliseconds from each injected hang to its detection, `samples` of them, with `hogs`
-/// busy loops running.
-fn detection_ms(samples: u32, timeout_ms: u64, hogs: usize) -> Vec<f64> {
+/// busy loops running; and for each, the wall time of the silence over the part of it the
+/// guest ran (how overloaded the host was, as the guest saw it).
+fn detection_ms(samples: u32, timeout_ms: u64, hogs: usize) -> (Vec<f64>, Vec<f64>) {
     let dir = scratch(&format!("hang-{hogs}"));
     let env = dir.join("pair.toml");
     std::fs::write(
@@ -91,9 +102,15 @@ fn detection_ms(samples: u32, timeout_ms: u64, hogs: usize) -> Vec<f64> {
         .into_iter()
         .filter_map(timestamp)
         .collect();
-    let detected: Vec<f64> = events(&text, "failure-detected")
-        .into_iter()
-        .filter_map(timestamp)
+    let lines = events(&text, "failure-detected");
+    let detected: Vec<f64> = lines.iter().copied().filter_map(timestamp).collect();
+    // "no heartbeat for RAN ms of its run (WALL ms since the last, ...)"
+    let overload: Vec<f64> = lines
+        .iter()
+        .map(|l| {
+            let ran = number_after(l, "no heartbeat for ").unwrap_or(1.0);
+            number_after(l, "of its run (").map_or(1.0, |wall| wall / ran)
+        })
         .collect();
     assert_eq!(
         detected.len(),
@@ -101,11 +118,12 @@ fn detection_ms(samples: u32, timeout_ms: u64, hogs: usize) -> Vec<f64> {
         "a failure that was not injected; log: {}",
         log.display()
     );
-    injected
+    let latency = injected
         .iter()
         .zip(&detected)
         .map(|(i, d)| (d - i) * 1e3)
-        .collect()
+        .collect();
+    (latency, overload)
 }
 
 fn main() {
@@ -120,14 +138,16 @@ fn main() {
     // N-fold overload: N runnable threads per core, the guest's vCPU among them.
     let hogs = (overload * cores).saturating_sub(1);
     for (what, hogs) in [("alone", 0), ("overloaded", hogs)] {
-        let ms = detection_ms(samples, timeout_ms, hogs);
+        let (ms, overload) = detection_ms(samples, timeout_ms, hogs);
         println!(
             "{what:>10} ({hogs} busy loops on {cores} cores): a hang detected after median \
-             {:.0} ms, p99 {:.0} ms, least {:.0} ms ({} hangs, {timeout_ms} ms timeout)",
+             {:.0} ms, p99 {:.0} ms, least {:.0} ms ({} hangs, {timeout_ms} ms timeout); \
+             the silence's wall time over its run time: median {:.1}",
             percentile(ms.clone(), 0.5),
             percentile(ms.clone(), 0.99),
             percentile(ms.clone(), 0.0),
             ms.len(),
+            percentile(overload, 0.5),
         );
     }
 }
