@@ -24,7 +24,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// `KVM_GET_STATS_FD` (`_IO(KVMIO, 0xce)`), which kvm-ioctls does not wrap.
@@ -142,7 +142,7 @@ pub(crate) trait ParkedCpu: Send + Sync {
 pub(crate) struct RunClock {
     tid: Arc<AtomicI32>,
     /// The thread's CPU-time clock, once known.
-    cpu_clock: Mutex<Option<libc::clockid_t>>,
+    cpu_clock: OnceLock<libc::clockid_t>,
     halt: Option<HaltStats>,
     parked: Arc<dyn ParkedCpu>,
     state: Mutex<ClockState>,
@@ -161,7 +161,7 @@ impl RunClock {
     pub fn new(vcpu_fd: RawFd, tid: Arc<AtomicI32>, parked: Arc<dyn ParkedCpu>) -> Self {
         RunClock {
             tid,
-            cpu_clock: Mutex::new(None),
+            cpu_clock: OnceLock::new(),
             halt: HaltStats::open(vcpu_fd),
             parked,
             state: Mutex::new(ClockState::default()),
@@ -174,7 +174,7 @@ impl RunClock {
         // SAFETY: `thread` is a live, unjoined thread of this process; the call only writes
         // the clock id.
         if unsafe { libc::pthread_getcpuclockid(thread, &mut clock) } == 0 {
-            *self.cpu_clock.lock().unwrap_or_else(|e| e.into_inner()) = Some(clock);
+            let _ = self.cpu_clock.set(clock);
         }
     }
 
@@ -197,7 +197,7 @@ impl RunClock {
     }
 
     fn thread_cpu(&self) -> Option<Duration> {
-        let clock = (*self.cpu_clock.lock().unwrap_or_else(|e| e.into_inner()))?;
+        let clock = *self.cpu_clock.get()?;
         let mut now = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
