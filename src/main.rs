@@ -324,6 +324,16 @@ fn main() -> ExitCode {
         Command::Status { socket, json } => ctl::run(&socket, ctl::CtlRequest::Status, json),
         Command::Check { env } => match load(&env) {
             Ok(env) => {
+                let host = failover::liveness::HostJudgment::of_this_host();
+                for guest in &env.guest {
+                    let timeout = guest.standby.as_ref().map(|s| s.heartbeat_timeout_ms);
+                    let warning = timeout.and_then(|ms| {
+                        host.warning(&guest.name, std::time::Duration::from_millis(ms))
+                    });
+                    if let Some(warning) = warning {
+                        eprintln!("understudy: warning: {warning}");
+                    }
+                }
                 print!("{}", env.to_toml());
                 ExitCode::SUCCESS
             }

@@ -74,6 +74,33 @@ fn check_prints_the_resolved_environment() {
     assert_eq!(stdout(&out), text);
 }
 
+#[test]
+fn check_warns_of_a_heartbeat_timeout_shorter_than_the_host_can_judge() {
+    let guest = |name: &str, timeout_ms: u64| {
+        format!(
+            "[[guest]]\nname = \"{name}\"\nkernel = \"KERNELS/counter\"\n\
+             [guest.standby]\nresume = \"checkpoint\"\nheartbeat_timeout_ms = {timeout_ms}\n"
+        )
+    };
+    // No host judges a heartbeat within 1 ms (two scheduler ticks at least); every host
+    // judges 2 s.
+    let path = env_file(
+        "short-timeout",
+        &(guest("hasty", 1) + &guest("patient", 2000)),
+    );
+    let out = understudy(&["check", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "a warning, not a refusal");
+    let err = stderr(&out);
+    assert!(
+        err.contains(
+            "warning: guest hasty: heartbeat_timeout_ms = 1 is below what this host can judge"
+        ),
+        "{err}"
+    );
+    assert!(!err.contains("guest patient"), "{err}");
+    assert!(stdout(&out).contains("heartbeat_timeout_ms = 1\n"));
+}
+
 fn assert_refused(test: &str, text: &str, expected: &[&str]) {
     let path = env_file(test, text);
     for command in ["check", "run"] {

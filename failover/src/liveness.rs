@@ -1,15 +1,15 @@
-//! Is the active alive? Judged from its own heartbeats only: the time of a guest's last
-//! heartbeat is the time its vCPU took it (the heartbeat device stamps it), not the time a
-//! busy event loop got round to looking. Time the guest's vCPUs were kept from running does
-//! not count as silence: parked by the VMM (checkpoint pauses, an operator's pause, a
-//! snapshot), or waiting for a host CPU (the kernel's per-thread run-queue wait). Each vCPU
-//! keeps that count itself (`Vm::lost_time`), so nothing the VMM does in between can be
-//! missed; on a virtual host, CPU time its hypervisor stole ([`host_steal`]) is left out too.
-//! A guest cannot beat while it is not allowed to run. So a slow or stalled supervisor, or a
-//! busy host, delays a verdict but never makes a healthy guest look dead.
+//! Is the active alive? Judged from its own heartbeats, against its own run time: a guest
+//! is silent only once its vCPUs have *run* for the timeout without a heartbeat. A vCPU's run
+//! time ([`vmm_core::run_clock`]) grows while its thread has a host CPU (its CPU time, which
+//! the kernel keeps free of what the hypervisor below steals) or while the guest has halted it
+//! to wait for an interrupt; it does not grow while the thread waits for a CPU, while the
+//! VMM parks it (checkpoint pauses, an operator's pause, a snapshot) or while the process is
+//! stopped. A guest cannot beat while it is not allowed to run, so a busy host, a slow
+//! supervisor or a stopped process delays a verdict and never makes a healthy guest look
+//! dead; a guest that hangs while it gets the CPU is found after the timeout of its own run.
 //!
-//! [`Liveness`] is plain arithmetic over instants, unit-tested without KVM; [`Deadline`] is the
-//! non-blocking timerfd the guest's event loop wakes on to ask it.
+//! [`Liveness`] is plain arithmetic over run times, unit-tested without KVM; [`Deadline`] is
+//! the non-blocking timerfd the guest's event loop wakes on to ask it.
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
@@ -30,25 +30,25 @@ pub enum Verdict {
 /// How a silence adds up, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Silence {
-    /// Since the last heartbeat was seen (or the guest started on its machine).
+    /// Wall time since the last heartbeat was seen (or the guest started on its machine).
     pub since_seen: Duration,
-    /// The part of it the guest's vCPUs were kept from running (the most of any vCPU).
-    pub kept_off: Duration,
+    /// The part of it the guest's vCPUs ran (the least of any vCPU): the silence judged.
+    pub ran: Duration,
 }
 
 /// The heartbeat watch of one guest.
 #[derive(Debug, Clone)]
 pub struct Liveness {
     timeout: Option<Duration>,
-    /// Where silence counts from: when the active's last heartbeat was seen, or the moment
-    /// the guest last started running again on a machine; `None` until the first heartbeat.
+    /// When the active's last heartbeat was seen, or the moment the guest last started
+    /// running again on a machine; `None` until the first heartbeat.
     since: Option<Instant>,
     /// The device's stamp of the last heartbeat seen, to tell a new one from it.
     last_stamp: Option<Instant>,
     /// An operator holds the guest (paused): nothing is judged meanwhile.
     holding: bool,
-    /// Each vCPU's lost time (see `Vm::lost_time`) when `since` was set.
-    lost_at_since: Vec<Duration>,
+    /// Each vCPU's run time (see `Vm::run_time`) when `since` was set.
+    ran_at_since: Vec<Duration>,
 }
 
 impl Liveness {
@@ -59,7 +59,7 @@ impl Liveness {
             since: None,
             last_stamp: None,
             holding: false,
-            lost_at_since: Vec::new(),
+            ran_at_since: Vec::new(),
         }
     }
 
@@ -69,20 +69,20 @@ impl Liveness {
     }
 
     /// The active's last heartbeat was taken at `at` (as its device stamped it) and is seen
-    /// now, at `seen`, when its vCPUs' lost time is `lost`. Silence counts from `seen`: what a
-    /// vCPU lost between its beat and this look is not known apart from the rest, and must
-    /// not count as silence, so a late look postpones a verdict and never hastens one.
-    pub fn beat(&mut self, at: Instant, seen: Instant, lost: &[Duration]) {
+    /// now, at `seen`, when its vCPUs' run times are `ran`. Silence counts from this look:
+    /// what a vCPU ran between its beat and the look is not known apart, so a late look
+    /// postpones a verdict and never hastens one.
+    pub fn beat(&mut self, at: Instant, seen: Instant, ran: &[Duration]) {
         if self.timeout.is_none() || self.last_stamp.is_some_and(|last| at <= last) {
             return;
         }
         self.last_stamp = Some(at);
         self.since = Some(seen.max(at));
-        self.lost_at_since = lost.to_vec();
+        self.ran_at_since = ran.to_vec();
     }
 
     /// An operator holds the guest (pauses it) until [`Liveness::release`]: it is not judged
-    /// meanwhile (and the time is lost time, which silence leaves out afterwards).
+    /// meanwhile (and its parked vCPUs run no time).
     pub fn hold(&mut self) {
         self.holding = true;
     }
@@ -93,12 +93,12 @@ impl Liveness {
     }
 
     /// The guest starts running again at `now` on a machine whose heartbeats are new (after
-    /// a failover or a switchover) and whose vCPUs' lost time is `lost`: silence counts from
+    /// a failover or a switchover) and whose vCPUs' run times are `ran`: silence counts from
     /// here, if the guest is judged at all.
-    pub fn restarted(&mut self, now: Instant, lost: &[Duration]) {
+    pub fn restarted(&mut self, now: Instant, ran: &[Duration]) {
         if self.since.is_some() {
             self.since = Some(now);
-            self.lost_at_since = lost.to_vec();
+            self.ran_at_since = ran.to_vec();
         }
         self.holding = false;
     }
@@ -110,34 +110,33 @@ impl Liveness {
         self.holding = false;
     }
 
-    /// How long the guest has been silent at `now`, with its vCPUs' lost time at `lost`:
-    /// less the most time any of its vCPUs was kept from running since.
-    pub fn silence(&self, now: Instant, lost: &[Duration]) -> Option<Duration> {
-        self.breakdown(now, lost)
-            .map(|s| s.since_seen.saturating_sub(s.kept_off))
+    /// How long the guest has been silent at `now`, with its vCPUs' run times at `ran`: the
+    /// least any of its vCPUs ran since (no vCPU figures: no silence).
+    pub fn silence(&self, now: Instant, ran: &[Duration]) -> Option<Duration> {
+        self.breakdown(now, ran).map(|s| s.ran)
     }
 
     /// What [`Liveness::silence`] is made of.
-    pub fn breakdown(&self, now: Instant, lost: &[Duration]) -> Option<Silence> {
+    pub fn breakdown(&self, now: Instant, ran: &[Duration]) -> Option<Silence> {
         let since = self.since?;
-        let kept_off = lost
+        let ran = ran
             .iter()
             .enumerate()
             .map(|(i, total)| {
-                let before = self.lost_at_since.get(i).copied().unwrap_or(*total);
+                let before = self.ran_at_since.get(i).copied().unwrap_or(*total);
                 total.saturating_sub(before)
             })
-            .max()
+            .min()
             .unwrap_or_default();
         Some(Silence {
             since_seen: now.saturating_duration_since(since),
-            kept_off,
+            ran,
         })
     }
 
-    /// The verdict at `now`, with the vCPUs' lost time at `lost`.
-    pub fn verdict(&self, now: Instant, lost: &[Duration]) -> Verdict {
-        let (Some(timeout), Some(silence)) = (self.timeout, self.silence(now, lost)) else {
+    /// The verdict at `now`, with the vCPUs' run times at `ran`.
+    pub fn verdict(&self, now: Instant, ran: &[Duration]) -> Verdict {
+        let (Some(timeout), Some(silence)) = (self.timeout, self.silence(now, ran)) else {
             return Verdict::NotJudged;
         };
         if self.holding {
@@ -152,27 +151,79 @@ impl Liveness {
     }
 }
 
-/// CPU time the hypervisor under this host took from all of its CPUs so far (the `steal` of
-/// `/proc/stat`, zero where there is none): on a virtual host, a vCPU thread that seems to
-/// run may not have run at all. The kernel counts it per CPU, not per thread, and in 10 ms
-/// ticks; the sum over every CPU is a generous bound on what any one thread lost.
-pub fn host_steal() -> Duration {
-    static TICK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    // SAFETY: sysconf with a valid name has no preconditions.
-    let tick_hz = *TICK.get_or_init(|| match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
-        hz if hz > 0 => hz as u64,
-        _ => 100,
-    });
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return Duration::ZERO;
-    };
-    // "cpu  user nice system idle iowait irq softirq steal ..."
-    let steal = stat
+/// CPU time the hypervisor under this host took from all of its CPUs so far: see
+/// [`vmm_core::run_clock::host_steal`].
+pub use vmm_core::run_clock::host_steal;
+
+/// How finely this host can judge a guest's run time: what `understudy check` compares
+/// heartbeat timeouts with.
+///
+/// A busy vCPU is judged by its thread's CPU time, which is exact. A vCPU the guest halted, or
+/// a thread asleep outside the guest, is credited with the wall time between two looks less
+/// what the hypervisor below stole meanwhile; the kernel accounts steal per CPU at its timer
+/// tick and reports it in units of `1/USER_HZ`, so a steal can be seen up to one unit and a
+/// tick late. A timeout that short cannot tell a guest that waited for a timer on a stolen CPU
+/// from a guest that stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostJudgment {
+    /// The unit steal is reported in, where the host has a hypervisor that steals (zero
+    /// otherwise).
+    pub steal_unit: Duration,
+    /// The kernel's timer tick, at which CPU time and steal are accounted.
+    pub tick: Duration,
+}
+
+impl HostJudgment {
+    /// Looks at this host.
+    pub fn of_this_host() -> Self {
+        // SAFETY: sysconf with a valid name has no preconditions.
+        let user_hz = match unsafe { libc::sysconf(libc::_SC_CLK_TCK) } {
+            hz if hz > 0 => hz as u64,
+            _ => 100,
+        };
+        HostJudgment {
+            steal_unit: if host_steal().is_zero() {
+                Duration::ZERO
+            } else {
+                Duration::from_micros(1_000_000 / user_hz)
+            },
+            tick: Duration::from_micros(1_000_000 / kernel_hz().unwrap_or(250)),
+        }
+    }
+
+    /// The shortest heartbeat timeout this host judges without false failures for a guest
+    /// that halts between heartbeats: a steal unit, and a tick on either side of it.
+    pub fn floor(&self) -> Duration {
+        self.steal_unit + 2 * self.tick
+    }
+
+    /// What to tell the user of guest `guest` with heartbeat timeout `timeout`, if it is
+    /// below [`HostJudgment::floor`].
+    pub fn warning(&self, guest: &str, timeout: Duration) -> Option<String> {
+        (!timeout.is_zero() && timeout < self.floor()).then(|| {
+            format!(
+                "guest {guest}: heartbeat_timeout_ms = {} is below what this host can judge \
+                 ({} ms: steal counted in {} ms units, a {} ms scheduler tick); a guest that \
+                 halts between heartbeats may be failed over while it is well (a guest that \
+                 keeps its vCPUs busy is judged by their CPU time and is not affected)",
+                timeout.as_millis(),
+                self.floor().as_millis(),
+                self.steal_unit.as_millis(),
+                self.tick.as_millis(),
+            )
+        })
+    }
+}
+
+/// The kernel's `CONFIG_HZ`, where its configuration can be read.
+fn kernel_hz() -> Option<u64> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let config = std::fs::read_to_string(format!("/boot/config-{}", release.trim())).ok()?;
+    config
         .lines()
-        .find(|l| l.starts_with("cpu "))
-        .and_then(|l| l.split_whitespace().nth(8)?.parse::<u64>().ok())
-        .unwrap_or(0);
-    Duration::from_nanos(steal.saturating_mul(1_000_000_000 / tick_hz))
+        .find_map(|l| l.strip_prefix("CONFIG_HZ="))
+        .and_then(|hz| hz.trim().parse().ok())
+        .filter(|&hz| hz > 0)
 }
 
 /// A one-shot timer for an event loop, non-blocking: reading it when it has not fired (a
@@ -244,49 +295,61 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
-    /// No run-queue waits known (a guest whose vCPUs never waited for a host CPU).
-    const NONE: &[Duration] = &[];
 
     #[test]
     fn a_guest_is_judged_only_once_it_has_beaten() {
         let t0 = Instant::now();
         let mut live = Liveness::new(Some(100 * MS));
-        assert_eq!(live.verdict(t0 + 1000 * MS, NONE), Verdict::NotJudged);
-        live.beat(t0, t0, NONE);
-        assert_eq!(live.verdict(t0 + 40 * MS, NONE), Verdict::Alive(60 * MS));
-        assert_eq!(live.verdict(t0 + 150 * MS, NONE), Verdict::Silent(150 * MS));
         assert_eq!(
-            Liveness::new(None).verdict(t0, NONE),
+            live.verdict(t0 + 1000 * MS, &[900 * MS]),
+            Verdict::NotJudged
+        );
+        live.beat(t0, t0, &[Duration::ZERO]);
+        assert_eq!(
+            live.verdict(t0 + 40 * MS, &[40 * MS]),
+            Verdict::Alive(60 * MS)
+        );
+        assert_eq!(
+            live.verdict(t0 + 150 * MS, &[150 * MS]),
+            Verdict::Silent(150 * MS)
+        );
+        assert_eq!(
+            Liveness::new(None).verdict(t0, &[MS]),
             Verdict::NotJudged,
             "no timeout, no watch"
         );
     }
 
     #[test]
-    fn time_a_vcpu_was_kept_from_running_is_not_silence() {
+    fn only_the_time_its_vcpus_ran_is_silence() {
         let t0 = Instant::now();
         let mut live = Liveness::new(Some(100 * MS));
-        // Two vCPUs; at the beat they had lost 5 and 7 ms in all.
+        // Two vCPUs; at the beat they had run 5 and 7 ms in all.
         live.beat(t0, t0, &[5 * MS, 7 * MS]);
-        // 150 ms on, vCPU 1 has lost 60 ms more (parked, or waiting for a host CPU).
+        // 10 s on, vCPU 0 has run 300 ms more, vCPU 1 only 60 (it waited for a host CPU,
+        // or was parked, or the process was stopped): the guest may not have been able to
+        // beat, so it is not silent yet.
         assert_eq!(
-            live.verdict(t0 + 150 * MS, &[25 * MS, 67 * MS]),
-            Verdict::Alive(10 * MS)
+            live.verdict(t0 + 10_000 * MS, &[305 * MS, 67 * MS]),
+            Verdict::Alive(40 * MS)
         );
         assert_eq!(
-            live.verdict(t0 + 170 * MS, &[25 * MS, 67 * MS]),
-            Verdict::Silent(110 * MS)
+            live.verdict(t0 + 10_100 * MS, &[400 * MS, 107 * MS]),
+            Verdict::Silent(100 * MS)
         );
         // An operator's pause: not judged at all meanwhile.
         live.hold();
         assert_eq!(
-            live.verdict(t0 + 5000 * MS, &[25 * MS, 67 * MS]),
+            live.verdict(t0 + 50_000 * MS, &[400 * MS, 107 * MS]),
             Verdict::NotJudged
         );
         live.release();
         assert_eq!(
-            live.verdict(t0 + 5000 * MS, &[25 * MS, 4960 * MS]),
-            Verdict::Alive(53 * MS)
+            live.breakdown(t0 + 50_000 * MS, &[400 * MS, 107 * MS]),
+            Some(Silence {
+                since_seen: 50_000 * MS,
+                ran: 100 * MS
+            })
         );
     }
 
@@ -294,21 +357,24 @@ mod tests {
     fn silence_counts_from_when_a_beat_was_seen() {
         let t0 = Instant::now();
         let mut live = Liveness::new(Some(100 * MS));
-        // Stamped at t0, seen 30 ms later: the vCPU may have waited all that time.
-        live.beat(t0, t0 + 30 * MS, NONE);
-        assert_eq!(live.verdict(t0 + 100 * MS, NONE), Verdict::Alive(30 * MS));
+        // Stamped at t0, seen later, when the vCPU had run 30 ms: it counts from the look.
+        live.beat(t0, t0 + 30 * MS, &[30 * MS]);
+        assert_eq!(
+            live.verdict(t0 + 100 * MS, &[100 * MS]),
+            Verdict::Alive(30 * MS)
+        );
     }
 
     #[test]
     fn a_late_look_at_an_old_heartbeat_changes_nothing() {
         let t0 = Instant::now();
         let mut live = Liveness::new(Some(100 * MS));
-        live.beat(t0 + 80 * MS, t0 + 80 * MS, &[MS]);
+        live.beat(t0 + 80 * MS, t0 + 80 * MS, &[80 * MS]);
         // The loop looks again and sees the same (or an older) stamp: the base stays.
-        live.beat(t0 + 80 * MS, t0 + 80 * MS, &[11 * MS]);
-        live.beat(t0, t0, &[11 * MS]);
+        live.beat(t0 + 80 * MS, t0 + 80 * MS, &[90 * MS]);
+        live.beat(t0, t0, &[90 * MS]);
         assert_eq!(
-            live.verdict(t0 + 150 * MS, &[11 * MS]),
+            live.verdict(t0 + 150 * MS, &[140 * MS]),
             Verdict::Alive(40 * MS)
         );
     }
@@ -317,15 +383,40 @@ mod tests {
     fn after_a_failover_silence_counts_from_the_resume() {
         let t0 = Instant::now();
         let mut live = Liveness::new(Some(100 * MS));
-        live.beat(t0, t0, &[40 * MS]);
-        // The new machine's vCPU has waited less in all than the old one's had.
+        live.beat(t0, t0, &[400 * MS]);
+        // The new machine's vCPU has run less in all than the old one's had.
         live.restarted(t0 + 500 * MS, &[MS]);
-        assert_eq!(live.verdict(t0 + 550 * MS, &[MS]), Verdict::Alive(50 * MS));
+        assert_eq!(
+            live.verdict(t0 + 550 * MS, &[51 * MS]),
+            Verdict::Alive(50 * MS)
+        );
         let mut fresh = Liveness::new(Some(100 * MS));
-        fresh.restarted(t0, NONE);
-        assert_eq!(fresh.verdict(t0 + 500 * MS, NONE), Verdict::NotJudged);
+        fresh.restarted(t0, &[]);
+        assert_eq!(
+            fresh.verdict(t0 + 500 * MS, &[500 * MS]),
+            Verdict::NotJudged
+        );
         live.reset();
-        assert_eq!(live.verdict(t0 + 5000 * MS, NONE), Verdict::NotJudged);
+        assert_eq!(
+            live.verdict(t0 + 5000 * MS, &[5000 * MS]),
+            Verdict::NotJudged
+        );
+    }
+
+    #[test]
+    fn a_timeout_below_what_the_host_judges_is_warned_of() {
+        let host = HostJudgment {
+            steal_unit: 10 * MS,
+            tick: 4 * MS,
+        };
+        assert_eq!(host.floor(), 18 * MS);
+        let warning = host.warning("web", 10 * MS).unwrap();
+        assert!(
+            warning.contains("guest web: heartbeat_timeout_ms = 10"),
+            "{warning}"
+        );
+        assert_eq!(host.warning("web", 18 * MS), None);
+        assert_eq!(host.warning("web", Duration::ZERO), None, "no watch");
     }
 
     /// The freeze this guards against: the deadline fired, a heartbeat handled in the same

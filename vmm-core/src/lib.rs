@@ -17,6 +17,7 @@ pub mod layout;
 pub mod mce;
 pub mod memory;
 mod memslots;
+pub mod run_clock;
 #[cfg(any(test, feature = "seeded-inputs"))]
 #[doc(hidden)]
 pub mod seeded_inputs;
@@ -25,6 +26,7 @@ pub mod snapshot_fuzz;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
+pub mod witness;
 
 pub use boot::{BootError, BootSource};
 pub use cpuid::CpuFeature;

@@ -21,7 +21,7 @@
 //! other guests; it drops back to the process's nice before it enters the guest again. A
 //! parked thread uses no CPU of its own accord, so the boost costs running guests nothing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
@@ -39,6 +39,7 @@ use crate::boot::regs;
 use crate::devices::{Devices, PortEffect};
 use crate::host_limits::complete_refused_instruction;
 use crate::memory::GuestRam;
+use crate::run_clock::RunClock;
 use crate::state::{write_msrs, StateError, VcpuState, VcpuStateLayout};
 
 /// Why a vCPU stopped running guest code on its own.
@@ -194,54 +195,67 @@ pub fn set_own_nice(nice: i32) {
     }
 }
 
-/// How long a vCPU has been parked (held out of the guest by its owner: paused, saving,
-/// stopped), for watchers that must not count that time as the guest's. Written by the vCPU
-/// thread, read by anyone.
+/// Whether a vCPU is parked (held out of the guest by its owner: paused, saving, stopped),
+/// and the CPU time its thread spent parked, answering its owner, which is not the guest's
+/// ([`crate::run_clock`]). Written by the vCPU thread, read by anyone.
 pub(crate) struct ParkClock {
-    origin: std::time::Instant,
-    /// Nanoseconds parked, over the parks that have ended.
-    total_ns: std::sync::atomic::AtomicU64,
-    /// When the current park began, in nanoseconds since `origin`, plus one; 0 while running.
-    since_ns: std::sync::atomic::AtomicU64,
+    parked: AtomicBool,
+    /// The thread's CPU time spent parked, over the parks that have ended (ns).
+    cpu_total_ns: AtomicU64,
+    /// The thread's CPU time when the current park began (ns).
+    cpu_at_park_ns: AtomicU64,
+}
+
+/// The calling thread's CPU time, in nanoseconds.
+fn own_cpu_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes one timespec; this clock exists for every thread.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 impl ParkClock {
     pub fn new() -> Self {
         ParkClock {
-            origin: std::time::Instant::now(),
-            total_ns: std::sync::atomic::AtomicU64::new(0),
-            since_ns: std::sync::atomic::AtomicU64::new(0),
+            parked: AtomicBool::new(false),
+            cpu_total_ns: AtomicU64::new(0),
+            cpu_at_park_ns: AtomicU64::new(0),
         }
     }
 
-    fn now_ns(&self) -> u64 {
-        self.origin.elapsed().as_nanos() as u64
-    }
-
+    /// Called by the vCPU thread as it parks.
     fn park(&self) {
-        let now = self.now_ns() + 1;
-        let _ = self
-            .since_ns
-            .compare_exchange(0, now, Ordering::AcqRel, Ordering::Acquire);
-    }
-
-    fn unpark(&self) {
-        let since = self.since_ns.swap(0, Ordering::AcqRel);
-        if since != 0 {
-            let parked = self.now_ns().saturating_sub(since - 1);
-            self.total_ns.fetch_add(parked, Ordering::AcqRel);
+        if !self.parked.load(Ordering::Acquire) {
+            self.cpu_at_park_ns.store(own_cpu_ns(), Ordering::Release);
+            self.parked.store(true, Ordering::Release);
         }
     }
 
-    /// Time parked so far, the current park included.
-    pub fn parked(&self) -> std::time::Duration {
-        let since = self.since_ns.load(Ordering::Acquire);
-        let current = if since == 0 {
+    /// Called by the vCPU thread as it goes back to the guest.
+    fn unpark(&self) {
+        if self.parked.load(Ordering::Acquire) {
+            let spent = own_cpu_ns().saturating_sub(self.cpu_at_park_ns.load(Ordering::Acquire));
+            self.cpu_total_ns.fetch_add(spent, Ordering::AcqRel);
+            self.parked.store(false, Ordering::Release);
+        }
+    }
+}
+
+impl crate::run_clock::ParkedCpu for ParkClock {
+    fn parked_cpu(&self, cpu_now: std::time::Duration) -> std::time::Duration {
+        let current = if !self.parked.load(Ordering::Acquire) {
             0
         } else {
-            self.now_ns().saturating_sub(since - 1)
+            (cpu_now.as_nanos() as u64).saturating_sub(self.cpu_at_park_ns.load(Ordering::Acquire))
         };
-        std::time::Duration::from_nanos(self.total_ns.load(Ordering::Acquire) + current)
+        std::time::Duration::from_nanos(self.cpu_total_ns.load(Ordering::Acquire) + current)
+    }
+
+    fn is_parked(&self) -> bool {
+        self.parked.load(Ordering::Acquire)
     }
 }
 
@@ -298,9 +312,7 @@ pub(crate) struct VcpuHandle {
     pub fd: Arc<Mutex<VcpuFd>>,
     immediate_exit: KvmRunFlag,
     fenced: Arc<AtomicBool>,
-    /// The thread's kernel id, once it runs (0 before).
-    tid: Arc<std::sync::atomic::AtomicI32>,
-    park_clock: Arc<ParkClock>,
+    run_clock: Arc<RunClock>,
 }
 
 impl VcpuHandle {
@@ -321,24 +333,15 @@ impl VcpuHandle {
         self.kick();
     }
 
-    /// How long the vCPU has been kept from running guest code for reasons that are not the
-    /// guest's: parked by its owner, or waiting, runnable, for a host CPU.
-    pub fn lost_time(&self) -> std::time::Duration {
-        self.park_clock.parked() + self.run_queue_wait().unwrap_or_default()
+    /// The vCPU's run time so far: how long it has had the host CPU it asked for
+    /// ([`crate::run_clock`]).
+    pub fn ran(&self) -> std::time::Duration {
+        self.run_clock.ran()
     }
 
-    /// How long the thread has waited, runnable, for a host CPU since it started: time its
-    /// vCPU could not run for reasons that are the host's, not the guest's. `None` once the
-    /// thread has ended (or where the host does not keep the figure).
-    pub fn run_queue_wait(&self) -> Option<std::time::Duration> {
-        let tid = self.tid.load(Ordering::Acquire);
-        if tid <= 0 || self.thread.as_ref().is_none_or(|t| t.is_finished()) {
-            return None;
-        }
-        // schedstat: time on a CPU, time waiting on a run queue (both ns), timeslices.
-        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
-        let waited: u64 = stat.split_whitespace().nth(1)?.parse().ok()?;
-        Some(std::time::Duration::from_nanos(waited))
+    /// Whether its run time tells a halted vCPU from a stuck thread.
+    pub fn sees_halts(&self) -> bool {
+        self.run_clock.sees_halts()
     }
 
     fn kick(&self) {
@@ -364,13 +367,22 @@ pub(crate) fn spawn(
 ) -> std::io::Result<VcpuHandle> {
     let (requests, inbox) = std::sync::mpsc::channel();
     let name = format!("{machine}-vcpu{}", context.index);
-    let immediate_exit =
-        KvmRunFlag(vcpu.lock().unwrap_or_else(|e| e.into_inner()).get_kvm_run() as *mut kvm_run);
+    let (immediate_exit, raw_fd) = {
+        let mut fd = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            KvmRunFlag(fd.get_kvm_run() as *mut kvm_run),
+            std::os::fd::AsRawFd::as_raw_fd(&*fd),
+        )
+    };
     let fd = vcpu.clone();
     let fenced = context.fenced.clone();
     let tid = Arc::new(std::sync::atomic::AtomicI32::new(0));
     let own_tid = tid.clone();
-    let park_clock = context.park_clock.clone();
+    let run_clock = Arc::new(RunClock::new(
+        raw_fd,
+        tid.clone(),
+        context.park_clock.clone(),
+    ));
     let thread = std::thread::Builder::new().name(name).spawn(move || {
         // SAFETY: gettid has no preconditions.
         own_tid.store(unsafe { libc::gettid() }, Ordering::Release);
@@ -389,14 +401,14 @@ pub(crate) fn spawn(
         .run();
         obituary.expected = true;
     })?;
+    run_clock.set_thread(std::os::unix::thread::JoinHandleExt::as_pthread_t(&thread));
     Ok(VcpuHandle {
         requests,
         thread: Some(thread),
         fd: vcpu,
         immediate_exit,
         fenced,
-        tid,
-        park_clock,
+        run_clock,
     })
 }
 

@@ -6,7 +6,7 @@
 //! holds a lock while a vCPU runs.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,7 @@ use crate::memory::GuestRam;
 use crate::memslots::register_memslots;
 use crate::state::{VcpuState, VcpuStateLayout, VmSnapshot, VmState};
 use crate::vcpu::{self, VcpuContext, VcpuHandle, VcpuRequest, VmEvent};
+use crate::witness::{Unanswered, Witness};
 
 /// Largest guest RAM accepted, in MiB.
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
@@ -136,6 +137,8 @@ pub struct Vm {
     manual_protect: bool,
     /// What the host refuses to run, and so what this machine works around.
     limits: HostLimits,
+    /// Answers to pauses given up on, for a [`Witness`].
+    unanswered: Unanswered,
 }
 
 /// What `create_devices_and_vcpus` builds.
@@ -281,6 +284,7 @@ impl Vm {
             layout,
             rings,
             limits,
+            unanswered: Unanswered::default(),
         })
     }
 
@@ -456,14 +460,14 @@ impl Vm {
         self.pause_within(VCPU_REPLY_TIMEOUT)
     }
 
-    /// As [`Vm::pause`], giving up with [`VmError::VcpuUnresponsive`] if the vCPUs have not
-    /// all acknowledged within `patience` (counted from the request).
-    /// Time a vCPU spends waiting for a host CPU does not count against `patience`: only a
-    /// thread that could run and does not answer is unresponsive. A device that is still in
-    /// a request when `patience` is over fails with [`VmError::DeviceUnresponsive`].
+    /// As [`Vm::pause`], giving up with [`VmError::VcpuUnresponsive`] if a vCPU has not
+    /// acknowledged once it has *run* for `patience` since it was asked ([`crate::run_clock`]):
+    /// time its thread waits for a host CPU, time the hypervisor below takes, a stopped
+    /// process and the asking thread's own delays do not count, so only a thread that could
+    /// run and does not answer is unresponsive. A device that is still in a request when
+    /// `patience` is over (wall time) fails with [`VmError::DeviceUnresponsive`].
     pub fn pause_within(&self, patience: Duration) -> Result<(), VmError> {
-        let asked = Instant::now();
-        self.pause_vcpus(asked, patience)?;
+        self.pause_vcpus(patience)?;
         self.pause_devices(patience)
     }
 
@@ -478,36 +482,70 @@ impl Vm {
         Ok(())
     }
 
-    fn pause_vcpus(&self, asked: Instant, patience: Duration) -> Result<(), VmError> {
+    fn pause_vcpus(&self, patience: Duration) -> Result<(), VmError> {
         let mut acks = Vec::with_capacity(self.vcpus.len());
         for (index, handle) in self.vcpus.iter().enumerate() {
-            let waited = handle.run_queue_wait().unwrap_or_default();
+            let ran_before = handle.ran();
             let (ack, answer) = std::sync::mpsc::channel();
             // A vCPU whose thread has died can no longer run: it is as stopped as a paused one.
             if handle.send(VcpuRequest::Pause(ack)) {
-                acks.push((index, waited, answer));
+                acks.push((index as u8, ran_before, answer));
             }
         }
-        for (index, waited_before, answer) in &acks {
+        let mut given_up = None;
+        for (index, ran_before, answer) in acks {
+            if given_up.is_some() {
+                self.unanswered
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((index, answer));
+                continue;
+            }
             loop {
-                let waited = self.vcpus[*index]
-                    .run_queue_wait()
-                    .unwrap_or_default()
-                    .saturating_sub(*waited_before);
-                let spent = asked.elapsed().saturating_sub(waited);
-                let Some(left) = patience.checked_sub(spent).filter(|l| !l.is_zero()) else {
-                    return Err(VmError::VcpuUnresponsive(*index as u8));
+                let ran = self.vcpus[usize::from(index)]
+                    .ran()
+                    .saturating_sub(ran_before);
+                // A vCPU's run time grows no faster than the wall clock, so waiting what is
+                // left of its patience is never too long; the answer ends the wait at once.
+                let left = patience.saturating_sub(ran);
+                let waited = if left.is_zero() {
+                    // Its patience is over: one last look, then it has failed.
+                    answer.try_recv().map_err(|e| match e {
+                        TryRecvError::Empty => RecvTimeoutError::Timeout,
+                        TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                    })
+                } else {
+                    answer.recv_timeout(left.max(Duration::from_millis(1)))
                 };
-                // Look again now and then: the thread may be kept waiting for a CPU.
-                match answer.recv_timeout(left.min(Duration::from_millis(5))) {
+                match waited {
                     Ok(()) => break,
                     // It died before it could acknowledge: stopped all the same.
                     Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) if left.is_zero() => {
+                        self.unanswered
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push((index, answer));
+                        given_up = Some(index);
+                        break;
+                    }
                     Err(RecvTimeoutError::Timeout) => {}
                 }
             }
         }
-        Ok(())
+        match given_up {
+            Some(index) => Err(VmError::VcpuUnresponsive(index)),
+            None => Ok(()),
+        }
+    }
+
+    /// A handle on this machine's late signs of life, taken at a verdict on it: whether a
+    /// vCPU a pause gave up on answers after all, whether the guest beats again.
+    pub fn witness(&self) -> Witness {
+        Witness::new(
+            self.unanswered.clone(),
+            self.devices.heartbeats().counters(),
+        )
     }
 
     /// Saves the whole machine state (memory by reference). Every vCPU must be paused or
@@ -640,12 +678,17 @@ impl Vm {
         self.devices.heartbeats().last_beat_at()
     }
 
-    /// For each vCPU, how long it has been kept from running guest code for reasons that are
-    /// not the guest's: parked by this machine's owner (paused, saving), or waiting, runnable,
-    /// for a host CPU (the kernel's per-thread run-queue wait). A watcher judging the guest's
-    /// silence leaves this time out: the guest could not have spoken then.
-    pub fn lost_time(&self) -> Vec<Duration> {
-        self.vcpus.iter().map(VcpuHandle::lost_time).collect()
+    /// For each vCPU, its run time so far: how long it has had the host CPU it asked for, or
+    /// halted waiting for an interrupt ([`crate::run_clock`]). A watcher judging the guest's
+    /// silence counts only this time: the guest could not have spoken in the rest.
+    pub fn run_time(&self) -> Vec<Duration> {
+        self.vcpus.iter().map(VcpuHandle::ran).collect()
+    }
+
+    /// Whether every vCPU's run time tells a halted vCPU from a stuck thread (the host's KVM
+    /// keeps per-vCPU statistics); where not, any sleep outside the guest counts as running.
+    pub fn sees_halts(&self) -> bool {
+        self.vcpus.iter().all(VcpuHandle::sees_halts)
     }
 
     /// Readable after each heartbeat; for event loops.

@@ -185,7 +185,7 @@ impl Guest {
                 age_ms: self
                     .ctx
                     .liveness
-                    .silence(now, &self.active_lost_time())
+                    .silence(now, &self.active_run_time())
                     .map(|silence| silence.as_millis() as u64),
                 count: self.active().map_or(0, |vm| vm.heartbeats().count),
             },
@@ -337,8 +337,8 @@ impl Guest {
                 }
             }
             "understudy_heartbeat_age_seconds" => {
-                let waits = self.active_lost_time();
-                if let Some(silence) = self.ctx.liveness.silence(Instant::now(), &waits) {
+                let ran = self.active_run_time();
+                if let Some(silence) = self.ctx.liveness.silence(Instant::now(), &ran) {
                     page.sample(family, guest, silence.as_secs_f64());
                 }
             }
@@ -654,8 +654,8 @@ impl Guest {
             std::mem::swap(&mut running.active, standby);
         }
         self.ctx.record.switchovers += 1;
-        let waits = super::with_steal(running.active.vm.lost_time());
-        self.ctx.liveness.restarted(Instant::now(), &waits);
+        let ran = running.active.vm.run_time();
+        self.ctx.liveness.restarted(Instant::now(), &ran);
         let standby_id = match &running.protection {
             Protection::Armed(standby) => standby.id,
             _ => 0,

@@ -45,6 +45,7 @@ impl Guest {
             return Change::None;
         };
         let detected = Instant::now();
+        let witness = running.active.vm.witness();
         if self.link.as_ref().is_some_and(|l| l.armed()) {
             // A standby process is ready: the same policy as for a standby in this process,
             // and the crash-loop guard counts the handover (the standby carries the count on).
@@ -57,7 +58,7 @@ impl Guest {
                 link.note_failovers(self.guard.recent_unix_ms(Instant::now()));
             }
             return match decision {
-                Decision::FailOver => self.hand_over(failure),
+                Decision::FailOver => self.hand_over(failure, witness),
                 Decision::Restart => self.restart(failure.to_string()),
                 Decision::Down(reason) => {
                     self.begin_failure_record(&failure);
@@ -80,6 +81,8 @@ impl Guest {
         let span = tracing::info_span!("failure", guest = %self.ctx.config.name, n = self.ctx.record.failures + 1);
         let _entered = span.enter();
         self.begin_failure_record(&failure);
+        let number = self.ctx.record.failures;
+        self.ctx.suspicions.suspect(number, &failure, witness);
         lifecycle!(
             error,
             "failure-detected",
@@ -136,8 +139,8 @@ impl Guest {
                 }
                 // The guest carries on: if it was judged by its heartbeats, it still is, from
                 // the moment it resumed.
-                let waits = super::with_steal(new_active.vm.lost_time());
-                self.ctx.liveness.restarted(Instant::now(), &waits);
+                let ran = new_active.vm.run_time();
+                self.ctx.liveness.restarted(Instant::now(), &ran);
                 let from = crate::control::protocol::wire_name(&mode.resume());
                 lifecycle!(
                     info,
@@ -174,10 +177,12 @@ impl Guest {
     /// The active failed while a standby process follows it: the active is fenced, and the
     /// standby process told to take the guest over from its last whole epoch. The guest ends
     /// here; the failed machine is dumped as for any failure.
-    fn hand_over(&mut self, failure: Failure) -> Change {
+    fn hand_over(&mut self, failure: Failure, witness: vmm_core::witness::Witness) -> Change {
         let span = tracing::info_span!("failure", guest = %self.ctx.config.name, n = self.ctx.record.failures + 1);
         let _entered = span.enter();
         self.begin_failure_record(&failure);
+        let number = self.ctx.record.failures;
+        self.ctx.suspicions.suspect(number, &failure, witness);
         lifecycle!(error, "failure-detected", guest = %self.ctx.config.name, phase = "detect", failure = %failure, reason = failure.reason(), armed = true, "active failed");
         let Some(Running { active, .. }) = self.take_running() else {
             return Change::None;

@@ -48,8 +48,8 @@ pub enum Failure {
     },
     /// No heartbeat for longer than the timeout.
     HeartbeatTimeout {
-        /// How long the guest had been silent (time its vCPUs were kept from running
-        /// excluded).
+        /// How long the guest's vCPUs had run without a heartbeat (time they were not given a
+        /// CPU, were parked or stopped does not count).
         silent_ms: u64,
         /// Since its last heartbeat was seen, all told.
         since_seen_ms: u64,
@@ -116,7 +116,7 @@ impl std::fmt::Display for Failure {
                 write!(f, "no heartbeat for {silent_ms} ms")?;
                 if since_seen_ms > silent_ms {
                     let kept_off = since_seen_ms - silent_ms;
-                    write!(f, " ({since_seen_ms} ms since the last, {kept_off} ms of them kept from running)")?;
+                    write!(f, " of its run ({since_seen_ms} ms since the last, {kept_off} ms of them not running)")?;
                 }
                 Ok(())
             }

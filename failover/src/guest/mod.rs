@@ -35,6 +35,7 @@ pub mod policy;
 mod process;
 mod shared;
 mod state;
+mod suspicion;
 
 pub use control::{describe_end, GuestError};
 use failover::AfterRewire;
@@ -65,16 +66,6 @@ fn resume_mode(
             (Box::new(mode), active_console)
         }
     })
-}
-
-/// A machine's vCPUs' lost time, with what the host's own hypervisor stole added to each: the
-/// time the heartbeat watch leaves out of a guest's silence.
-pub(crate) fn with_steal(mut lost: Vec<Duration>) -> Vec<Duration> {
-    let stolen = crate::liveness::host_steal();
-    for vcpu in &mut lost {
-        *vcpu += stolen;
-    }
-    lost
 }
 
 pub(crate) fn us(d: Duration) -> u64 {
@@ -193,6 +184,7 @@ impl Guest {
             liveness: Liveness::new(config.standby.as_ref().and_then(|s| {
                 (s.heartbeat_timeout_ms > 0).then(|| Duration::from_millis(s.heartbeat_timeout_ms))
             })),
+            suspicions: Default::default(),
             recovering_since: None,
             last_sync: None,
             resumed_at: None,
@@ -494,8 +486,9 @@ impl Guest {
     /// Looks at the active's heartbeats (the time its vCPU took the last one) and returns
     /// how long until the guest could first be judged silent, if it is judged at all.
     pub fn heartbeat_deadline(&mut self) -> Option<Duration> {
-        let waits = self.observe_heartbeat();
-        match self.ctx.liveness.verdict(Instant::now(), &waits) {
+        self.ctx.suspicions.look(&self.ctx.config.name);
+        let ran = self.observe_heartbeat();
+        match self.ctx.liveness.verdict(Instant::now(), &ran) {
             crate::liveness::Verdict::Alive(left) => Some(left),
             crate::liveness::Verdict::Silent(_) => Some(Duration::ZERO),
             crate::liveness::Verdict::NotJudged => None,
@@ -504,22 +497,22 @@ impl Guest {
 
     /// The heartbeat failure, if the active has been silent too long.
     pub fn heartbeat_overdue(&mut self) -> Option<Failure> {
-        let lost = self.observe_heartbeat();
+        let ran = self.observe_heartbeat();
         let now = Instant::now();
-        match self.ctx.liveness.verdict(now, &lost) {
+        match self.ctx.liveness.verdict(now, &ran) {
             crate::liveness::Verdict::Silent(silent) => Some(Failure::HeartbeatTimeout {
                 silent_ms: silent.as_millis() as u64,
                 since_seen_ms: self
                     .ctx
                     .liveness
-                    .breakdown(now, &lost)
+                    .breakdown(now, &ran)
                     .map_or(0, |s| s.since_seen.as_millis() as u64),
             }),
             _ => None,
         }
     }
 
-    /// Takes in the active's last heartbeat; returns its vCPUs' lost time now.
+    /// Takes in the active's last heartbeat; returns its vCPUs' run times now.
     fn observe_heartbeat(&mut self) -> Vec<Duration> {
         let State::Running(running) = &self.state else {
             return Vec::new();
@@ -527,18 +520,18 @@ impl Guest {
         if self.ctx.liveness.timeout().is_none() {
             return Vec::new();
         }
-        let lost = with_steal(running.active.vm.lost_time());
+        let ran = running.active.vm.run_time();
         if let Some(at) = running.active.vm.last_heartbeat_at() {
-            self.ctx.liveness.beat(at, Instant::now(), &lost);
+            self.ctx.liveness.beat(at, Instant::now(), &ran);
         }
-        lost
+        ran
     }
 
-    /// The active's vCPUs' lost time, for the heartbeat watch.
-    pub(crate) fn active_lost_time(&self) -> Vec<Duration> {
+    /// The active's vCPUs' run times, for the heartbeat watch.
+    pub(crate) fn active_run_time(&self) -> Vec<Duration> {
         match &self.state {
             State::Running(running) if self.ctx.liveness.timeout().is_some() => {
-                with_steal(running.active.vm.lost_time())
+                running.active.vm.run_time()
             }
             _ => Vec::new(),
         }

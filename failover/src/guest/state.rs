@@ -205,6 +205,8 @@ pub(crate) struct Context {
     pub jobs: Jobs<Finished>,
     pub record: Record,
     pub liveness: Liveness,
+    /// Verdicts of silence or unresponsiveness still open to disproof.
+    pub suspicions: super::suspicion::Suspicions,
     /// Since when the failed machine of the last failover is being recovered.
     pub recovering_since: Option<Instant>,
     /// How the standby that was just armed was synced, for the `armed` event.
@@ -217,9 +219,10 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    /// How long the active's vCPUs may take to answer a pause (time waiting for a host CPU
-    /// aside) before the active counts as failed: the heartbeat timeout where heartbeats are
-    /// watched, at least 100 ms.
+    /// How long a vCPU of the active may *run* after it was asked to pause without answering
+    /// before the active counts as failed (time it is not given a CPU does not count, see
+    /// `vmm_core::run_clock`): the heartbeat timeout where heartbeats are watched, at least
+    /// 100 ms.
     pub fn pause_patience(&self) -> Duration {
         self.liveness
             .timeout()

@@ -5,6 +5,7 @@
 //! few atomic stores and one eventfd write, so a guest beating fast cannot stall on a lock.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -26,8 +27,8 @@ pub struct HeartbeatStatus {
 
 /// Heartbeat counters plus an eventfd that is written on each beat.
 pub struct Heartbeats {
-    count: AtomicU64,
-    last_sequence: AtomicU32,
+    count: Arc<AtomicU64>,
+    last_sequence: Arc<AtomicU32>,
     last_at_ns: AtomicU64,
     epoch: Instant,
     notify: EventFd,
@@ -38,8 +39,8 @@ impl Heartbeats {
     /// No heartbeats yet; `notify` is signalled on each one.
     pub fn new(notify: EventFd) -> Self {
         Heartbeats {
-            count: AtomicU64::new(0),
-            last_sequence: AtomicU32::new(0),
+            count: Arc::new(AtomicU64::new(0)),
+            last_sequence: Arc::new(AtomicU32::new(0)),
             last_at_ns: AtomicU64::new(0),
             epoch: Instant::now(),
             notify,
@@ -74,6 +75,12 @@ impl Heartbeats {
             last_sequence: self.last_sequence.load(Ordering::Relaxed),
             last_at_ns: self.last_at_ns.load(Ordering::Relaxed),
         }
+    }
+
+    /// The count and the last sequence number, shared: they can be read after the machine
+    /// is gone.
+    pub fn counters(&self) -> (Arc<AtomicU64>, Arc<AtomicU32>) {
+        (self.count.clone(), self.last_sequence.clone())
     }
 
     /// The eventfd written on each beat.
