@@ -183,25 +183,37 @@ impl Holder {
         std::thread::Builder::new()
             .name("active-lock".into())
             .spawn(move || {
-                let tell = |result| {
-                    let _ = answer.send(result);
+                let wake = || {
                     if let Some(notify) = &notify {
                         let _ = notify.write(1);
                     }
                 };
                 let how = match page.lock(&until) {
                     Ok(Some(how)) => how,
-                    Ok(None) => return tell(Ok(None)),
-                    Err(err) => return tell(Err(err)),
+                    Ok(None) => {
+                        let _ = answer.send(Ok(None));
+                        return wake();
+                    }
+                    Err(err) => {
+                        let _ = answer.send(Err(err));
+                        return wake();
+                    }
                 };
                 page.record_holder();
                 let (release, let_go) = mpsc::channel::<()>();
                 let (done, released) = mpsc::channel::<()>();
-                tell(Ok(Some(ActiveLock {
+                let lock = ActiveLock {
                     release: Some(release),
                     released,
                     how,
-                })));
+                };
+                if let Err(mpsc::SendError(Ok(Some(mut unwanted)))) = answer.send(Ok(Some(lock))) {
+                    // Nobody waits for it any more (a waiter dropped meanwhile): let go at
+                    // once. Its drop would wait for this very thread to say it let go.
+                    drop(unwanted.release.take());
+                    std::mem::forget(unwanted);
+                }
+                wake();
                 // Holds the lock until the `ActiveLock` is dropped (or forever, if it is
                 // forgotten: then the kernel lets go of it as this process dies).
                 let _ = let_go.recv();
@@ -235,8 +247,14 @@ impl Page {
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                 Err(err) => return Err(err),
             }
+            // Unique to this attempt: threads of one process may make it at once.
+            static ATTEMPT: AtomicU64 = AtomicU64::new(0);
             let mut fresh = path.as_os_str().to_owned();
-            fresh.push(format!(".new-{}", std::process::id()));
+            fresh.push(format!(
+                ".new-{}-{}",
+                std::process::id(),
+                ATTEMPT.fetch_add(1, Ordering::Relaxed)
+            ));
             let fresh = PathBuf::from(fresh);
             let _ = std::fs::remove_file(&fresh);
             let file = OpenOptions::new()
@@ -532,6 +550,20 @@ mod tests {
             assert!(Instant::now() < deadline, "the eventfd was never written");
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    #[test]
+    fn a_waiter_dropped_before_the_lock_comes_free_takes_nothing_from_the_next_taker() {
+        let journal = scratch("dropped-waiter");
+        let held = ActiveLock::try_take(&journal)
+            .unwrap()
+            .expect("free at first");
+        let notify = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        drop(ActiveLock::wait(&journal, notify).unwrap());
+        drop(held);
+        // The dropped waiter may have taken the lock in passing; it lets go of it at once.
+        let next = ActiveLock::take_within(&journal, Duration::from_secs(5)).unwrap();
+        assert!(next.is_some(), "the lock stayed with a dropped waiter");
     }
 
     #[test]
