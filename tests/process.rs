@@ -357,9 +357,21 @@ fn a_failure_inside_the_guest_is_handed_to_the_standby_process() {
 
 fn hand_over_after(fault: &str) {
     require_kvm();
-    // A hang is seen after the 2 s heartbeat timeout.
-    const LAST: u64 = 600;
-    let env = separate_env(&format!("process-handover-{fault}"), 64, LAST);
+    // A hang is seen once the guest has run 300 ms without a heartbeat: on a busy host that
+    // takes longer in wall time, and the guest counts for 10 s, long enough for it.
+    const LAST: u64 = 1000;
+    let test = format!("process-handover-{fault}");
+    let dir = std::env::temp_dir().join(format!("understudy-test-{}-{test}", std::process::id()));
+    let env = env_file(
+        &test,
+        &format!(
+            "[[guest]]\nname = \"counter\"\nkernel = \"KERNELS/counter\"\nmemory_mib = 64\n\
+             cmdline = \"interval_ms=10 stop_after={LAST}\"\ncrash_dump = false\n\
+             [guest.standby]\nresume = \"checkpoint\"\nprocess = \"separate\"\n\
+             heartbeat_timeout_ms = 300\njournal = \"{}\"\n",
+            dir.join("counter.journal").display()
+        ),
+    );
     let fault = format!("counter:{fault}@1500");
     let mut active = Process::start(
         &[
