@@ -49,6 +49,7 @@
 
 mod cache;
 mod complete;
+mod cost;
 mod fault_trap;
 /// The instruction decoder, for its fuzz target.
 pub mod fuzz;
@@ -62,6 +63,7 @@ use std::time::Instant;
 use kvm_ioctls::Kvm;
 
 pub use self::complete::complete_refused_instruction;
+pub use self::cost::{measure_trap_costs, TrapCostError, TrapCosts};
 pub use self::fault_trap::{remove_trap, AtTrap, Look, PageFaultTrap, LOOK_INTERVAL};
 use crate::cpuid::CpuFeature;
 use crate::vm::VmError;

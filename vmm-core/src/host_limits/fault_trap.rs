@@ -202,24 +202,18 @@ impl PageFaultTrap {
             return Ok(Look::Nothing);
         };
         let code = read_code(ram, &paging, handler);
-        if covered(&code).is_some() {
+        let laid = covered(&code).is_some();
+        let instruction =
+            coverable(&code).filter(|c| c.effect != Effect::ClearAc || sregs.cr4 & CR4_SMAP != 0);
+        if (laid || instruction.is_some()) && !self.completes() {
+            return Ok(Look::Nothing);
+        }
+        if laid {
             return Ok(Look::Laid(handler));
         }
-        let Some(instruction) = coverable(&code) else {
+        let Some(instruction) = instruction else {
             return Ok(Look::Nothing);
         };
-        if instruction.effect == Effect::ClearAc && sregs.cr4 & CR4_SMAP == 0 {
-            return Ok(Look::Nothing);
-        }
-        if let Decision::Undecided(limits) = &self.decision {
-            self.decision = match limits.system_calls().syscall {
-                SyscallPath::HalfDone => Decision::Complete,
-                SyscallPath::Enters | SyscallPath::Fails => Decision::Off,
-            };
-        }
-        if !matches!(self.decision, Decision::Complete) {
-            return Ok(Look::Nothing);
-        }
         let Translation::Physical(at) = paging.check(ram, handler, Access::Peek) else {
             return Ok(Look::Nothing);
         };
@@ -244,6 +238,17 @@ impl PageFaultTrap {
         })
     }
 
+    /// Whether this host needs the trap: asked once (see [`Decision`]).
+    fn completes(&mut self) -> bool {
+        if let Decision::Undecided(limits) = &self.decision {
+            self.decision = match limits.system_calls().syscall {
+                SyscallPath::HalfDone => Decision::Complete,
+                SyscallPath::Enters | SyscallPath::Fails => Decision::Off,
+            };
+        }
+        matches!(self.decision, Decision::Complete)
+    }
+
     /// At a refused instruction: if it is the trap's `int3` at the guest's page-fault handler,
     /// completes the half-done `syscall` the fault is, or replays the covered instruction, and
     /// says which; `None`, changing nothing, for anything else.
@@ -253,8 +258,7 @@ impl PageFaultTrap {
         ram: &GuestRam,
         suberror: u32,
     ) -> Result<Option<AtTrap>, StateError> {
-        if suberror != KVM_INTERNAL_ERROR_EMULATION || !matches!(self.decision, Decision::Complete)
-        {
+        if suberror != KVM_INTERNAL_ERROR_EMULATION || matches!(self.decision, Decision::Off) {
             return Ok(None);
         }
         let step = |step| move |source| StateError { step, source };
@@ -270,6 +274,10 @@ impl PageFaultTrap {
         let Some(instruction) = covered(&read_code(ram, &paging, regs.rip)) else {
             return Ok(None);
         };
+        // Another vCPU may have laid the trap, or a snapshot brought it along.
+        if !self.completes() {
+            return Ok(None);
+        }
         let mut frame = [0u8; FaultFrame::SIZE];
         if peek_virtual(ram, &paging, regs.rsp, &mut frame) {
             let frame = FaultFrame::from_bytes(&frame);

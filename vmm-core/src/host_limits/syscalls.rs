@@ -30,6 +30,8 @@ const USER_STACK: u64 = 0x3_0000;
 /// half a page on, its page-fault handler.
 const SUPERVISOR_PAGE: u64 = 0x1_3000;
 const SYSCALL_PAGE_FAULT_HANDLER: u64 = SUPERVISOR_PAGE + 0x800;
+/// A page that is not there, for page faults on purpose (`cost`).
+pub(super) const NOT_PRESENT_PAGE: u64 = 0x1_4000;
 /// Selectors: the boot protocol's code ([`KERNEL_CS`]) and data (so the boot segment state
 /// stays valid), user data, 64-bit and 32-bit user code, the TSS.
 const USER_DS: u8 = 0x20 | 3;
@@ -69,8 +71,7 @@ const SYSCALL_PROBE_EXITS: usize = 4;
 
 /// Runs the system-call probes ([`syscall_path`], [`enters_kernel`]) in a VM of their own.
 pub(super) fn probe_system_calls(kvm: &Kvm) -> Result<SystemCalls, VmError> {
-    let (vm, ram) = probe_vm(kvm)?;
-    write_user_mode_tables(&ram)?;
+    let (vm, ram) = user_mode_vm(kvm)?;
     Ok(SystemCalls {
         syscall: syscall_path(&vm, &ram)?,
         int80: enters_kernel(&vm, &ram, KernelEntry::Int80)?,
@@ -79,7 +80,7 @@ pub(super) fn probe_system_calls(kvm: &Kvm) -> Result<SystemCalls, VmError> {
 
 /// A way for user mode to enter the kernel, probed on its own vCPU.
 #[derive(Debug, Clone, Copy)]
-enum KernelEntry {
+pub(super) enum KernelEntry {
     /// `syscall` from 64-bit code, to `LSTAR`.
     Syscall,
     /// `int $0x80` from 32-bit code, through an interrupt gate with DPL3.
@@ -121,7 +122,7 @@ impl KernelEntry {
 }
 
 /// The GDT (with user segments and a TSS), TSS and identity page tables (user-accessible but
-/// for [`SUPERVISOR_PAGE`]) the user-mode probes share.
+/// for [`SUPERVISOR_PAGE`], and [`NOT_PRESENT_PAGE`] not there) the user-mode probes share.
 fn write_user_mode_tables(ram: &GuestRam) -> Result<(), VmError> {
     let gdt: Vec<u8> = USER_GDT_ENTRIES
         .iter()
@@ -135,10 +136,10 @@ fn write_user_mode_tables(ram: &GuestRam) -> Result<(), VmError> {
     let table: Vec<u8> = (0..512u64)
         .map(|page| {
             let at = page << 12;
-            at | if at == SUPERVISOR_PAGE {
-                SUPERVISOR_ONLY
-            } else {
-                USER_PAGE
+            match at {
+                SUPERVISOR_PAGE => at | SUPERVISOR_ONLY,
+                NOT_PRESENT_PAGE => 0,
+                _ => at | USER_PAGE,
             }
         })
         .flat_map(|entry| entry.to_le_bytes())
@@ -147,13 +148,53 @@ fn write_user_mode_tables(ram: &GuestRam) -> Result<(), VmError> {
     Ok(())
 }
 
-/// A fresh vCPU for `entry`'s probe, at CPL0 about to `iretq` to its user code, which records
-/// that it ran and executes the entry instruction. The kernel's entry point records that it
-/// ran and executes `hlt`, which exits to us at CPL0 and faults at CPL3.
-fn user_mode_vcpu(
+/// The code of a user-mode probe: what user mode runs after the `iretq`, the kernel's entry
+/// point, and (for `syscall`) the page-fault handler.
+pub(super) struct ProbeCode {
+    pub user: Vec<u8>,
+    pub kernel_entry: Vec<u8>,
+    pub page_fault_handler: Vec<u8>,
+}
+
+impl ProbeCode {
+    /// The probe's own: user code that records that it ran and executes the entry
+    /// instruction; an entry point that records that it ran and executes `hlt`, which exits
+    /// to us at CPL0 and faults at CPL3; a page-fault handler (`endbr64; hlt`) where a fault
+    /// stops.
+    fn of(entry: KernelEntry) -> ProbeCode {
+        let user_reached = (entry.user_reached() as u32).to_le_bytes();
+        let one = 1u32.to_le_bytes();
+        let user = match entry {
+            // movl $1, user_reached (64-bit: ModRM 04, SIB 25, disp32); syscall
+            KernelEntry::Syscall => {
+                [&[0xc7, 0x04, 0x25][..], &user_reached, &one, &[0x0f, 0x05]].concat()
+            }
+            // movl $1, user_reached (32-bit: ModRM 05, disp32); int $0x80
+            KernelEntry::Int80 => [&[0xc7, 0x05][..], &user_reached, &one, &[0xcd, 0x80]].concat(),
+        };
+        let kernel_reached = (entry.kernel_reached() as u32).to_le_bytes();
+        ProbeCode {
+            user: [&user[..], &[HLT]].concat(),
+            // movl $1, kernel_reached; hlt
+            kernel_entry: [&[0xc7, 0x04, 0x25][..], &kernel_reached, &one, &[HLT]].concat(),
+            page_fault_handler: vec![0xf3, 0x0f, 0x1e, 0xfa, HLT],
+        }
+    }
+}
+
+/// The probe VM with the user-mode tables.
+pub(super) fn user_mode_vm(kvm: &Kvm) -> Result<(VmFd, GuestRam), VmError> {
+    let (vm, ram) = probe_vm(kvm)?;
+    write_user_mode_tables(&ram)?;
+    Ok((vm, ram))
+}
+
+/// A fresh vCPU for `entry`'s probe running `code`, at CPL0 about to `iretq` to the user code.
+pub(super) fn user_mode_vcpu(
     vm: &VmFd,
     ram: &GuestRam,
     entry: KernelEntry,
+    code: &ProbeCode,
 ) -> Result<kvm_ioctls::VcpuFd, VmError> {
     let kvm_step = |step| move |source| VmError::Kvm { step, source };
     let (kernel_code, user_code, target) = (entry.code(), entry.code() + 0x800, entry.target());
@@ -174,23 +215,8 @@ fn user_mode_vcpu(
     ]
     .concat();
     ram.write(kernel_code, &to_user)?;
-    let user_reached = (entry.user_reached() as u32).to_le_bytes();
-    let one = 1u32.to_le_bytes();
-    let user = match entry {
-        // movl $1, user_reached (64-bit: ModRM 04, SIB 25, disp32); syscall
-        KernelEntry::Syscall => {
-            [&[0xc7, 0x04, 0x25][..], &user_reached, &one, &[0x0f, 0x05]].concat()
-        }
-        // movl $1, user_reached (32-bit: ModRM 05, disp32); int $0x80
-        KernelEntry::Int80 => [&[0xc7, 0x05][..], &user_reached, &one, &[0xcd, 0x80]].concat(),
-    };
-    ram.write(user_code, &[&user[..], &[HLT]].concat())?;
-    let kernel_reached = (entry.kernel_reached() as u32).to_le_bytes();
-    // movl $1, kernel_reached; hlt
-    ram.write(
-        target,
-        &[&[0xc7, 0x04, 0x25][..], &kernel_reached, &one, &[HLT]].concat(),
-    )?;
+    ram.write(user_code, &code.user)?;
+    ram.write(target, &code.kernel_entry)?;
 
     let vcpu = vm
         .create_vcpu(entry.vcpu_id())
@@ -215,8 +241,7 @@ fn user_mode_vcpu(
     sregs.idt.limit = (16 * (vector + 1) - 1) as u16;
     match entry {
         KernelEntry::Syscall => {
-            // The page-fault handler: endbr64; hlt. A fault that reaches it stops there.
-            ram.write(SYSCALL_PAGE_FAULT_HANDLER, &[0xf3, 0x0f, 0x1e, 0xfa, HLT])?;
+            ram.write(SYSCALL_PAGE_FAULT_HANDLER, &code.page_fault_handler)?;
             write_gate(ram, PAGE_FAULT_VECTOR, SYSCALL_PAGE_FAULT_HANDLER, 0)?;
             sregs.efer |= EFER_SCE;
         }
@@ -231,6 +256,27 @@ fn user_mode_vcpu(
     };
     vcpu.set_regs(&regs).map_err(kvm_step("KVM_SET_REGS"))?;
     Ok(vcpu)
+}
+
+/// Sets `syscall`'s MSRs as Linux does, with the probe's entry point: whether KVM took them.
+pub(super) fn set_syscall_msrs(vcpu: &kvm_ioctls::VcpuFd) -> Result<bool, VmError> {
+    let msr = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let entries = [
+        msr(MSR_STAR, (SYSRET_BASE << 48) | (u64::from(KERNEL_CS) << 32)),
+        msr(MSR_LSTAR, KernelEntry::Syscall.target()),
+        msr(MSR_SFMASK, LINUX_SFMASK),
+    ];
+    // Three entries always fit.
+    let msrs = Msrs::from_entries(&entries).expect("three MSR entries");
+    let written = vcpu.set_msrs(&msrs).map_err(|source| VmError::Kvm {
+        step: "KVM_SET_MSRS",
+        source,
+    })?;
+    Ok(written == entries.len())
 }
 
 /// Whether the word at `at` was set to 1 by the probe's code.
@@ -249,20 +295,8 @@ fn reached(ram: &GuestRam, at: u64) -> Result<bool, VmError> {
 fn syscall_path(vm: &VmFd, ram: &GuestRam) -> Result<SyscallPath, VmError> {
     let kvm_step = |step| move |source| VmError::Kvm { step, source };
     let entry = KernelEntry::Syscall;
-    let mut vcpu = user_mode_vcpu(vm, ram, entry)?;
-    let msr = |index, data| kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    };
-    let entries = [
-        msr(MSR_STAR, (SYSRET_BASE << 48) | (u64::from(KERNEL_CS) << 32)),
-        msr(MSR_LSTAR, entry.target()),
-        msr(MSR_SFMASK, LINUX_SFMASK),
-    ];
-    // Three entries always fit.
-    let msrs = Msrs::from_entries(&entries).expect("three MSR entries");
-    if vcpu.set_msrs(&msrs).map_err(kvm_step("KVM_SET_MSRS"))? != entries.len() {
+    let mut vcpu = user_mode_vcpu(vm, ram, entry, &ProbeCode::of(entry))?;
+    if !set_syscall_msrs(&vcpu)? {
         tracing::debug!("host probe could not set the syscall MSRs; syscall taken as working");
         return Ok(SyscallPath::Enters);
     }
@@ -323,7 +357,7 @@ fn syscall_path(vm: &VmFd, ram: &GuestRam) -> Result<SyscallPath, VmError> {
 /// concluded (taken as working).
 fn enters_kernel(vm: &VmFd, ram: &GuestRam, entry: KernelEntry) -> Result<bool, VmError> {
     let kvm_step = |step| move |source| VmError::Kvm { step, source };
-    let mut vcpu = user_mode_vcpu(vm, ram, entry)?;
+    let mut vcpu = user_mode_vcpu(vm, ram, entry, &ProbeCode::of(entry))?;
     let exit = match vcpu.run() {
         Ok(VcpuExit::Hlt) => None,
         other => Some(format!("{other:?}")),
