@@ -150,3 +150,24 @@ fn time_loop(kvm: &Kvm, what: Loop, iterations: u32) -> Result<Duration, TrapCos
     }
     Ok(elapsed / iterations.max(1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where the trap is needed: a loop of system calls, each finished at the trap and
+    /// returned from with `sysretq`, and a loop of page faults, each replayed past the trap
+    /// into a handler that returns to user mode, run to their ends with the trap taken once
+    /// per round (fewer is an error).
+    #[test]
+    fn system_calls_and_page_faults_go_through_the_trap_every_round() {
+        if Kvm::new().is_err() {
+            println!("skipped: no /dev/kvm");
+            return;
+        }
+        match measure_trap_costs(200).unwrap() {
+            Some(costs) => println!("{costs:?}"),
+            None => println!("this host runs `syscall` itself: no trap"),
+        }
+    }
+}
