@@ -62,7 +62,7 @@ use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 
-pub use self::complete::complete_refused_instruction;
+pub use self::complete::{complete_refused_instruction, refused_code_changed};
 pub use self::cost::{measure_trap_costs, TrapCostError, TrapCosts};
 pub use self::fault_trap::{remove_trap, AtTrap, Look, PageFaultTrap, LOOK_INTERVAL};
 use crate::cpuid::CpuFeature;

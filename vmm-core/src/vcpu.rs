@@ -27,8 +27,9 @@ use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_run, KVM_EXIT_DIRTY_RING_FULL, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_run, KVM_EXIT_DIRTY_RING_FULL, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -37,7 +38,9 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::regs;
 use crate::devices::{Devices, PortEffect};
-use crate::host_limits::{complete_refused_instruction, remove_trap, Look, PageFaultTrap};
+use crate::host_limits::{
+    complete_refused_instruction, refused_code_changed, remove_trap, Look, PageFaultTrap,
+};
 use crate::memory::GuestRam;
 use crate::state::{write_msrs, StateError, VcpuState, VcpuStateLayout};
 
@@ -703,6 +706,9 @@ impl VcpuThread<'_> {
         let run = self.vcpu.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live member.
         let internal = unsafe { run.__bindgen_anon_1.internal };
+        // SAFETY: an emulation failure's report is `emulation_failure` (the same words as
+        // `internal`); its bytes are only taken where its flags say they are there.
+        let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
         if let Some(trap) = &mut self.context.fault_trap {
             match trap.at_refused_int3(self.vcpu, &self.context.ram, internal.suberror) {
                 Ok(Some(at)) => {
@@ -728,6 +734,35 @@ impl VcpuThread<'_> {
                 Ok(None) => {}
                 Err(err) => {
                     tracing::warn!(vcpu = self.context.index, %err, "could not complete an instruction the host refused")
+                }
+            }
+        }
+        if self.context.complete_refused_instructions {
+            let has_bytes = internal.suberror == KVM_INTERNAL_ERROR_EMULATION
+                && internal.ndata >= 2
+                && failure.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+                    != 0;
+            // SAFETY: as above; the union's byte view of the same words.
+            let (size, bytes) = unsafe {
+                let view = failure.__bindgen_anon_1.__bindgen_anon_1;
+                (usize::from(view.insn_size), view.insn_bytes)
+            };
+            let reported = if has_bytes {
+                bytes.get(..size.min(bytes.len())).unwrap_or_default()
+            } else {
+                &[]
+            };
+            match refused_code_changed(self.vcpu, &self.context.ram, reported) {
+                Ok(true) => {
+                    tracing::trace!(
+                        vcpu = self.context.index,
+                        "the refused instruction was rewritten meanwhile; running what is there now"
+                    );
+                    return None;
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(vcpu = self.context.index, %err, "could not look at a refused instruction again")
                 }
             }
         }

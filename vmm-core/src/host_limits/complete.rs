@@ -143,6 +143,28 @@ pub fn complete_refused_instruction(
     Ok(Some(completion.name))
 }
 
+/// Whether the code at the vCPU's RIP is no longer what KVM reported it refused (`reported`,
+/// its instruction bytes as `KVM_EXIT_INTERNAL_ERROR` gives them; none: never). On a guest
+/// with more than one vCPU another one may rewrite the instruction between KVM's refusal and
+/// this look: Linux's `text_poke_bp` puts an `int3` over an instruction while it patches it and
+/// takes it away again when done. The vCPU then simply runs what is there now, as a CPU that
+/// fetched it after the write would. Runs on the vCPU's thread; changes nothing.
+pub fn refused_code_changed(
+    vcpu: &VcpuFd,
+    ram: &GuestRam,
+    reported: &[u8],
+) -> Result<bool, StateError> {
+    let step = |step| move |source| StateError { step, source };
+    if reported.is_empty() {
+        return Ok(false);
+    }
+    let sregs = vcpu.get_sregs().map_err(step("KVM_GET_SREGS"))?;
+    let regs = vcpu.get_regs().map_err(step("KVM_GET_REGS"))?;
+    let now = read_code(ram, &paging(&sregs, &regs, None), regs.rip);
+    let compared = now.len().min(reported.len());
+    Ok(compared > 0 && now.get(..compared) != reported.get(..compared))
+}
+
 /// What completing a refused instruction does: RIP moves `advance` bytes (0 at a fault), then
 /// `raise` is raised, if any.
 struct Completion {
