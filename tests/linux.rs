@@ -145,12 +145,18 @@ impl Run {
         }
     }
 
+    /// The console, each line without the kernel's `[ seconds]` timestamp: `/init` writes
+    /// through the kernel's log.
+    fn console(&self) -> String {
+        without_timestamps(&self.console.text())
+    }
+
     /// Waits until `done(console, log)` holds, failing with `what` after the run's patience
     /// or if understudy ends first.
     fn wait_for(&mut self, what: &str, done: impl Fn(&str, &str) -> bool) {
         let deadline = Instant::now() + self.patience;
         loop {
-            let (console, log) = (self.console.text(), self.log.text());
+            let (console, log) = (self.console(), self.log.text());
             if done(&console, &log) {
                 return;
             }
@@ -211,15 +217,28 @@ impl Run {
         }
     }
 
-    /// Ends understudy if it still runs, and returns everything it wrote.
+    /// Ends understudy if it still runs, and returns everything it wrote (the console
+    /// without the kernel's timestamps).
     fn stop(mut self) -> (String, String) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pump in self.pumps.drain(..) {
             let _ = pump.join();
         }
-        (self.console.text(), self.log.text())
+        (self.console(), self.log.text())
     }
+}
+
+/// `text` with the kernel's `[   41.100000] ` taken off the start of each line that has it.
+fn without_timestamps(text: &str) -> String {
+    text.split_inclusive('\n')
+        .map(|line| {
+            line.strip_prefix('[')
+                .and_then(|rest| rest.split_once("] "))
+                .filter(|(stamp, _)| stamp.trim().parse::<f64>().is_ok())
+                .map_or(line, |(_, rest)| rest)
+        })
+        .collect()
 }
 
 /// How a run's guest starts.
@@ -273,7 +292,7 @@ fn survives(setup: &LinuxSetup, test: &str, kind: &str, standby: &str, start: St
                 !numbers_after(console, "count ").is_empty()
             });
             println!("{test}: counting after {:?}", started.elapsed());
-            numbers_after(&run.console.text(), "count ")[0]
+            numbers_after(&run.console(), "count ")[0]
         }
     };
     run.wait_for("the guest to count", |console, _| {
@@ -284,7 +303,7 @@ fn survives(setup: &LinuxSetup, test: &str, kind: &str, standby: &str, start: St
         run.ctl(&["snapshot", "linux", &snapshot.display().to_string()]);
         println!("{test}: snapshot after {:?}", started.elapsed());
     }
-    let at_fault = numbers_after(&run.console.text(), "count ")
+    let at_fault = numbers_after(&run.console(), "count ")
         .last()
         .copied()
         .unwrap_or(0);
