@@ -3,11 +3,13 @@
 //! see docs/linux.md for the other variables and for how long it takes.
 //!
 //! The guest is the test initramfs of scripts/linux-initramfs.sh: it prints a marker, then
-//! `count N uptime U` once a second, and sends heartbeats. Each run waits until the guest is
-//! counting, injects one fault through the control socket, and checks that the console counts
-//! on across the failover, once, without a gap or a repeat, and that the kernel's uptime never
-//! went back (no reboot). The two runs (`kill` with failed-state resume, `mce` with checkpoint
-//! resume) boot side by side, each on its own host CPU.
+//! `count N uptime U` once a second, and sends heartbeats. Linux boots once, as a pair with
+//! failed-state resume: once its user space counts, a snapshot is taken, then the active is
+//! killed. Two more pairs start from that snapshot (`--restore`), side by side, so they pay
+//! nothing for the boot: one with failed-state resume (killed), one with checkpoint resume
+//! (a machine check). Each run checks that the console counts on across its failover, once,
+//! without a gap or a repeat, that the kernel's uptime never went back (no reboot), and that
+//! the guest's `poweroff` ends understudy cleanly.
 
 mod common;
 
@@ -23,13 +25,15 @@ const MARKER: &str = "understudy-linux: ready";
 const NO_USER_SPACE: &str = "no Linux user space can";
 /// What Linux prints when it panics: the run cannot go on as the test expects.
 const KERNEL_PANIC: &str = "Kernel panic - not syncing";
-/// Count lines to see before the fault, so it hits a guest that is running its user space.
+/// Count lines to see before the fault (and before the snapshot of the booted guest), so it
+/// hits a guest that is running its user space.
 const LINES_BEFORE_FAULT: u64 = 3;
 /// Count lines to see after a failover before the run is judged.
 const LINES_AFTER_FAILOVER: u64 = 5;
 /// The guest powers itself off after this line (`stop_at`): well after the fault, which comes
-/// at line [`LINES_BEFORE_FAULT`] or soon after.
-const LAST_COUNT: u64 = 30;
+/// at line [`LINES_BEFORE_FAULT`] or soon after (in a run from the snapshot, that many lines
+/// after the snapshot's).
+const LAST_COUNT: u64 = 24;
 
 struct LinuxSetup {
     kernel: PathBuf,
@@ -103,14 +107,18 @@ struct Run {
 }
 
 impl Run {
-    fn start(env: &Path, socket: &Path, patience: Duration) -> Run {
+    fn start(env: &Path, socket: &Path, restore: Option<&Path>, patience: Duration) -> Run {
         let _ = std::fs::remove_file(socket);
-        let mut child = common::spawn_understudy(&[
+        let mut args = vec![
             std::ffi::OsStr::new("run"),
             env.as_os_str(),
             std::ffi::OsStr::new("--api-socket"),
             socket.as_os_str(),
-        ]);
+        ];
+        if let Some(snapshot) = restore {
+            args.extend([std::ffi::OsStr::new("--restore"), snapshot.as_os_str()]);
+        }
+        let mut child = common::spawn_understudy(&args);
         let console = Transcript::default();
         let log = Transcript::default();
         let pumps = [
@@ -137,12 +145,18 @@ impl Run {
         }
     }
 
+    /// The console, each line without the kernel's `[ seconds]` timestamp: `/init` writes
+    /// through the kernel's log.
+    fn console(&self) -> String {
+        without_timestamps(&self.console.text())
+    }
+
     /// Waits until `done(console, log)` holds, failing with `what` after the run's patience
     /// or if understudy ends first.
     fn wait_for(&mut self, what: &str, done: impl Fn(&str, &str) -> bool) {
         let deadline = Instant::now() + self.patience;
         loop {
-            let (console, log) = (self.console.text(), self.log.text());
+            let (console, log) = (self.console(), self.log.text());
             if done(&console, &log) {
                 return;
             }
@@ -203,20 +217,42 @@ impl Run {
         }
     }
 
-    /// Ends understudy if it still runs, and returns everything it wrote.
+    /// Ends understudy if it still runs, and returns everything it wrote (the console
+    /// without the kernel's timestamps).
     fn stop(mut self) -> (String, String) {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for pump in self.pumps.drain(..) {
             let _ = pump.join();
         }
-        (self.console.text(), self.log.text())
+        (self.console(), self.log.text())
     }
 }
 
-/// Boots the pair, injects `kind` over the control socket once the guest counts, and checks
-/// it counted on across the failover.
-fn survives(setup: &LinuxSetup, test: &str, kind: &str, standby: &str) {
+/// `text` with the kernel's `[   41.100000] ` taken off the start of each line that has it.
+fn without_timestamps(text: &str) -> String {
+    text.split_inclusive('\n')
+        .map(|line| {
+            line.strip_prefix('[')
+                .and_then(|rest| rest.split_once("] "))
+                .filter(|(stamp, _)| stamp.trim().parse::<f64>().is_ok())
+                .map_or(line, |(_, rest)| rest)
+        })
+        .collect()
+}
+
+/// How a run's guest starts.
+#[derive(Clone, Copy)]
+enum Start<'a> {
+    /// Boots Linux, and writes a snapshot into the directory once the guest counts.
+    Boot { snapshot: &'a Path },
+    /// From that snapshot.
+    Restore { snapshot: &'a Path },
+}
+
+/// Starts the pair, injects `kind` over the control socket once the guest counts, and checks
+/// it counted on across the failover to its poweroff.
+fn survives(setup: &LinuxSetup, test: &str, kind: &str, standby: &str, start: Start) {
     let env = env_file(
         test,
         &format!(
@@ -231,20 +267,43 @@ fn survives(setup: &LinuxSetup, test: &str, kind: &str, standby: &str) {
     );
     let socket = std::env::temp_dir().join(format!("{test}-{}.sock", std::process::id()));
     let started = Instant::now();
-    let mut run = Run::start(&env, &socket, setup.patience);
-    run.wait_for("the guest to start", |_, log| log.contains("guest started"));
+    let restore = match start {
+        Start::Boot { .. } => None,
+        Start::Restore { snapshot } => Some(snapshot),
+    };
+    let mut run = Run::start(&env, &socket, restore, setup.patience);
+    run.wait_for("the guest to start", |_, log| {
+        log.contains("guest started") || log.contains("guest restored")
+    });
     let log = run.log.text();
     assert!(
         !log.contains(NO_USER_SPACE),
         "this host cannot run Linux user space, so the guest can never print its marker; \
          understudy's log says why:\n{log}"
     );
-    run.wait_for("the guest's marker", |console, _| console.contains(MARKER));
-    println!("{test}: marker after {:?}", started.elapsed());
+    let first = match start {
+        Start::Boot { .. } => {
+            run.wait_for("the guest's marker", |console, _| console.contains(MARKER));
+            println!("{test}: marker after {:?}", started.elapsed());
+            0
+        }
+        Start::Restore { .. } => {
+            run.wait_for("the restored guest to count", |console, _| {
+                !numbers_after(console, "count ").is_empty()
+            });
+            println!("{test}: counting after {:?}", started.elapsed());
+            numbers_after(&run.console(), "count ")[0]
+        }
+    };
     run.wait_for("the guest to count", |console, _| {
         numbers_after(console, "count ").len() as u64 > LINES_BEFORE_FAULT
     });
-    let at_fault = numbers_after(&run.console.text(), "count ")
+    if let Start::Boot { snapshot } = start {
+        let _ = std::fs::remove_dir_all(snapshot);
+        run.ctl(&["snapshot", "linux", &snapshot.display().to_string()]);
+        println!("{test}: snapshot after {:?}", started.elapsed());
+    }
+    let at_fault = numbers_after(&run.console(), "count ")
         .last()
         .copied()
         .unwrap_or(0);
@@ -254,11 +313,12 @@ fn survives(setup: &LinuxSetup, test: &str, kind: &str, standby: &str) {
     run.wait_for("the count to go on after the failover", |console, _| {
         numbers_after(console, "count ")
             .last()
-            .is_some_and(|&n| n >= at_fault + LINES_AFTER_FAILOVER)
+            .is_some_and(|&n| n >= (at_fault + LINES_AFTER_FAILOVER).min(LAST_COUNT))
     });
     let status = run.ctl(&["--json", "status"]);
     assert!(status.contains("\"failovers\":1"), "{status}");
     let ended = run.wait_for_exit("the guest to power off after its last line");
+    println!("{test}: powered off after {:?}", started.elapsed());
     assert!(
         ended.success(),
         "understudy ended with {ended} after the guest's poweroff:\n{}",
@@ -266,18 +326,24 @@ fn survives(setup: &LinuxSetup, test: &str, kind: &str, standby: &str) {
     );
     let (console, log) = run.stop();
 
+    let (markers, boots) = match start {
+        Start::Boot { .. } => (1, 1),
+        Start::Restore { .. } => (0, 0),
+    };
     assert_eq!(
         console.matches(MARKER).count(),
-        1,
-        "init ran twice:\n{console}"
+        markers,
+        "init ran {} times:\n{console}",
+        console.matches(MARKER).count()
     );
     assert_eq!(
         console.matches("Linux version").count(),
-        1,
-        "the kernel booted twice:\n{console}"
+        boots,
+        "the kernel booted {} times:\n{console}",
+        console.matches("Linux version").count()
     );
     let counts = numbers_after(&console, "count ");
-    assert_eq!(counts.first(), Some(&0), "{console}");
+    assert_eq!(counts.first(), Some(&first), "{console}");
     assert_eq!(counts.last(), Some(&LAST_COUNT), "{console}");
     assert_consecutive(&counts, "console count");
     assert!(
@@ -300,27 +366,51 @@ fn survives(setup: &LinuxSetup, test: &str, kind: &str, standby: &str) {
 }
 
 #[test]
-fn linux_counts_on_across_kill_and_machine_check_failovers() {
+fn linux_counts_on_across_failovers_of_both_kinds_booted_and_restored() {
     let Some(setup) = setup() else { return };
     require_kvm();
-    // Side by side: each run keeps one host CPU busy for as long as Linux takes to boot.
+    let snapshot = std::env::temp_dir().join(format!(
+        "understudy-test-{}-linux-snapshot",
+        std::process::id()
+    ));
+    survives(
+        &setup,
+        "linux-boot-kill",
+        "kill",
+        "resume = \"failed-state\"",
+        Start::Boot {
+            snapshot: &snapshot,
+        },
+    );
+    // Side by side: each run keeps a host CPU busy whenever the guest's kernel runs.
+    let restored = Start::Restore {
+        snapshot: &snapshot,
+    };
     std::thread::scope(|scope| {
         let kill = scope.spawn(|| {
-            survives(&setup, "linux-kill", "kill", "resume = \"failed-state\"");
+            survives(
+                &setup,
+                "linux-restored-kill",
+                "kill",
+                "resume = \"failed-state\"",
+                restored,
+            );
         });
         let mce = scope.spawn(|| {
             survives(
                 &setup,
-                "linux-mce",
+                "linux-restored-mce",
                 "mce",
                 "resume = \"checkpoint\"\ncheckpoint_interval_ms = 100",
+                restored,
             );
         });
         for (name, run) in [("kill", kill), ("mce", mce)] {
             if let Err(panic) = run.join() {
-                eprintln!("the {name} run failed");
+                eprintln!("the restored {name} run failed");
                 std::panic::resume_unwind(panic);
             }
         }
     });
+    let _ = std::fs::remove_dir_all(&snapshot);
 }

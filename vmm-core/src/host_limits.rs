@@ -31,13 +31,15 @@
 //! Anything else a host refuses stays a guest failure.
 //!
 //! Two more probes concern user space rather than the kernel, and run (in a VM of their own)
-//! only when the first Linux kernel is loaded: whether a 64-bit `syscall` and a 32-bit
-//! `int $0x80` at CPL3 enter CPL0 ([`SystemCalls`]). Where `syscall` jumps to `LSTAR`
-//! but stays at CPL3 (seen on a nested, page-table-based KVM), every 64-bit process dies at
-//! its first system call; if `int $0x80` works there, Linux kernels are booted with
-//! `vdso32=0`, so that a 32-bit user space (whose C library then uses `int $0x80`) runs. On
-//! the same nested host `int $0x80` raises #UD, so no Linux user space runs at all: the log
-//! says so at start, since nothing understudy can do from outside the guest changes it.
+//! only when the first Linux kernel is loaded or the first guest turns `syscall` on: whether
+//! a 64-bit `syscall` and a 32-bit `int $0x80` at CPL3 enter CPL0 ([`SystemCalls`]). Where
+//! `syscall` jumps to `LSTAR` but stays at CPL3 (seen on a nested, page-table-based KVM), the
+//! fetch there faults in user mode, and every 64-bit process would die at its first system
+//! call. understudy finishes such a `syscall` itself, from a trap over the first instruction
+//! of the guest's page-fault handler ([`PageFaultTrap`]; the probe checks that this works on
+//! the host, with the same code). Where it cannot and `int $0x80` works, Linux kernels are
+//! booted with `vdso32=0`, so that a 32-bit user space (whose C library then uses
+//! `int $0x80`) runs.
 //!
 //! On hardware with VT-x or AMD-V nothing is refused and nothing is changed. The probe runs
 //! all candidates in one pass, exiting only at refusals: it costs a few milliseconds (mostly
@@ -47,8 +49,11 @@
 
 mod cache;
 mod complete;
+mod cost;
+mod fault_trap;
 /// The instruction decoder, for its fuzz target.
 pub mod fuzz;
+mod half_syscall;
 mod probe;
 mod syscalls;
 
@@ -57,7 +62,9 @@ use std::time::Instant;
 
 use kvm_ioctls::Kvm;
 
-pub use self::complete::complete_refused_instruction;
+pub use self::complete::{complete_refused_instruction, refused_code_changed};
+pub use self::cost::{measure_trap_costs, TrapCostError, TrapCosts};
+pub use self::fault_trap::{remove_trap, AtTrap, Look, PageFaultTrap, LOOK_INTERVAL};
 use crate::cpuid::CpuFeature;
 use crate::error::VmError;
 
@@ -101,21 +108,58 @@ pub struct HostLimits {
 
 /// Whether the two ways Linux user space enters the kernel work: a 64-bit `syscall` (every
 /// 64-bit process) and `int $0x80` from 32-bit code (32-bit processes without the vDSO).
-/// Each is `false` only where the probe saw it fail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SystemCalls {
-    /// `syscall` from 64-bit CPL3 enters CPL0 at `LSTAR`.
-    pub syscall: bool,
-    /// `int $0x80` from 32-bit CPL3 enters CPL0 through the IDT.
+    /// How `syscall` from 64-bit CPL3 reaches CPL0 at `LSTAR`.
+    pub syscall: SyscallPath,
+    /// `int $0x80` from 32-bit CPL3 enters CPL0 through the IDT; `false` only where the
+    /// probe saw it fail.
     pub int80: bool,
 }
 
 impl Default for SystemCalls {
     fn default() -> Self {
         SystemCalls {
-            syscall: true,
+            syscall: SyscallPath::Enters,
             int80: true,
         }
+    }
+}
+
+/// How a 64-bit `syscall` from user mode reaches the guest kernel on this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyscallPath {
+    /// The CPU (or the host) runs it: CPL0 at `LSTAR`.
+    Enters,
+    /// The host leaves it half done (RIP at `LSTAR`, CS still the user's), and understudy
+    /// finishes it from the guest's page-fault handler ([`PageFaultTrap`]).
+    HalfDone,
+    /// It does not enter the kernel, and understudy cannot finish it.
+    Fails,
+}
+
+impl SyscallPath {
+    /// Whether 64-bit user space can make system calls, by itself or with understudy's help.
+    pub fn works(self) -> bool {
+        matches!(self, SyscallPath::Enters | SyscallPath::HalfDone)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            SyscallPath::Enters => "enters",
+            SyscallPath::HalfDone => "half-done",
+            SyscallPath::Fails => "fails",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        [
+            SyscallPath::Enters,
+            SyscallPath::HalfDone,
+            SyscallPath::Fails,
+        ]
+        .into_iter()
+        .find(|path| path.name() == name)
     }
 }
 
@@ -180,7 +224,7 @@ impl HostLimits {
             options.push(format!("{CLEARCPUID}{}", cleared.join(",")));
         }
         let SystemCalls { syscall, int80 } = self.system_calls();
-        if !syscall && int80 {
+        if !syscall.works() && int80 {
             options.push(NO_VDSO32.into());
         }
         options
@@ -268,8 +312,13 @@ impl HostLimits {
 impl SystemCalls {
     fn log(self, probe_us: u128) {
         let SystemCalls { syscall, int80 } = self;
-        if syscall {
+        if syscall == SyscallPath::Enters {
             tracing::debug!(probe_us, "user mode enters the guest kernel with `syscall`");
+        } else if syscall == SyscallPath::HalfDone {
+            tracing::info!(
+                probe_us,
+                "on this host a 64-bit `syscall` from user mode is left half done (at LSTAR, still in user mode); understudy finishes each one from a trap over the guest's page-fault handler, so every guest page fault and system call stops the vCPU once"
+            );
         } else if int80 {
             tracing::warn!(
                 probe_us,
@@ -306,7 +355,7 @@ mod tests {
                 refusal("wrgsbase", Workaround::LinuxOption("nofsgsbase")),
             ],
             system_calls: Some(SystemCalls {
-                syscall: false,
+                syscall: SyscallPath::Fails,
                 int80: true,
             }),
         };
@@ -324,10 +373,21 @@ mod tests {
             refused: vec![],
             system_calls: Some(SystemCalls { syscall, int80 }),
         };
-        assert_eq!(with(false, true).linux_cmdline_options(), vec!["vdso32=0"]);
-        // Nothing helps where neither works, and nothing is needed where syscall does.
-        assert!(with(false, false).linux_cmdline_options().is_empty());
-        assert!(with(true, false).linux_cmdline_options().is_empty());
+        assert_eq!(
+            with(SyscallPath::Fails, true).linux_cmdline_options(),
+            vec!["vdso32=0"]
+        );
+        // Nothing helps where neither works, and nothing is needed where syscall does, by
+        // itself or finished by understudy.
+        assert!(with(SyscallPath::Fails, false)
+            .linux_cmdline_options()
+            .is_empty());
+        assert!(with(SyscallPath::Enters, false)
+            .linux_cmdline_options()
+            .is_empty());
+        assert!(with(SyscallPath::HalfDone, true)
+            .linux_cmdline_options()
+            .is_empty());
     }
 
     #[test]

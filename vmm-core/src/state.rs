@@ -147,7 +147,7 @@ impl VcpuState {
     }
 }
 
-fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
+pub(crate) fn read_msrs(vcpu: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
     let entries: Vec<kvm_msr_entry> = indices
         .iter()
         .map(|&index| kvm_msr_entry {

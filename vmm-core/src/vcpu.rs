@@ -27,8 +27,9 @@ use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
 use kvm_bindings::{
-    kvm_run, KVM_EXIT_DIRTY_RING_FULL, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_run, KVM_EXIT_DIRTY_RING_FULL, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::{Deserialize, Serialize};
@@ -37,7 +38,9 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::boot::regs;
 use crate::devices::{Devices, PortEffect};
-use crate::host_limits::complete_refused_instruction;
+use crate::host_limits::{
+    complete_refused_instruction, refused_code_changed, remove_trap, Look, PageFaultTrap,
+};
 use crate::memory::GuestRam;
 use crate::run_clock::RunClock;
 use crate::state::{write_msrs, StateError, VcpuState, VcpuStateLayout};
@@ -271,6 +274,10 @@ pub(crate) struct VcpuContext {
     /// Whether instructions the host refused to run are completed where that can be done
     /// exactly ([`crate::host_limits`]).
     pub complete_refused_instructions: bool,
+    /// On a host that refuses `int3` at CPL0: the trap over the guest's page-fault handler
+    /// that finishes a `syscall` the host leaves half done, where it does
+    /// ([`crate::host_limits`]).
+    pub fault_trap: Option<PageFaultTrap>,
     /// Set once the machine is fenced: the thread never enters the guest again.
     pub fenced: Arc<AtomicBool>,
     /// How long the vCPU has been parked.
@@ -545,7 +552,11 @@ impl VcpuThread<'_> {
                 keep
             }
             VcpuRequest::Restore(state, reply) => {
-                let _ = reply.send(state.restore(self.vcpu));
+                let restored = state.restore(self.vcpu);
+                if restored.is_ok() {
+                    self.after_restore();
+                }
+                let _ = reply.send(restored);
                 keep
             }
             VcpuRequest::Boot(entry, reply) => {
@@ -586,6 +597,44 @@ impl VcpuThread<'_> {
         write_msrs(self.vcpu, &regs::boot_msrs())
     }
 
+    /// A restored guest's page-fault handler may be anywhere, with or without the trap of a
+    /// host that needs one: where this host needs it, it is looked for before the guest runs;
+    /// where it does not, a trap the snapshot carries is taken away (its `int3` would reach
+    /// the guest).
+    fn after_restore(&mut self) {
+        let index = self.context.index;
+        match &mut self.context.fault_trap {
+            Some(trap) => trap.look_soon(),
+            None => match remove_trap(self.vcpu, &self.context.ram) {
+                Ok(true) => tracing::debug!(
+                    vcpu = index,
+                    "took away the page-fault trap the snapshot carried: this host does not need it"
+                ),
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(vcpu = index, %err, "could not look for a page-fault trap in the restored guest")
+                }
+            },
+        }
+    }
+
+    /// Lays the trap over the guest's page-fault handler where it is due (see
+    /// [`PageFaultTrap::look`]).
+    fn look_for_fault_trap(&mut self) {
+        let Some(trap) = &mut self.context.fault_trap else {
+            return;
+        };
+        match trap.look(self.vcpu, &self.context.ram) {
+            Ok(Look::LaidNow(handler)) => tracing::debug!(
+                vcpu = self.context.index,
+                handler = format_args!("{handler:#x}"),
+                "trap laid over the guest's page-fault handler, to finish the system calls this host leaves half done"
+            ),
+            Ok(Look::Laid(_) | Look::Nothing) => {}
+            Err(err) => tracing::warn!(vcpu = self.context.index, %err, "could not look at the guest's page-fault handler"),
+        }
+    }
+
     /// Completes an in-flight exit without entering the guest, so saved state is exact.
     fn settle(&mut self) {
         self.vcpu.set_kvm_immediate_exit(1);
@@ -606,6 +655,7 @@ impl VcpuThread<'_> {
     }
 
     fn run_once(&mut self) -> RunOutcome {
+        self.look_for_fault_trap();
         let devices = &self.context.devices;
         let exit = match self.vcpu.run() {
             Ok(exit) => exit,
@@ -668,6 +718,21 @@ impl VcpuThread<'_> {
         let run = self.vcpu.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` is the live member.
         let internal = unsafe { run.__bindgen_anon_1.internal };
+        // SAFETY: an emulation failure's report is `emulation_failure` (the same words as
+        // `internal`); its bytes are only taken where its flags say they are there.
+        let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
+        if let Some(trap) = &mut self.context.fault_trap {
+            match trap.at_refused_int3(self.vcpu, &self.context.ram, internal.suberror) {
+                Ok(Some(at)) => {
+                    tracing::trace!(vcpu = self.context.index, ?at, "page-fault trap taken");
+                    return None;
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!(vcpu = self.context.index, %err, "could not complete at the page-fault trap")
+                }
+            }
+        }
         if self.context.complete_refused_instructions {
             match complete_refused_instruction(self.vcpu, &self.context.ram, internal.suberror) {
                 Ok(Some(instruction)) => {
@@ -681,6 +746,35 @@ impl VcpuThread<'_> {
                 Ok(None) => {}
                 Err(err) => {
                     tracing::warn!(vcpu = self.context.index, %err, "could not complete an instruction the host refused")
+                }
+            }
+        }
+        if self.context.complete_refused_instructions {
+            let has_bytes = internal.suberror == KVM_INTERNAL_ERROR_EMULATION
+                && internal.ndata >= 2
+                && failure.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+                    != 0;
+            // SAFETY: as above; the union's byte view of the same words.
+            let (size, bytes) = unsafe {
+                let view = failure.__bindgen_anon_1.__bindgen_anon_1;
+                (usize::from(view.insn_size), view.insn_bytes)
+            };
+            let reported = if has_bytes {
+                bytes.get(..size.min(bytes.len())).unwrap_or_default()
+            } else {
+                &[]
+            };
+            match refused_code_changed(self.vcpu, &self.context.ram, reported) {
+                Ok(true) => {
+                    tracing::trace!(
+                        vcpu = self.context.index,
+                        "the refused instruction was rewritten meanwhile; running what is there now"
+                    );
+                    return None;
+                }
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(vcpu = self.context.index, %err, "could not look at a refused instruction again")
                 }
             }
         }

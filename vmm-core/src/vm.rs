@@ -28,7 +28,7 @@ use crate::devices::{Devices, UnknownAccesses};
 use crate::dirty_log::{self, DirtyLog, DirtyPages};
 use crate::dirty_ring::{self, DirtyRing};
 pub use crate::error::VmError;
-use crate::host_limits::HostLimits;
+use crate::host_limits::{HostLimits, PageFaultTrap};
 use crate::layout::KVM_TSS_ADDRESS;
 use crate::memory::GuestRam;
 use crate::memslots::register_memslots;
@@ -365,6 +365,9 @@ impl Vm {
                 layout: layout.clone(),
                 ram: ram.clone(),
                 complete_refused_instructions: limits.completes_refused_instructions(),
+                fault_trap: limits
+                    .completes_refused_instructions()
+                    .then(|| PageFaultTrap::new(limits.clone())),
                 fenced: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 park_clock: Arc::new(vcpu::ParkClock::new()),
             };

@@ -119,12 +119,15 @@ impl Com1 {
 
     /// Register read at `offset` from 0x3f8.
     pub fn read(&mut self, offset: u8) -> u8 {
-        self.uart.read(offset)
+        let value = self.uart.read(offset);
+        tracing::trace!(offset, value, "COM1 read");
+        value
     }
 
     /// Register write at `offset` from 0x3f8. Output the sink refuses (a write error) is
     /// dropped rather than failing the guest's `out`.
     pub fn write(&mut self, offset: u8, value: u8) {
+        tracing::trace!(offset, value, "COM1 write");
         if let Err(err) = self.uart.write(offset, value) {
             tracing::debug!(%err, "COM1 write failed");
         }

@@ -11,10 +11,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use super::probe::CANDIDATES;
-use super::{HostLimits, Refusal, SystemCalls, Workaround};
+use super::{HostLimits, Refusal, SyscallPath, SystemCalls, Workaround};
 
 /// Bumped when the meaning of a cached answer changes.
-const FORMAT: u32 = 1;
+const FORMAT: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct Cached {
@@ -22,8 +22,9 @@ struct Cached {
     key: String,
     /// (instruction, workaround) in probe order.
     refused: Vec<(String, String)>,
-    /// `[syscall, int80]`, once probed.
-    system_calls: Option<[bool; 2]>,
+    /// How `syscall` enters the kernel (`SyscallPath`'s name) and whether `int $0x80` does,
+    /// once probed.
+    system_calls: Option<(String, bool)>,
 }
 
 /// The cache file of this host, or `None` if there is no cache directory.
@@ -134,9 +135,13 @@ fn load_from(path: &std::path::Path) -> Option<HostLimits> {
     }
     Some(HostLimits {
         refused,
-        system_calls: cached
-            .system_calls
-            .map(|[syscall, int80]| SystemCalls { syscall, int80 }),
+        system_calls: match &cached.system_calls {
+            Some((syscall, int80)) => Some(SystemCalls {
+                syscall: SyscallPath::from_name(syscall)?,
+                int80: *int80,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -156,7 +161,9 @@ fn store_at(path: &std::path::Path, limits: &HostLimits) {
             .iter()
             .map(|r| (r.instruction.to_owned(), workaround_name(r.workaround)))
             .collect(),
-        system_calls: limits.system_calls.map(|c| [c.syscall, c.int80]),
+        system_calls: limits
+            .system_calls
+            .map(|c| (c.syscall.name().to_owned(), c.int80)),
     };
     let written = (|| -> std::io::Result<()> {
         let dir = path.parent().unwrap_or(std::path::Path::new("."));
@@ -194,8 +201,8 @@ mod tests {
                 })
                 .collect(),
             system_calls: Some(SystemCalls {
-                syscall: false,
-                int80: true,
+                syscall: SyscallPath::HalfDone,
+                int80: false,
             }),
         };
         store_at(&path, &limits);

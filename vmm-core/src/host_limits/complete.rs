@@ -143,6 +143,28 @@ pub fn complete_refused_instruction(
     Ok(Some(completion.name))
 }
 
+/// Whether the code at the vCPU's RIP is no longer what KVM reported it refused (`reported`,
+/// its instruction bytes as `KVM_EXIT_INTERNAL_ERROR` gives them; none: never). On a guest
+/// with more than one vCPU another one may rewrite the instruction between KVM's refusal and
+/// this look: Linux's `text_poke_bp` puts an `int3` over an instruction while it patches it and
+/// takes it away again when done. The vCPU then simply runs what is there now, as a CPU that
+/// fetched it after the write would. Runs on the vCPU's thread; changes nothing.
+pub fn refused_code_changed(
+    vcpu: &VcpuFd,
+    ram: &GuestRam,
+    reported: &[u8],
+) -> Result<bool, StateError> {
+    let step = |step| move |source| StateError { step, source };
+    if reported.is_empty() {
+        return Ok(false);
+    }
+    let sregs = vcpu.get_sregs().map_err(step("KVM_GET_SREGS"))?;
+    let regs = vcpu.get_regs().map_err(step("KVM_GET_REGS"))?;
+    let now = read_code(ram, &paging(&sregs, &regs, None), regs.rip);
+    let compared = now.len().min(reported.len());
+    Ok(compared > 0 && now.get(..compared) != reported.get(..compared))
+}
+
 /// What completing a refused instruction does: RIP moves `advance` bytes (0 at a fault), then
 /// `raise` is raised, if any.
 struct Completion {
@@ -509,7 +531,7 @@ fn is_amd(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> bool {
 
 /// The vCPU's paging as a kernel-mode access sees it. Without the guest's CPUID (to look at
 /// code bytes) the physical address width is taken as the widest and 1 GiB pages as there.
-fn paging(
+pub(super) fn paging(
     sregs: &kvm_bindings::kvm_sregs,
     regs: &kvm_regs,
     cpuid: Option<&[kvm_bindings::kvm_cpuid_entry2]>,
@@ -587,7 +609,7 @@ fn translate_range(
 
 /// Up to [`MAX_INSTRUCTION_LENGTH`] bytes of code at guest virtual `rip`: as many as are
 /// mapped to RAM before the first page that is not (an instruction may end just before it).
-fn read_code(ram: &GuestRam, paging: &Paging, rip: u64) -> Vec<u8> {
+pub(super) fn read_code(ram: &GuestRam, paging: &Paging, rip: u64) -> Vec<u8> {
     let mut code = [0u8; MAX_INSTRUCTION_LENGTH];
     let mut have = 0;
     while let Some(rest) = code.get_mut(have..).filter(|rest| !rest.is_empty()) {
@@ -602,6 +624,15 @@ fn read_code(ram: &GuestRam, paging: &Paging, rip: u64) -> Vec<u8> {
         }
     }
     code.get(..have).unwrap_or_default().to_vec()
+}
+
+/// Fills `buf` with the bytes at guest virtual `address`, looked at as they are (no permission
+/// checked, no flag set): whether all of them are in RAM and mapped.
+pub(super) fn peek_virtual(ram: &GuestRam, paging: &Paging, address: u64, buf: &mut [u8]) -> bool {
+    match translate_range(ram, paging, address, buf.len(), Access::Peek, false) {
+        Outcome::Done(pieces) => read_pieces(ram, &pieces, buf),
+        Outcome::Fault(_) | Outcome::Unknown => false,
+    }
 }
 
 /// Fills `buf` from `pieces` (physical address, length), in order; whether every read worked.
