@@ -183,6 +183,7 @@ impl Holder {
         std::thread::Builder::new()
             .name("active-lock".into())
             .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
                 let tell = |result| {
                     let _ = answer.send(result);
                     if let Some(notify) = &notify {

@@ -12,6 +12,7 @@ pub mod devices;
 pub mod dirty_log;
 pub mod dirty_ring;
 pub mod host_limits;
+pub mod jail;
 pub mod layout;
 pub mod mce;
 pub mod memory;
