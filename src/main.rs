@@ -37,7 +37,7 @@ Exit statuses of `understudy run`:
   2             invalid command line or environment file, a disk or TAP that cannot be opened,
                 a refused --restore snapshot: nothing was started
   3             a guest went down: it failed and could not be failed over or restarted
-  4             the host could not run a guest (no /dev/kvm, a KVM call failed, a kernel not loadable)
+  4             the host could not run a guest (no /dev/kvm, a KVM call failed, a kernel not loadable, seccomp refused)
 `understudy standby` exits as `run` does for its guest, 2 when a journal is refused.
 `understudy check` exits 0 or 2; `understudy ctl` and `status` exit 0 (done), 1 (refused),
 2 (bad command line) or 4 (socket unreachable).";
@@ -177,7 +177,13 @@ fn jail(no_seccomp: bool) -> Result<(), ExitCode> {
         return Ok(());
     }
     vmm_core::jail::check().map_err(|err| {
-        eprintln!("understudy: {err} (--no-seccomp runs without the filters)");
+        let mut message = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        eprintln!("understudy: {message} (--no-seccomp runs without the filters)");
         ExitCode::from(EXIT_HOST_ERROR)
     })
 }
