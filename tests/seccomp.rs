@@ -9,7 +9,7 @@ mod common;
 
 use std::os::unix::process::ExitStatusExt;
 
-use common::{config, require_kvm, stderr, stdout, understudy_command};
+use common::{config, env_file, require_kvm, stderr, stdout, understudy_command};
 
 /// `execve` on x86-64.
 const EXECVE: i64 = 59;
@@ -28,13 +28,38 @@ fn a_forbidden_call_on_any_kind_of_thread_kills_the_process_with_sigsys_naming_t
         std::env::temp_dir().join(format!("understudy-seccomp-{}.sock", std::process::id()));
     let socket = socket.to_string_lossy().into_owned();
     let counter = config("counter.toml");
-    for (kind, thread, args) in [
-        ("vcpu", "counter-vcpu0", vec!["run", &counter]),
-        ("guest-loop", "counter-watch", vec!["run", &counter]),
-        ("supervisor", "understudy", vec!["run", &counter]),
+    let pair = config("pair.toml");
+    // A guest with a disk (a virtio I/O thread), and one whose standby would run in a process
+    // of its own (an active-lock thread), each with its files in a folder of its own.
+    let disk = env_file(
+        "seccomp-disk",
+        "[[guest]]\nname = \"blk\"\nkernel = \"KERNELS/blk\"\nmemory_mib = 64\n\
+         cmdline = \"passes=1 sectors=64\"\n[[guest.disk]]\npath = \"disk.img\"\n",
+    );
+    let image = std::fs::File::create(disk.with_file_name("disk.img")).unwrap();
+    image.set_len(1 << 20).unwrap();
+    let separate = env_file(
+        "seccomp-separate",
+        "[[guest]]\nname = \"counter\"\nkernel = \"KERNELS/counter\"\nmemory_mib = 64\n\
+         [guest.standby]\nresume = \"checkpoint\"\nprocess = \"separate\"\n\
+         journal = \"counter.journal\"\n",
+    );
+    let (disk, separate) = (disk.to_string_lossy(), separate.to_string_lossy());
+    for (kind, threads, args) in [
+        ("vcpu", &["counter-vcpu0"][..], vec!["run", &counter]),
+        ("device-io", &["blk-virtio0"], vec!["run", &disk]),
+        ("guest-loop", &["counter-watch"], vec!["run", &counter]),
+        // Which job starts first may depend on the host (a probe machine to retire, or not).
+        (
+            "background",
+            &["retire", "standby", "standby-sync"],
+            vec!["run", &pair],
+        ),
+        ("link", &["active-lock"], vec!["run", &separate]),
+        ("supervisor", &["understudy"], vec!["run", &counter]),
         (
             "control",
-            "control-accept",
+            &["control-accept"],
             vec!["run", &counter, "--api-socket", &socket],
         ),
     ] {
@@ -46,9 +71,15 @@ fn a_forbidden_call_on_any_kind_of_thread_kills_the_process_with_sigsys_naming_t
             "{kind}: {:?}, log:\n{log}",
             out.status
         );
-        let said =
-            format!("thread {thread} made system call {EXECVE}, which its seccomp filter forbids");
-        assert!(log.contains(&said), "{kind}: expected {said:?} in:\n{log}");
+        let said = |thread: &&str| {
+            log.contains(&format!(
+                "thread {thread} made system call {EXECVE}, which its seccomp filter forbids"
+            ))
+        };
+        assert!(
+            threads.iter().any(said),
+            "{kind}: expected thread {threads:?} to be named with call {EXECVE} in:\n{log}"
+        );
     }
 }
 
