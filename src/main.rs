@@ -17,6 +17,7 @@ use failover::supervisor::{run_environment, ControlOptions, GuestEnd, RunError};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
+use vmm_core::jail::ThreadKind;
 
 mod ctl;
 
@@ -36,7 +37,7 @@ Exit statuses of `understudy run`:
   2             invalid command line or environment file, a disk or TAP that cannot be opened,
                 a refused --restore snapshot: nothing was started
   3             a guest went down: it failed and could not be failed over or restarted
-  4             the host could not run a guest (no /dev/kvm, a KVM call failed, a kernel not loadable)
+  4             the host could not run a guest (no /dev/kvm, a KVM call failed, a kernel not loadable, seccomp refused)
 `understudy standby` exits as `run` does for its guest, 2 when a journal is refused.
 `understudy check` exits 0 or 2; `understudy ctl` and `status` exit 0 (done), 1 (refused),
 2 (bad command line) or 4 (socket unreachable).";
@@ -77,6 +78,10 @@ enum Command {
         /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
+        /// Run without the seccomp filters on the process's threads (for debugging only:
+        /// a guest that breaks a device model then reaches every system call).
+        #[arg(long)]
+        no_seccomp: bool,
     },
     /// Stand by for a guest whose standby runs in a process of its own
     /// (`[guest.standby] process = "separate"`, or `"remote"` on another host): follow the
@@ -98,6 +103,10 @@ enum Command {
         /// Also write every lifecycle event to this file, as JSON lines (appended).
         #[arg(long, value_name = "PATH")]
         events: Option<PathBuf>,
+        /// Run without the seccomp filters on the process's threads (for debugging only:
+        /// a guest that breaks a device model then reaches every system call).
+        #[arg(long)]
+        no_seccomp: bool,
     },
     /// Send one request to a running instance's control socket and print the reply.
     Ctl {
@@ -156,6 +165,29 @@ fn init_logging(filter: &str, events: Option<std::fs::File>) {
     tracing_subscriber::registry().with(log).with(events).init();
 }
 
+/// Turns the seccomp filters off with `--no-seccomp`, loudly; otherwise checks that this
+/// host installs them, refusing to start (host error) if it does not.
+fn jail(no_seccomp: bool) -> Result<(), ExitCode> {
+    if no_seccomp {
+        vmm_core::jail::set_enabled(false);
+        tracing::warn!(
+            "--no-seccomp: every thread runs without its seccomp filter; a guest that breaks \
+             a device model reaches every system call"
+        );
+        return Ok(());
+    }
+    vmm_core::jail::check().map_err(|err| {
+        let mut message = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        eprintln!("understudy: {message} (--no-seccomp runs without the filters)");
+        ExitCode::from(EXIT_HOST_ERROR)
+    })
+}
+
 fn load(path: &Path) -> Result<Environment, ExitCode> {
     Environment::load(path).map_err(|err| {
         eprintln!("understudy: {err}");
@@ -194,6 +226,7 @@ fn run(
             }
         }
     }
+    vmm_core::jail::enter(ThreadKind::Supervisor);
     match run_environment(&env, faults, restores, control) {
         Ok(outcomes) => exit_status(&outcomes),
         Err(
@@ -252,6 +285,7 @@ fn standby(path: &Path, guest: Option<&str>, api_socket: Option<&Path>) -> ExitC
             }
         }
     }
+    vmm_core::jail::enter(ThreadKind::Supervisor);
     match follow(&env, guest, control) {
         Ok(Followed::Ended(end)) => {
             let outcome = failover::supervisor::GuestOutcome {
@@ -302,20 +336,28 @@ fn main() -> ExitCode {
             restores,
             api_socket,
             metrics_addr,
+            no_seccomp,
             ..
-        } => run(
-            &env,
-            &faults,
-            &restores,
-            api_socket.as_deref(),
-            metrics_addr,
-        ),
+        } => match jail(no_seccomp) {
+            Ok(()) => run(
+                &env,
+                &faults,
+                &restores,
+                api_socket.as_deref(),
+                metrics_addr,
+            ),
+            Err(code) => code,
+        },
         Command::Standby {
             env,
             guest,
             api_socket,
+            no_seccomp,
             ..
-        } => standby(&env, guest.as_deref(), api_socket.as_deref()),
+        } => match jail(no_seccomp) {
+            Ok(()) => standby(&env, guest.as_deref(), api_socket.as_deref()),
+            Err(code) => code,
+        },
         Command::Ctl {
             socket,
             json,

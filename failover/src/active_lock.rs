@@ -183,6 +183,7 @@ impl Holder {
         std::thread::Builder::new()
             .name("active-lock".into())
             .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
                 let wake = || {
                     if let Some(notify) = &notify {
                         let _ = notify.write(1);

@@ -40,7 +40,12 @@ pub fn lower_priority() {
 
 /// Runs `work` on a new thread named `name` and forgets it.
 pub fn detached(name: &str, work: impl FnOnce() + Send + 'static) {
-    let spawned = std::thread::Builder::new().name(name.into()).spawn(work);
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            vmm_core::jail::enter(vmm_core::jail::ThreadKind::Background);
+            work()
+        });
     if let Err(err) = spawned {
         tracing::error!(thread = name, %err, "cannot start a background thread");
     }

@@ -168,7 +168,10 @@ impl Checkpoint {
         let (queue, commits) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("{guest}-commit"))
-            .spawn(move || committer(&commits, console))?;
+            .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Background);
+                committer(&commits, console)
+            })?;
         self.release = Release::Committer {
             queue,
             thread: Some(thread),

@@ -221,6 +221,7 @@ impl Front {
                         let _ = std::thread::Builder::new()
                             .name("promote".into())
                             .spawn(move || {
+                                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
                                 let _ = reply.try_send(promote_reply(relay.promote(peer_fenced)));
                             });
                         continue;

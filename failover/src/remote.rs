@@ -328,7 +328,10 @@ fn port(listen: SocketAddr) -> Result<Arc<PeerPort>, String> {
     let serving = port.clone();
     std::thread::Builder::new()
         .name("peer-port".into())
-        .spawn(move || serving.accept(listener))
+        .spawn(move || {
+            vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
+            serving.accept(listener)
+        })
         .map_err(|e| format!("peer port thread: {e}"))?;
     *slot = Some(port.clone());
     Ok(port)
@@ -359,6 +362,7 @@ impl PeerPort {
             let spawned = std::thread::Builder::new()
                 .name("peer-conn".into())
                 .spawn(move || {
+                    vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
                     port.opening(conn);
                     port.serving.fetch_sub(1, Ordering::SeqCst);
                 });
@@ -598,6 +602,7 @@ impl ActiveSide {
             std::thread::Builder::new()
                 .name("remote-acks".into())
                 .spawn(move || {
+                    vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
                     acknowledgements(reader, tcp, local, writer, shipped, console, ack_timeout)
                 })
                 .map_err(|e| err(&e))?
@@ -993,7 +998,10 @@ impl Relay {
         let running = relay.clone();
         std::thread::Builder::new()
             .name("relay".into())
-            .spawn(move || running.run(accepting))
+            .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
+                running.run(accepting)
+            })
             .map_err(|e| e.to_string())?;
         Ok(relay)
     }
@@ -1124,7 +1132,10 @@ impl Relay {
         let answers = self.clone();
         let _ = std::thread::Builder::new()
             .name("relay-answers".into())
-            .spawn(move || answers.answers(reading));
+            .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
+                answers.answers(reading)
+            });
         let peer = self.remote.peer.clone();
         let mut waiting_said = false;
         while !locked(&self.state).promoted {

@@ -13,6 +13,7 @@ pub mod dirty_log;
 pub mod dirty_ring;
 mod error;
 pub mod host_limits;
+pub mod jail;
 pub mod layout;
 pub mod mce;
 pub mod memory;

@@ -391,6 +391,7 @@ pub(crate) fn spawn(
         context.park_clock.clone(),
     ));
     let thread = std::thread::Builder::new().name(name).spawn(move || {
+        crate::jail::enter(crate::jail::ThreadKind::Vcpu);
         // SAFETY: gettid has no preconditions.
         own_tid.store(unsafe { libc::gettid() }, Ordering::Release);
         let mut guard = fd.lock().unwrap_or_else(|e| e.into_inner());

@@ -31,6 +31,7 @@ impl MetricsEndpoint {
         std::thread::Builder::new()
             .name("metrics-http".into())
             .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Control);
                 for stream in accepting.incoming() {
                     if asking.stopping() {
                         return;

@@ -178,7 +178,10 @@ impl ControlSocket {
         };
         std::thread::Builder::new()
             .name("control-accept".into())
-            .spawn(move || accept.run())
+            .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Control);
+                accept.run()
+            })
             .map_err(|source| ControlError::Io {
                 path: self.path.clone(),
                 step: "start the accept thread",
@@ -253,6 +256,7 @@ impl Acceptor {
             let spawned = std::thread::Builder::new()
                 .name("control-client".into())
                 .spawn(move || {
+                    vmm_core::jail::enter(vmm_core::jail::ThreadKind::Control);
                     connection.run(stream);
                     clients.fetch_sub(1, Ordering::SeqCst);
                 });

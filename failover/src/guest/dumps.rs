@@ -127,7 +127,10 @@ impl Context {
             let trap = trap.clone();
             std::thread::Builder::new()
                 .name("dump-trap".into())
-                .spawn(move || trap.serve(TRAP_BLOCK, &mut |o, l| preserver.preserve(o, l)))
+                .spawn(move || {
+                    vmm_core::jail::enter(vmm_core::jail::ThreadKind::Background);
+                    trap.serve(TRAP_BLOCK, &mut |o, l| preserver.preserve(o, l))
+                })
         };
         let server = match server {
             Ok(server) => server,
@@ -206,7 +209,10 @@ pub(crate) fn release_in_background(trap: Arc<WriteTrap>) {
         let trap = trap.clone();
         std::thread::Builder::new()
             .name("trap-release".into())
-            .spawn(move || trap.serve(TRAP_BLOCK, &mut |_, _| {}))
+            .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Background);
+                trap.serve(TRAP_BLOCK, &mut |_, _| {})
+            })
     };
     crate::background::detached("trap-release", move || {
         crate::background::lower_priority();

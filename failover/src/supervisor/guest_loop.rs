@@ -117,6 +117,7 @@ impl GuestThread {
         let thread = std::thread::Builder::new()
             .name(format!("{name}-watch"))
             .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::GuestLoop);
                 raise_priority();
                 let run = std::panic::AssertUnwindSafe(move || looped.run());
                 if std::panic::catch_unwind(run).is_err() {

@@ -223,6 +223,7 @@ impl Supervisor {
                 let gathered = std::thread::Builder::new()
                     .name("control-gather".into())
                     .spawn(move || {
+                        vmm_core::jail::enter(vmm_core::jail::ThreadKind::Control);
                         let r = match request {
                             Request::Status {} => gather_status(&guests),
                             _ => gather_metrics(&guests),
@@ -546,7 +547,10 @@ fn run_guests(
         let guests = guests.clone();
         std::thread::Builder::new()
             .name("console-input".into())
-            .spawn(move || forward_stdin(&guests[index]))
+            .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Control);
+                forward_stdin(&guests[index])
+            })
             .map_err(setup_error("console input thread"))?;
     }
     let supervisor = Arc::new(std::sync::Mutex::new(Supervisor {

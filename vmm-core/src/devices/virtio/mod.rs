@@ -720,7 +720,10 @@ impl VirtioSlot {
             .name(format!("{machine}-virtio{index}"))
             .spawn({
                 let shared = shared.clone();
-                move || io_thread(&shared, backend.map(|(_, queue)| queue))
+                move || {
+                    crate::jail::enter(crate::jail::ThreadKind::DeviceIo);
+                    io_thread(&shared, backend.map(|(_, queue)| queue))
+                }
             })
             .map_err(error("cannot start the I/O thread"))?;
         Ok(VirtioSlot {
