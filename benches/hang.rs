@@ -11,7 +11,7 @@ mod common;
 
 use common::{events, kernel, request, scratch, timestamp};
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 /// A process that keeps one core busy until killed.
@@ -58,19 +58,7 @@ fn detection_ms(samples: u32, timeout_ms: u64, hogs: usize) -> (Vec<f64>, Vec<f6
     let socket = dir.join("api.sock");
     let log = dir.join("log.txt");
     let mut busy: Vec<Child> = (0..hogs).map(|_| hog()).collect();
-    let mut understudy = Command::new(env!("CARGO_BIN_EXE_understudy"))
-        .args(["--log", "info", "run"])
-        .arg(&env)
-        .arg("--api-socket")
-        .arg(&socket)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("run understudy");
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut understudy = common::serving(&env, &socket, &log);
     let status = |field: &str| -> serde_json::Value {
         let status = request(&socket, r#"{"request": "status"}"#);
         status["guests"][0][field].clone()

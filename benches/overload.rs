@@ -11,7 +11,7 @@ mod common;
 use common::{events, kernel, request, scratch};
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// A process that keeps one core busy until killed.
@@ -59,19 +59,7 @@ fn main() {
     let socket = dir.join("api.sock");
     let log = dir.join("log.txt");
     let mut busy: Vec<Child> = (0..hogs).map(|_| hog()).collect();
-    let mut understudy = Command::new(env!("CARGO_BIN_EXE_understudy"))
-        .args(["--log", "info", "run"])
-        .arg(&env)
-        .arg("--api-socket")
-        .arg(&socket)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log file"))
-        .spawn()
-        .expect("run understudy");
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut understudy = common::serving(&env, &socket, &log);
     let begun = Instant::now();
     let mut random = XorShift(0x005e_ed0f_f00d);
     let kinds = ["kill", "mce", "panic", "hang"];

@@ -14,37 +14,20 @@
 
 mod common;
 
-use common::{field, kernel, median, scratch};
-use std::process::Command;
+use common::{field, kernel, median};
 use std::time::Instant;
 use vmm_core::jail::ThreadKind;
 
 /// `understudy run` of a checkpointed counter pair, filters `on` or not, with `faults`;
 /// returns its console and its log.
 fn run(on: bool, name: &str, cmdline: &str, faults: &[&str]) -> (String, String) {
-    let env = scratch(name).join("pair.toml");
     let text = format!(
         "[[guest]]\nname = \"g\"\nkernel = \"{}\"\nmemory_mib = 64\ncmdline = \"{cmdline}\"\n\
          crash_dump = false\n[guest.standby]\nresume = \"checkpoint\"\nheartbeat_timeout_ms = 0\n",
         kernel("counter").display()
     );
-    std::fs::write(&env, text).expect("write env");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_understudy"));
-    command.args(["--log", "info", "run"]).arg(&env);
-    if !on {
-        command.arg("--no-seccomp");
-    }
-    for fault in faults {
-        command.args(["--fault", fault]);
-    }
-    let out = command
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run understudy");
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let extra: &[&str] = if on { &[] } else { &["--no-seccomp"] };
+    common::understudy_with(&text, name, faults, extra)
 }
 
 /// Median work per line of one run.

@@ -47,10 +47,20 @@ pub fn scratch(name: &str) -> PathBuf {
 /// Runs `understudy run` on `env_text` (written as `name.toml` in a scratch folder) with
 /// `faults`; returns its console and its log.
 pub fn understudy(env_text: &str, name: &str, faults: &[&str]) -> (String, String) {
+    understudy_with(env_text, name, faults, &[])
+}
+
+/// [`understudy`] with more arguments for `run` (`extra`).
+pub fn understudy_with(
+    env_text: &str,
+    name: &str,
+    faults: &[&str],
+    extra: &[&str],
+) -> (String, String) {
     let env = scratch(name).join(format!("{name}.toml"));
     std::fs::write(&env, env_text).expect("write env");
     let mut command = Command::new(env!("CARGO_BIN_EXE_understudy"));
-    command.args(["--log", "info", "run"]).arg(&env);
+    command.args(["--log", "info", "run"]).arg(&env).args(extra);
     for fault in faults {
         command.args(["--fault", fault]);
     }
@@ -62,6 +72,25 @@ pub fn understudy(env_text: &str, name: &str, faults: &[&str]) -> (String, Strin
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `understudy run ENV --api-socket SOCKET` in the background, its log in `log`, once its
+/// control socket answers.
+pub fn serving(env: &Path, socket: &Path, log: &Path) -> std::process::Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_understudy"))
+        .args(["--log", "info", "run"])
+        .arg(env)
+        .arg("--api-socket")
+        .arg(socket)
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log file"))
+        .spawn()
+        .expect("run understudy");
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
 }
 
 /// Seconds since midnight of an RFC 3339 timestamp at the start of a log line.
