@@ -61,28 +61,49 @@ fn separate_env(test: &str, memory_mib: u64, stop_after: u64) -> PathBuf {
 /// land mid-record too), eight times, a new standby attached after each takeover.
 #[test]
 fn the_guest_survives_its_active_process_being_killed_again_and_again() {
+    // Anywhere in an epoch (20 ms), and sometimes long after. Every other standby, once it
+    // runs the guest, is slow to seal its records: 5 ms of each 20 ms epoch the last record
+    // is written but not yet valid.
+    killed_again_and_again("process-kills", 8, 1500, 150, true);
+}
+
+/// The process running the guest is SIGKILLed within 300 ms of each arming, twenty times,
+/// with a new standby started right after each takeover: whatever the takeover meets (the
+/// dead process's socket and lock not yet gone, a standby attaching at that moment), the
+/// guest runs on, its console exactly once, and ends with its own exit status.
+#[test]
+fn the_guest_survives_twenty_kills_soon_after_each_arming() {
+    killed_again_and_again("process-early-kills", 20, 4000, 300, false);
+}
+
+/// Kills the process running a counter of `last` lines `kills` times, each up to
+/// `max_delay_ms` after it armed, a new standby started after each takeover (every other one
+/// slow to seal its records, with `slow_seals`); then checks that the processes' consoles, in
+/// the order they ran the guest, count every line once, and that the guest's own exit status
+/// ends the last pair.
+fn killed_again_and_again(
+    test: &str,
+    kills: usize,
+    last: u64,
+    max_delay_ms: u64,
+    slow_seals: bool,
+) {
     require_kvm();
     let seed = fault_seed();
     println!("UNDERSTUDY_FAULT_SEED={seed}");
     let mut rng = XorShift(seed);
-    const KILLS: usize = 8;
-    const LAST: u64 = 1500;
-    let env = separate_env("process-kills", 64, LAST);
+    let env = separate_env(test, 64, last);
     let mut processes = vec![Process::active(&env), Process::standby(&env, 1)];
-    for kill in 0..KILLS {
+    for kill in 0..kills {
         // The process running the guest now, and its standby.
         let (active, standby) = (processes.len() - 2, processes.len() - 1);
         // Each process is armed once: with the standby that follows it.
         processes[active].wait_log("failover armed", 1);
-        // Anywhere in an epoch (20 ms), and sometimes long after.
-        let delay = rng.next() % 150;
-        std::thread::sleep(Duration::from_millis(delay));
+        std::thread::sleep(Duration::from_millis(rng.next() % max_delay_ms));
         processes[active].kill();
         processes[standby].wait_log("event=\"taken-over\"", 1);
-        // Every other standby, once it runs the guest, is slow to seal its records: 5 ms of
-        // each 20 ms epoch the last record is written but not yet valid.
-        let next = match kill % 2 {
-            0 => Process::standby_slow_seal(&env, kill + 2, 5000),
+        let next = match (slow_seals, kill % 2) {
+            (true, 0) => Process::standby_slow_seal(&env, kill + 2, 5000),
             _ => Process::standby(&env, kill + 2),
         };
         processes.push(next);
@@ -92,15 +113,15 @@ fn the_guest_survives_its_active_process_being_killed_again_and_again() {
     let standby_status = processes[standby].wait();
     let all = logs(&processes);
     // counter ends with exit code 0: (0 << 1) | 1.
-    assert_eq!(status.code(), Some(1), "{all}");
-    assert_eq!(standby_status.code(), Some(1), "{all}");
+    assert_eq!(status.code(), Some(1), "seed {seed}\n{all}");
+    assert_eq!(standby_status.code(), Some(1), "seed {seed}\n{all}");
     // Each process printed one stretch of the guest's console, in the order they ran it:
     // together, every line exactly once.
     let mut counts = Vec::new();
     for process in &processes {
         counts.extend(numbers_after(&process.console.text(), "count "));
     }
-    if counts != (0..=LAST).collect::<Vec<_>>() {
+    if counts != (0..=last).collect::<Vec<_>>() {
         if let Ok(dir) = std::env::var("UNDERSTUDY_DEBUG_DIR") {
             for (i, p) in processes.iter().enumerate() {
                 std::fs::write(format!("{dir}/console-{i}"), p.console.text()).unwrap();
@@ -108,45 +129,8 @@ fn the_guest_survives_its_active_process_being_killed_again_and_again() {
             }
         }
     }
-    assert_eq!(counts, (0..=LAST).collect::<Vec<_>>(), "seed {seed}\n{all}");
-    assert_eq!(all.matches("event=\"taken-over\"").count(), KILLS, "{all}");
-    assert!(!all.contains("panicked"), "{all}");
-}
-
-/// The process running the guest is SIGKILLed within 300 ms of each arming, twenty times,
-/// with a new standby started right after each takeover: whatever the takeover meets (the
-/// dead process's socket and lock not yet gone, a standby attaching at that moment), the
-/// guest runs on, its console exactly once, and ends with its own exit status.
-#[test]
-fn the_guest_survives_twenty_kills_soon_after_each_arming() {
-    require_kvm();
-    let seed = fault_seed();
-    println!("UNDERSTUDY_FAULT_SEED={seed}");
-    let mut rng = XorShift(seed);
-    const KILLS: usize = 20;
-    const LAST: u64 = 4000;
-    let env = separate_env("process-early-kills", 64, LAST);
-    let mut processes = vec![Process::active(&env), Process::standby(&env, 1)];
-    for kill in 0..KILLS {
-        let (active, standby) = (processes.len() - 2, processes.len() - 1);
-        processes[active].wait_log("failover armed", 1);
-        std::thread::sleep(Duration::from_millis(rng.next() % 300));
-        processes[active].kill();
-        processes[standby].wait_log("event=\"taken-over\"", 1);
-        processes.push(Process::standby(&env, kill + 2));
-    }
-    let (active, standby) = (processes.len() - 2, processes.len() - 1);
-    let status = processes[active].wait();
-    let standby_status = processes[standby].wait();
-    let all = logs(&processes);
-    assert_eq!(status.code(), Some(1), "seed {seed}\n{all}");
-    assert_eq!(standby_status.code(), Some(1), "seed {seed}\n{all}");
-    let mut counts = Vec::new();
-    for process in &processes {
-        counts.extend(numbers_after(&process.console.text(), "count "));
-    }
-    assert_eq!(counts, (0..=LAST).collect::<Vec<_>>(), "seed {seed}\n{all}");
-    assert_eq!(all.matches("event=\"taken-over\"").count(), KILLS, "{all}");
+    assert_eq!(counts, (0..=last).collect::<Vec<_>>(), "seed {seed}\n{all}");
+    assert_eq!(all.matches("event=\"taken-over\"").count(), kills, "{all}");
     assert!(!all.contains("panicked"), "{all}");
 }
 
