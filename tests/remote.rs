@@ -106,14 +106,7 @@ impl Host {
 
     /// This host's answer to `role`, or what went wrong.
     fn role(&self) -> String {
-        let out = self.ctl(&["role", "counter"]);
-        String::from_utf8_lossy(if out.status.success() {
-            &out.stdout
-        } else {
-            &out.stderr
-        })
-        .trim()
-        .to_owned()
+        common::answer(&self.ctl(&["role", "counter"]))
     }
 
     /// Waits until this host's `role` line contains `text`.

@@ -462,7 +462,7 @@ fn wait_until_past_running(pid: u32, start: u64) {
 }
 
 /// Whether no thread of process `pid` (started at `start`) can run anything again.
-pub fn past_running(pid: u32, start: u64) -> bool {
+fn past_running(pid: u32, start: u64) -> bool {
     if pid == 0 {
         // Nobody was recorded: the holder died before it wrote itself down, right after it
         // took the lock, so it had not run the guest yet.

@@ -233,13 +233,7 @@ fn role_of(binary: &Path, socket: &Path) -> String {
     else {
         return "ctl did not run".into();
     };
-    String::from_utf8_lossy(if out.status.success() {
-        &out.stdout
-    } else {
-        &out.stderr
-    })
-    .trim()
-    .to_owned()
+    super::answer(&out)
 }
 
 /// The value of `name=` in a log line.

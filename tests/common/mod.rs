@@ -201,6 +201,18 @@ pub fn config(name: &str) -> String {
         .into_owned()
 }
 
+/// What a command answered: its standard output when it succeeded, else its standard error,
+/// trimmed.
+pub fn answer(out: &Output) -> String {
+    String::from_utf8_lossy(if out.status.success() {
+        &out.stdout
+    } else {
+        &out.stderr
+    })
+    .trim()
+    .to_owned()
+}
+
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
