@@ -54,9 +54,7 @@ impl Guest {
                 ready: Readiness::Ready,
             };
             let decision = policy::decide(&failure, cover, &mut self.guard, detected);
-            if let Some(link) = self.link.as_mut() {
-                link.note_failovers(self.guard.recent_unix_ms(Instant::now()));
-            }
+            self.tell_link_failovers();
             return match decision {
                 Decision::FailOver => self.hand_over(failure, witness),
                 Decision::Restart => self.restart(failure.to_string()),
@@ -94,13 +92,19 @@ impl Guest {
             "active failed"
         );
         let decision = policy::decide(&failure, cover, &mut self.guard, detected);
-        if let Some(link) = self.link.as_mut() {
-            link.note_failovers(self.guard.recent_unix_ms(Instant::now()));
-        }
+        self.tell_link_failovers();
         match decision {
             Decision::FailOver => self.fail_over(failure, detected),
             Decision::Restart => self.restart(failure.to_string()),
             Decision::Down(reason) => self.bring_down(reason),
+        }
+    }
+
+    /// Tells a standby process what the crash-loop guard counts now, for the standbys that
+    /// attach, or are handed the guest, from now on.
+    fn tell_link_failovers(&mut self) {
+        if let Some(link) = self.link.as_mut() {
+            link.note_failovers(self.guard.recent_unix_ms(Instant::now()));
         }
     }
 
