@@ -1,5 +1,7 @@
 //! A failure of the active, from detection to the guest running again (or ending): the
-//! policy decides, the resume mode takes over, and the recovery of the failed machine as the
+//! policy decides from the cover the standby gives, whatever its placement; the standby
+//! takes over (here, or in the standby's process, where the guest is handed over); and the
+//! recovery of the failed machine as the
 //! next standby runs in the background until its result comes back. Also restarts of
 //! unprotected guests, and the results of background jobs. Runs on the guest's thread.
 
@@ -9,6 +11,7 @@ use vmm_core::{GuestRam, VmError};
 
 use super::mode::{NotArmed, TakeOverFailed};
 use super::policy::{self, Cover, Decision, Readiness};
+use super::standby::FailedOver;
 use super::{
     us, Change, Failure, Finished, Guest, GuestEnd, Machine, Protection, Run, Running, State,
 };
@@ -39,43 +42,15 @@ impl Guest {
         }
     }
 
-    /// Handles a failure of the active: fail over, restart, or bring the guest down.
+    /// Handles a failure of the active: fail over, restart, or bring the guest down, as the
+    /// policy decides from the cover the standby gives now, whatever its placement.
     pub fn on_failure(&mut self, failure: Failure) -> Change {
         let State::Running(running) = &self.state else {
             return Change::None;
         };
         let detected = Instant::now();
         let witness = running.active.vm.witness();
-        if self.link.as_ref().is_some_and(|l| l.armed()) {
-            // A standby process is ready: the same policy as for a standby in this process,
-            // and the crash-loop guard counts the handover (the standby carries the count on).
-            let cover = Cover::Standby {
-                resume: crate::config::ResumeFrom::Checkpoint,
-                ready: Readiness::Ready,
-            };
-            let decision = policy::decide(&failure, cover, &mut self.guard, detected);
-            self.tell_link_failovers();
-            return match decision {
-                Decision::FailOver => self.hand_over(failure, witness),
-                Decision::Restart => self.restart(failure.to_string()),
-                Decision::Down(reason) => {
-                    self.begin_failure_record(&failure);
-                    lifecycle!(error, "failure-detected", guest = %self.ctx.config.name, phase = "detect", failure = %failure, reason = failure.reason(), armed = true, "active failed");
-                    self.bring_down(reason)
-                }
-            };
-        }
-        let cover = match &self.mode {
-            None => Cover::Unprotected(self.ctx.config.on_failure),
-            Some(mode) => Cover::Standby {
-                resume: mode.resume(),
-                ready: match &running.protection {
-                    Protection::Armed(_) => Readiness::Ready,
-                    Protection::Syncing(_) => Readiness::Syncing,
-                    Protection::Unprotected => Readiness::Missing,
-                },
-            },
-        };
+        let cover = self.standby.cover(&self.ctx, &running.protection);
         let span = tracing::info_span!("failure", guest = %self.ctx.config.name, n = self.ctx.record.failures + 1);
         let _entered = span.enter();
         self.begin_failure_record(&failure);
@@ -92,19 +67,13 @@ impl Guest {
             "active failed"
         );
         let decision = policy::decide(&failure, cover, &mut self.guard, detected);
-        self.tell_link_failovers();
+        // A standby that takes the guest over carries on counting from here.
+        self.standby
+            .note_failovers(self.guard.recent_unix_ms(Instant::now()));
         match decision {
             Decision::FailOver => self.fail_over(failure, detected),
             Decision::Restart => self.restart(failure.to_string()),
             Decision::Down(reason) => self.bring_down(reason),
-        }
-    }
-
-    /// Tells a standby process what the crash-loop guard counts now, for the standbys that
-    /// attach, or are handed the guest, from now on.
-    fn tell_link_failovers(&mut self) {
-        if let Some(link) = self.link.as_mut() {
-            link.note_failovers(self.guard.recent_unix_ms(Instant::now()));
         }
     }
 
@@ -117,35 +86,36 @@ impl Guest {
         else {
             return Change::None;
         };
-        let (Protection::Armed(standby), Some(mode)) = (protection, self.mode.as_mut()) else {
+        if !protection.is_armed() {
             // The policy fails over only an armed pair.
             self.state = State::Running(Running {
                 active,
                 run: Run::Running,
-                protection: Protection::Unprotected,
+                protection,
             });
             return self.bring_down(format!("{failure} while failover was not armed"));
-        };
-        match mode.take_over(&mut self.ctx, &failure, &mut active, standby) {
-            Ok(new_active) => {
+        }
+        match self
+            .standby
+            .fail_over(&mut self.ctx, &failure, &mut active, protection)
+        {
+            Ok(FailedOver::Here {
+                active: new_active,
+                heartbeat_seq,
+            }) => {
                 let resumed = self.ctx.resumed_at.take().unwrap_or_else(Instant::now);
                 let downtime = resumed.saturating_duration_since(detected);
-                let record = &mut self.ctx.record;
-                record.failovers += 1;
-                record.last_downtime = Some(downtime);
-                *record
-                    .failovers_by_reason
-                    .entry(failure.reason())
-                    .or_default() += 1;
-                if let Some(last) = record.last_failure.as_mut() {
-                    last.outcome = FailureOutcome::FailedOver;
-                    last.downtime_us = Some(us(downtime));
-                }
+                self.count_failover(&failure, Some(downtime));
                 // The guest carries on: if it was judged by its heartbeats, it still is, from
                 // the moment it resumed.
                 let ran = new_active.vm.run_time();
                 self.ctx.liveness.restarted(Instant::now(), &ran);
-                let from = crate::control::protocol::wire_name(&mode.resume());
+                let from = self
+                    .standby
+                    .report()
+                    .resume
+                    .map(|r| crate::control::protocol::wire_name(&r))
+                    .unwrap_or_default();
                 lifecycle!(
                     info,
                     "failed-over",
@@ -154,7 +124,7 @@ impl Guest {
                     active = new_active.id,
                     downtime_us = us(downtime),
                     failovers = self.ctx.record.failovers,
-                    heartbeat_seq = mode.checkpoint().and_then(|c| c.committed_heartbeat()),
+                    heartbeat_seq,
                     "the guest runs on the former standby"
                 );
                 self.failed = Some((active, AfterRewire::Recover));
@@ -166,61 +136,50 @@ impl Guest {
                 });
                 Change::NewActive
             }
-            Err(TakeOverFailed { reason, standby }) => {
-                self.retired.push(standby);
+            Ok(FailedOver::HandedOver { pid }) => {
+                // The guest ends here; the failed machine is dumped as for any failure.
+                self.failed = Some((active, AfterRewire::Dump));
+                self.count_failover(&failure, None);
+                self.ended(GuestEnd::HandedOver { pid })
+            }
+            Err(TakeOverFailed {
+                reason,
+                standby,
+                fenced,
+            }) => {
+                self.retired.extend(standby);
+                let reason = format!("{failure}; {reason}");
+                if fenced {
+                    self.failed = Some((active, AfterRewire::Dump));
+                    return self.ended(GuestEnd::Down { reason });
+                }
                 self.state = State::Running(Running {
                     active,
                     run: Run::Running,
                     protection: Protection::Unprotected,
                 });
-                self.bring_down(format!("{failure}; {reason}"))
+                self.bring_down(reason)
             }
         }
     }
 
-    /// The active failed while a standby process follows it: the active is fenced, and the
-    /// standby process told to take the guest over from its last whole epoch. The guest ends
-    /// here; the failed machine is dumped as for any failure.
-    fn hand_over(&mut self, failure: Failure, witness: vmm_core::witness::Witness) -> Change {
-        let span = tracing::info_span!("failure", guest = %self.ctx.config.name, n = self.ctx.record.failures + 1);
-        let _entered = span.enter();
-        self.begin_failure_record(&failure);
-        let number = self.ctx.record.failures;
-        self.ctx.suspicions.suspect(number, &failure, witness);
-        lifecycle!(error, "failure-detected", guest = %self.ctx.config.name, phase = "detect", failure = %failure, reason = failure.reason(), armed = true, "active failed");
-        let Some(Running { active, .. }) = self.take_running() else {
-            return Change::None;
-        };
-        let t = Instant::now();
-        // Fenced before the standby process hears of it: the failed machine never runs
-        // again, and its console goes nowhere from this instant.
-        active.vm.fence();
-        drop(active.vm.set_serial_sink(Box::new(std::io::sink())));
-        self.ctx.phase(Phase::Fence, t, "failed machine fenced");
-        let handed = self
-            .link
-            .as_mut()
-            .map(|link| link.hand_over(&failure.to_string()));
-        self.failed = Some((active, AfterRewire::Dump));
-        match handed {
-            Some(Ok(pid)) => {
-                let record = &mut self.ctx.record;
-                record.failovers += 1;
-                *record
-                    .failovers_by_reason
-                    .entry(failure.reason())
-                    .or_default() += 1;
-                if let Some(last) = record.last_failure.as_mut() {
-                    last.outcome = FailureOutcome::FailedOver;
-                }
-                self.ended(GuestEnd::HandedOver { pid })
+    /// Counts a failover of `failure` in the guest's record, and its downtime where this
+    /// process saw the guest resume.
+    fn count_failover(&mut self, failure: &Failure, downtime: Option<std::time::Duration>) {
+        let record = &mut self.ctx.record;
+        record.failovers += 1;
+        if downtime.is_some() {
+            record.last_downtime = downtime;
+        }
+        *record
+            .failovers_by_reason
+            .entry(failure.reason())
+            .or_default() += 1;
+        if let Some(last) = record.last_failure.as_mut() {
+            last.outcome = FailureOutcome::FailedOver;
+            if let Some(downtime) = downtime {
+                last.downtime_us = Some(us(downtime));
             }
-            Some(Err(why)) => self.ended(GuestEnd::Down {
-                reason: format!("{failure}; the standby process could not be told: {why}"),
-            }),
-            None => self.ended(GuestEnd::Down {
-                reason: format!("{failure}; no standby process"),
-            }),
         }
     }
 
@@ -293,36 +252,36 @@ impl Guest {
                 Change::None
             }
             Finished::Captured(captured) => {
-                match (&mut self.state, self.mode.as_mut()) {
-                    (State::Running(running), Some(mode)) if matches!(running.protection, Protection::Syncing(s) if s.job == id) =>
+                match &mut self.state {
+                    State::Running(running) if matches!(running.protection, Protection::Syncing(s) if s.job == id) =>
                     {
                         running.protection =
-                            mode.captured(&mut self.ctx, *captured, &running.active);
+                            self.standby
+                                .captured(&mut self.ctx, *captured, &running.active);
                     }
                     _ => captured.retire(),
                 }
                 Change::None
             }
             Finished::Batch(copied) => {
-                let (State::Running(running), Some(link)) = (&self.state, self.link.as_mut())
-                else {
+                let State::Running(running) = &mut self.state else {
                     return Change::None;
                 };
-                let tick = link.batch_copied(&self.ctx, id, copied, &running.active.vm);
-                self.on_link_tick(tick)
+                let tick = self
+                    .standby
+                    .batch_copied(&mut self.ctx, id, copied, running);
+                self.on_tick(tick)
             }
             Finished::Dump(done) => {
                 self.ctx.dump_finished(done);
-                if let Some(mode) = self.mode.as_mut() {
-                    mode.dump_written(id);
-                }
+                self.standby.dump_written(id);
                 Change::None
             }
         }
     }
 
     fn standby_finished(&mut self, id: JobId, result: Result<super::Prepared, VmError>) -> Change {
-        let (State::Running(running), Some(mode)) = (&mut self.state, self.mode.as_mut()) else {
+        let State::Running(running) = &mut self.state else {
             if let Ok(prepared) = result {
                 crate::background::retire(prepared.machine.vm);
             }
@@ -335,7 +294,7 @@ impl Guest {
             return Change::None;
         }
         let armed = match result {
-            Ok(prepared) => mode.arm(&mut self.ctx, &running.active, prepared),
+            Ok(prepared) => self.standby.arm(&mut self.ctx, &running.active, prepared),
             Err(why) => Err(NotArmed::Failed(why.into())),
         };
         let recovery = self.ctx.recovering_since.take();

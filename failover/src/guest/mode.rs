@@ -47,21 +47,39 @@ pub(crate) enum StandbyError {
     /// The epoch that arms it failed.
     #[error(transparent)]
     Epoch(#[from] EpochError),
+    /// The guest's standby is not a machine of this process.
+    #[error("the guest's standby is not a machine of this process")]
+    NoMachine,
 }
 
 /// The standby could not take over.
 pub(crate) struct TakeOverFailed {
     /// Why (boxed: a failure and a machine error make it large, and it is rare).
     pub reason: Box<TakeOverError>,
-    /// The standby, to be torn down.
-    pub standby: Machine,
+    /// The standby machine, to be torn down, for a standby in this process.
+    pub standby: Option<Machine>,
+    /// Whether the failed machine is fenced already (its console closed, the fence phase
+    /// recorded).
+    pub fenced: bool,
 }
 
 impl TakeOverFailed {
+    /// Standby machine `standby` of this process could not take over.
     pub fn new(reason: impl Into<TakeOverError>, standby: Machine) -> Self {
         TakeOverFailed {
             reason: Box::new(reason.into()),
-            standby,
+            standby: Some(standby),
+            fenced: false,
+        }
+    }
+
+    /// A standby that is no machine of this process could not take over; the failed
+    /// machine is `fenced` or not.
+    pub fn elsewhere(reason: TakeOverError, fenced: bool) -> Self {
+        TakeOverFailed {
+            reason: Box::new(reason),
+            standby: None,
+            fenced,
         }
     }
 }
@@ -92,6 +110,12 @@ pub(crate) enum TakeOverError {
     /// The standby could not be started.
     #[error(transparent)]
     Start(#[from] StartStandbyError),
+    /// The guest has no standby.
+    #[error("no standby")]
+    NoStandby,
+    /// The standby process could not be told to take over.
+    #[error("the standby process could not be told: {0}")]
+    NotTold(String),
 }
 
 /// Why a standby could not be started in place of a stopped machine.

@@ -50,6 +50,9 @@ pub(crate) enum Protection {
     Syncing(Syncing),
     /// The standby is ready: a failure of the active fails over to it.
     Armed(Machine),
+    /// A standby in a process of its own (on this host or another) has caught up with the
+    /// active: a failure of the active is handed over to it.
+    ArmedElsewhere,
 }
 
 /// A standby in the making.
@@ -62,6 +65,12 @@ pub(crate) struct Syncing {
 }
 
 impl Protection {
+    /// Whether a failure of the active would now fail over: the one answer to "is the
+    /// guest armed", whatever its standby's placement.
+    pub fn is_armed(&self) -> bool {
+        matches!(self, Protection::Armed(_) | Protection::ArmedElsewhere)
+    }
+
     /// Syncing by background job `job`, on machine `machine` if it has a number yet.
     pub fn syncing(job: JobId, machine: Option<u32>) -> Protection {
         Protection::Syncing(Syncing { job, machine })

@@ -465,14 +465,14 @@ impl GuestLoop {
 impl GuestLoop {
     /// Watches the standby process's connection while there is one, and no other.
     fn sync_link(&mut self, ops: &mut EventOps) {
-        let now = self.guest.link_fds().and_then(|(_, connection)| connection);
+        let now = self.guest.standby_fds().connection;
         if now == self.link_connection {
             return;
         }
         if let Some(fd) = self.link_connection.take() {
             let _ = ops.remove(Events::empty_raw(fd));
         }
-        self.guest.link_forget_closed();
+        self.guest.standby_forget_closed();
         if let Some(fd) = now {
             let watched = Events::with_data_raw(fd, Source::LinkConnection as u32, EventSet::IN);
             match ops.add(watched) {
@@ -502,9 +502,9 @@ impl MutEventSubscriber for GuestLoop {
 impl GuestLoop {
     fn dispatch(&mut self, events: Events, ops: &mut EventOps) {
         match Source::from_data(events.data()) {
-            Some(Source::LinkListener) => self.guest.on_link_listener(),
+            Some(Source::LinkListener) => self.guest.on_standby_listener(),
             // Readable, hung up or failed: the link reads it and finds out which.
-            Some(Source::LinkConnection) => self.guest.on_link_connection(),
+            Some(Source::LinkConnection) => self.guest.on_standby_connection(),
             Some(Source::VcpuEvents) => {
                 let change = self.guest.on_vcpu_events();
                 self.apply(change, ops);
@@ -537,7 +537,7 @@ impl GuestLoop {
     }
 
     fn start_watching(&mut self, ops: &mut EventOps) {
-        if let Some((listener, _)) = self.guest.link_fds() {
+        if let Some(listener) = self.guest.standby_fds().listener {
             let source = Source::LinkListener as u32;
             if let Err(err) = ops.add(Events::with_data_raw(listener, source, EventSet::IN)) {
                 tracing::error!(
