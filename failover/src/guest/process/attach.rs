@@ -1,0 +1,237 @@
+//! Standby processes attaching to the guest's attach socket, saying hello, opening the
+//! journal, catching up; going away or being sent away; and being handed the guest. Runs on
+//! the guest's thread.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vmm_core::Vm;
+
+use super::batch::copy_batch;
+use super::output::release;
+use super::session::{Phase, Session};
+use super::{StandbyLink, HANDOVER_PATIENCE};
+use crate::guest::{us, Context, Finished};
+use crate::journal::Journal;
+use crate::link::{send, Lines, LinkError, ToActive, ToStandby};
+
+impl StandbyLink {
+    /// A standby process is connecting.
+    pub fn on_listener(&mut self) {
+        loop {
+            let (mut conn, _) = match self.listener.accept() {
+                Ok(accepted) => accepted,
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(err) => {
+                    tracing::warn!(guest = %self.guest, %err, "cannot accept a standby process");
+                    return;
+                }
+            };
+            if self.session.is_some() {
+                let why = "another standby process is attached".to_owned();
+                let _ = send(&mut conn, &ToStandby::Refused { why });
+                continue;
+            }
+            if let Err(err) = conn.set_nonblocking(true) {
+                tracing::warn!(guest = %self.guest, %err, "cannot use a standby's connection");
+                continue;
+            }
+            let pid = crate::link::peer_pid(&conn).unwrap_or(0);
+            self.session = Some(Session {
+                conn,
+                lines: Lines::default(),
+                out: Vec::new(),
+                pid,
+                phase: Phase::Hello,
+                journal: None,
+                seq: 0,
+                last: None,
+                unapplied: VecDeque::new(),
+                carry: None,
+                carry_output: Vec::new(),
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// The standby's connection has something (or has closed).
+    pub fn on_connection(&mut self, ctx: &mut Context, active: Option<&Vm>) {
+        let Some(session) = self.session.as_mut() else {
+            return;
+        };
+        let messages = match session.lines.read::<ToActive>(&mut session.conn) {
+            Ok(messages) => messages,
+            Err(LinkError::Closed) => {
+                return self.lose("the standby process closed the connection")
+            }
+            Err(err) => return self.lose(&err.to_string()),
+        };
+        for message in messages {
+            if let Err(why) = self.on_message(ctx, active, message) {
+                return self.refuse(&why);
+            }
+            if self.session.is_none() {
+                return;
+            }
+        }
+    }
+
+    fn on_message(
+        &mut self,
+        ctx: &mut Context,
+        active: Option<&Vm>,
+        message: ToActive,
+    ) -> Result<(), String> {
+        let identifier = crate::journal::new_identifier(self.identifier);
+        let Some(session) = self.session.as_mut() else {
+            return Ok(());
+        };
+        match (session.phase, message) {
+            (Phase::Hello, ToActive::Hello { pid, guest }) => {
+                if guest != self.guest {
+                    return Err(format!("this is guest {}, not {guest}", self.guest));
+                }
+                // A remote standby's own pid comes in its hello (the connection is the
+                // shipper's, in this process).
+                if session.pid == 0 || self.remote.is_some() {
+                    session.pid = pid;
+                }
+                // Nothing is written to the journal before a standby has announced itself.
+                let journal =
+                    Journal::create(&self.config.path, identifier, self.memory, self.config.size)
+                        .map_err(|e| e.to_string())?;
+                self.identifier = identifier;
+                let announce = ToStandby::Journal {
+                    identifier,
+                    path: self.config.path.clone(),
+                    pid: std::process::id(),
+                    failovers: self.failovers.clone(),
+                };
+                session.journal = Some(Arc::new(journal));
+                session.phase = Phase::Opened;
+                self.sessions += 1;
+                lifecycle!(info, "standby-process-attached", guest = %self.guest, standby_pid = session.pid, identifier, journal = %self.config.path.display(), "a standby process attached; writing the journal");
+                session.tell(&announce).map_err(|e| e.to_string())
+            }
+            (Phase::Opened, ToActive::Opened {}) => {
+                let Some(active) = active else {
+                    return Err("the guest is not running".into());
+                };
+                let journal = session.journal.clone().ok_or("no journal")?;
+                let (source, log) = (active.ram().clone(), active.dirty_log());
+                let job = ctx.jobs.spawn("journal-batch", move || {
+                    crate::background::lower_priority();
+                    Finished::Batch(copy_batch(&journal, &source, &log).map_err(|e| e.to_string()))
+                });
+                session.phase = Phase::Batching(job);
+                Ok(())
+            }
+            (Phase::Loading, ToActive::Ready { seq }) => {
+                session.phase = Phase::Following;
+                let took = session.since.elapsed();
+                lifecycle!(info, "armed", guest = %self.guest, standby_pid = session.pid, batch_epoch = seq, sync_us = us(took), "active running, standby process caught up: failover armed");
+                Ok(())
+            }
+            (Phase::Loading | Phase::Following, ToActive::Applied { seq }) => {
+                while session.unapplied.front().is_some_and(|u| u.seq <= seq) {
+                    session.unapplied.pop_front();
+                }
+                Ok(())
+            }
+            (_, ToActive::Refused { why }) => {
+                self.lose(&format!("the standby process refused: {why}"));
+                Ok(())
+            }
+            (phase, message) => Err(format!("unexpected {message:?} while {}", phase.name())),
+        }
+    }
+
+    /// The active machine failed and is fenced: the standby process is told to take the
+    /// guest over from the last record it has. What the guest printed since (its uncommitted
+    /// epoch) is dropped, as at any failover from a checkpoint. Returns the standby's pid.
+    pub fn hand_over(&mut self, why: &str) -> Result<u32, String> {
+        let mut session = self.session.take().ok_or("no standby process")?;
+        // The standby process binds the attach socket as the guest's new active: the path is
+        // given up first (the listener stays open, unreachable, until the loop lets it go).
+        let _ = std::fs::remove_file(&self.config.socket);
+        self.owns_socket = false;
+        // The machine is fenced: this process never runs the guest again, and the standby
+        // takes the lock before it resumes it.
+        self.lock = None;
+        let told = session.tell(&ToStandby::TakeOver {
+            why: why.to_owned(),
+            failovers: self.failovers.clone(),
+        });
+        drop(self.held.take());
+        self.pending.clear();
+        let pid = session.pid;
+        self.closed.push(session.conn);
+        told.map_err(|e| e.to_string())?;
+        if let Some(side) = &self.remote {
+            // The remote standby must hear it before this process goes.
+            if !side.wait_told(HANDOVER_PATIENCE) {
+                tracing::warn!(guest = %self.guest, "the remote standby may not have heard of the handover");
+            }
+        }
+        lifecycle!(warn, "standby-process-told", guest = %self.guest, standby_pid = pid, %why, "the active failed: the standby process takes the guest over from its last epoch");
+        Ok(pid)
+    }
+
+    /// Ends the session with `why` told to the standby.
+    pub(super) fn refuse(&mut self, why: &str) {
+        if let Some(session) = self.session.as_mut() {
+            let _ = session.tell(&ToStandby::Refused {
+                why: why.to_owned(),
+            });
+        }
+        self.lose(why);
+    }
+
+    /// The standby process is gone (or sent away): the output of the records it had not
+    /// released is released here, in order, and the guest runs on unprotected.
+    pub(super) fn lose(&mut self, why: &str) {
+        let Some(mut session) = self.session.take() else {
+            return;
+        };
+        // The standby may have said why before the connection failed under a write.
+        let said = session
+            .lines
+            .read::<ToActive>(&mut session.conn)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|m| match m {
+                ToActive::Refused { why } => Some(format!("the standby process refused: {why}")),
+                _ => None,
+            });
+        let why = said.as_deref().unwrap_or(why);
+        // A remote standby's shipper releases nothing from here on.
+        let shipped = self.remote.as_ref().map_or(0, |side| side.halt());
+        let released = session
+            .journal
+            .as_ref()
+            .map_or(0, |j| j.released())
+            .max(shipped);
+        for record in &session.unapplied {
+            if record.seq > released {
+                release(&self.console, &record.output);
+            }
+        }
+        // The line the guest is still printing waits for its end, as without a standby.
+        let mut pending = session.carry_output;
+        pending.extend(std::mem::take(&mut self.pending));
+        self.pending = pending;
+        if session.journal.is_some() {
+            let _ = std::fs::remove_file(&self.config.path);
+        }
+        let armed = session.phase == Phase::Following;
+        let (pid, phase) = (session.pid, session.phase);
+        self.closed.push(session.conn);
+        if phase == Phase::Hello {
+            // A connection that never said hello (a probe of the socket) is no standby.
+            tracing::debug!(guest = %self.guest, %why, "a connection to the attach socket closed");
+            return;
+        }
+        lifecycle!(warn, "standby-process-lost", guest = %self.guest, standby_pid = pid, was_armed = armed, %why, "the standby process is gone; the guest runs on unprotected until another attaches");
+    }
+}

@@ -1,0 +1,136 @@
+//! The journal's first batch: the guest's RAM copied into it in the background while the
+//! guest runs, then sealed with the guest paused for the last pages. Runs on the guest's
+//! thread; the bulk copy on a background job.
+
+use std::time::Instant;
+
+use vmm_core::{DirtyLog, GuestRam, Vm, VmError};
+
+use super::output::{release, split_tail};
+use super::session::Phase;
+use super::{own_stops, LinkTick, StandbyLink};
+use crate::background::JobId;
+use crate::checkpoint::Precopied;
+use crate::guest::{us, Context};
+use crate::journal::Journal;
+use crate::link::ToStandby;
+
+/// Rounds of copying into the batch while the guest runs, at most.
+const BATCH_ROUNDS: u32 = 8;
+/// Few enough dirty pages to leave to the pause that seals the batch.
+const BATCH_DONE_PAGES: u64 = 1024;
+
+impl StandbyLink {
+    /// The batch's bulk is copied: seals it with the guest paused for the last pages.
+    pub fn batch_copied(
+        &mut self,
+        ctx: &Context,
+        job: JobId,
+        copied: Result<Precopied, String>,
+        active: &Vm,
+    ) -> LinkTick {
+        let Some(session) = self.session.as_mut() else {
+            return LinkTick::Done;
+        };
+        if session.phase != Phase::Batching(job) {
+            return LinkTick::Done;
+        }
+        let precopied = match copied {
+            Ok(precopied) => precopied,
+            Err(why) => {
+                self.refuse(&format!("the batch could not be written: {why}"));
+                return LinkTick::Done;
+            }
+        };
+        let Some(journal) = session.journal.clone() else {
+            return LinkTick::Done;
+        };
+        let paused = Instant::now();
+        match active.pause_within(ctx.pause_patience()) {
+            Ok(()) => {}
+            Err(VmError::VcpuUnresponsive(vcpu)) => return LinkTick::Unresponsive(vcpu),
+            Err(err) => {
+                self.refuse(&format!("the guest could not be paused: {err}"));
+                return LinkTick::Done;
+            }
+        }
+        if let Some(events) = own_stops(active) {
+            return LinkTick::ActiveStopped(events);
+        }
+        let sealed = (|| -> Result<(Vec<u8>, u64), String> {
+            let dirty = active.take_dirty_pages().map_err(|e| e.to_string())?;
+            let runs = active.ram().marked_offsets(&dirty.bitmaps);
+            journal
+                .write_batch_pages(active.ram(), &runs)
+                .map_err(|e| e.to_string())?;
+            let state = active.save().map_err(|e| e.to_string())?;
+            let state = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+            Ok((state, dirty.count()))
+        })();
+        // Output up to this point is the batch's: no record holds it, so it is released here,
+        // but for a line still being printed, which the batch keeps.
+        let mut output = std::mem::take(&mut self.pending);
+        output.extend(self.held.take());
+        let (output, tail) = split_tail(output, &mut self.tail_since);
+        let resumed = active.resume();
+        let pause = paused.elapsed();
+        release(&self.console, &output);
+        let (state, final_pages) = match sealed {
+            Ok(sealed) => sealed,
+            Err(why) => {
+                // No record holds the unfinished line: it waits here, as without a standby.
+                self.pending = tail;
+                self.refuse(&format!("the batch could not be sealed: {why}"));
+                return LinkTick::Done;
+            }
+        };
+        if let Err(err) = journal.commit_batch(0, &state, &tail) {
+            self.pending = tail;
+            self.refuse(&err.to_string());
+            return LinkTick::Done;
+        }
+        session.carry_output = tail;
+        session.seq = 0;
+        session.last = None;
+        session.phase = Phase::Loading;
+        tracing::info!(guest = %self.guest, precopied_pages = precopied.pages, rounds = precopied.rounds, final_pages, pause_us = us(pause), "journal batch written");
+        if let Err(err) = session.tell(&ToStandby::Batch { seq: 0 }) {
+            self.lose(&err.to_string());
+        }
+        if let Err(err) = resumed {
+            tracing::debug!(guest = %self.guest, %err, "active could not resume after the batch");
+        }
+        LinkTick::Done
+    }
+}
+
+/// Copies the guest's RAM into the journal's batch image while it runs: every page it ever
+/// wrote, then rounds of the pages it dirtied meanwhile, until few are left.
+pub(super) fn copy_batch(
+    journal: &Journal,
+    source: &GuestRam,
+    log: &DirtyLog,
+) -> Result<Precopied, String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    // Reset first: whatever the guest writes during the bulk copy is in the next read.
+    log.take().map_err(|e| err(&e))?;
+    let bytes = source
+        .write_to_at(journal.file(), journal.ram_base())
+        .map_err(|e| err(&e))?;
+    let mut done = Precopied {
+        rounds: 1,
+        pages: bytes / crate::journal::PAGE,
+    };
+    loop {
+        let next = log.take().map_err(|e| err(&e))?;
+        let count = next.count();
+        journal
+            .write_batch_pages(source, &source.marked_offsets(&next.bitmaps))
+            .map_err(|e| err(&e))?;
+        done.pages += count;
+        done.rounds += 1;
+        if count <= BATCH_DONE_PAGES || done.rounds >= BATCH_ROUNDS {
+            return Ok(done);
+        }
+    }
+}

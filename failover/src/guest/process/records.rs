@@ -1,0 +1,280 @@
+//! One journal record per epoch while a standby loads or follows, the end record that
+//! tells it how the guest ended, and the last epoch of a planned handover. Runs on the
+//! guest's thread.
+
+use std::time::{Duration, Instant};
+
+use vmm_core::{Vm, VmError};
+
+use super::output::{release, split_tail};
+use super::session::{place, prepare_record, Phase, Unapplied};
+use super::{own_stops, LinkTick, StandbyLink, HANDOVER_PATIENCE};
+use crate::guest::{us, Context};
+use crate::journal::{EpochRecord, JournalError};
+use crate::link::ToStandby;
+
+impl StandbyLink {
+    /// An epoch tick: with a standby loading or following, one epoch into the journal;
+    /// otherwise the output held since the last tick is released here.
+    pub fn epoch(&mut self, ctx: &Context, active: &Vm) -> LinkTick {
+        let writing = self
+            .session
+            .as_ref()
+            .is_some_and(|s| matches!(s.phase, Phase::Loading | Phase::Following));
+        if !writing {
+            self.pending.extend(self.held.take());
+            let pending = std::mem::take(&mut self.pending);
+            let (output, tail) = split_tail(pending, &mut self.tail_since);
+            release(&self.console, &output);
+            self.pending = tail;
+            return LinkTick::Done;
+        }
+        match self.write_epoch(ctx, active, false) {
+            Ok(tick) => tick,
+            Err(why) => {
+                self.refuse(&why);
+                LinkTick::Done
+            }
+        }
+    }
+
+    /// One epoch into the journal; with `keep_paused`, the active stays paused after it (a
+    /// planned handover), so the record is its state from then on.
+    fn write_epoch(
+        &mut self,
+        ctx: &Context,
+        active: &Vm,
+        keep_paused: bool,
+    ) -> Result<LinkTick, String> {
+        let Some(session) = self.session.as_mut() else {
+            return Ok(LinkTick::Done);
+        };
+        let journal = session.journal.clone().ok_or("no journal")?;
+        prepare_record(&journal, session, active);
+        let paused = Instant::now();
+        match active.pause_within(ctx.pause_patience()) {
+            Ok(()) => {}
+            Err(VmError::VcpuUnresponsive(vcpu)) => return Ok(LinkTick::Unresponsive(vcpu)),
+            Err(err) => return Err(format!("the guest could not be paused: {err}")),
+        }
+        if let Some(events) = own_stops(active) {
+            return Ok(LinkTick::ActiveStopped(events));
+        }
+        let acked = paused.elapsed();
+        let written = (|| -> Result<Option<(EpochRecordOwned, u64)>, String> {
+            let mut dirty = active.take_dirty_pages().map_err(|e| e.to_string())?;
+            let state = active.save().map_err(|e| e.to_string())?;
+            let state = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+            if let Some(carried) = session.carry.take() {
+                dirty.merge(&carried);
+            }
+            let mut output = std::mem::take(&mut session.carry_output);
+            output.extend(self.held.take());
+            let (output, tail) = split_tail(output, &mut self.tail_since);
+            let record = EpochRecordOwned {
+                seq: session.seq + 1,
+                runs: active.ram().marked_offsets(&dirty.bitmaps),
+                state,
+                output,
+                tail,
+                end: None,
+            };
+            let len = record.borrow().size();
+            let Some(offset) = place(&journal, session, len) else {
+                // No room until the standby applies what it has: this epoch's pages and
+                // output go with the next one.
+                session.carry = Some(dirty);
+                session.carry_output = [record.output, record.tail].concat();
+                return Ok(None);
+            };
+            if let Err(err) = journal.write_record(offset, &record.borrow(), Some(active.ram())) {
+                // The session ends over this; the epoch's output is released with what the
+                // guest prints next, not lost.
+                session.carry_output = [record.output, record.tail].concat();
+                return Err(err.to_string());
+            }
+            session.carry_output = record.tail.clone();
+            Ok(Some((record, offset)))
+        })();
+        let resumed = if keep_paused { Ok(()) } else { active.resume() };
+        let pause = paused.elapsed();
+        tracing::trace!(guest = %self.guest, pause_us = us(pause), acked_us = us(acked), pages = written.as_ref().ok().and_then(|w| w.as_ref()).map_or(0, |(r, _)| r.runs.iter().map(|r| r.1).sum::<u64>() / crate::journal::PAGE), "journal epoch");
+        let Some((record, offset)) = written? else {
+            self.deferred += 1;
+            return Ok(LinkTick::Done);
+        };
+        if let Some(delay) = seal_delay() {
+            // A test's way to widen the window in which the record is written but not yet
+            // valid, to kill the process inside it.
+            std::thread::sleep(delay);
+        }
+        let session = self.session.as_mut().ok_or("no session")?;
+        journal
+            .seal_record(offset, &record.borrow())
+            .map_err(|e: JournalError| e.to_string())?;
+        let len = record.borrow().size();
+        session.seq = record.seq;
+        session.last = Some((offset, len));
+        session.unapplied.push_back(Unapplied {
+            seq: record.seq,
+            offset,
+            len,
+            output: record.output,
+        });
+        let pages = record.runs.iter().map(|r| r.1).sum::<u64>() / crate::journal::PAGE;
+        self.stats.record(pause, pages);
+        let notice = ToStandby::Record {
+            seq: record.seq,
+            offset,
+        };
+        let told = session.tell(&notice);
+        if let Err(err) = resumed {
+            tracing::debug!(guest = %self.guest, %err, "active could not resume after an epoch");
+        }
+        // The record is in the journal whether or not the standby heard of it; a standby
+        // that no longer takes its messages is gone.
+        told.map_err(|e| e.to_string())?;
+        Ok(LinkTick::Done)
+    }
+
+    /// The guest has ended (its machine stopped): its last output goes to the standby in an
+    /// end record, which tells the standby how the guest ended; without a standby that has
+    /// the batch, it is released here.
+    pub fn guest_ended(&mut self, end: &[u8]) {
+        let writing = self
+            .session
+            .as_ref()
+            .is_some_and(|s| matches!(s.phase, Phase::Loading | Phase::Following));
+        if writing {
+            match self.write_end(end) {
+                Ok(output) if self.remote.is_some() => {
+                    // The remote standby hears of the end before this process goes.
+                    let seq = self.session.as_ref().map_or(0, |s| s.seq);
+                    if let Some(side) = &self.remote {
+                        if !side.wait_sent(seq, HANDOVER_PATIENCE) {
+                            tracing::warn!(guest = %self.guest, "the remote standby may not have heard how the guest ended");
+                        }
+                    }
+                    // A remote standby releases nothing unless promoted: the records it
+                    // had not acknowledged, and the end, are released here.
+                    self.lose("the guest ended");
+                    release(&self.console, &output);
+                    self.lock = None;
+                    return;
+                }
+                Ok(_) => {
+                    // The standby releases everything from here; the session is over, and the
+                    // guest has ended: nobody runs it any more.
+                    self.session = None;
+                    self.lock = None;
+                    return;
+                }
+                Err(why) => {
+                    tracing::warn!(guest = %self.guest, %why, "the end record could not be written")
+                }
+            }
+        }
+        if self.session.is_some() {
+            self.lose("the guest ended");
+        }
+        self.pending.extend(self.held.take());
+        let output = std::mem::take(&mut self.pending);
+        release(&self.console, &output);
+    }
+
+    /// The last record: the guest's last output and how it ended; no pages, no state.
+    /// Returns the output it carries.
+    fn write_end(&mut self, end: &[u8]) -> Result<Vec<u8>, String> {
+        let Some(session) = self.session.as_mut() else {
+            return Err("no session".into());
+        };
+        let journal = session.journal.clone().ok_or("no journal")?;
+        let mut output = std::mem::take(&mut session.carry_output);
+        output.extend(self.held.take());
+        let record = EpochRecordOwned {
+            seq: session.seq + 1,
+            runs: Vec::new(),
+            state: Vec::new(),
+            output,
+            tail: Vec::new(),
+            end: Some(end.to_vec()),
+        };
+        let len = record.borrow().size();
+        let Some(offset) = place(&journal, session, len) else {
+            session.carry_output = record.output;
+            return Err("no room in the journal for the end record".into());
+        };
+        journal
+            .write_record(offset, &record.borrow(), None)
+            .and_then(|()| journal.seal_record(offset, &record.borrow()))
+            .map_err(|e| e.to_string())?;
+        session.seq = record.seq;
+        let notice = ToStandby::Record {
+            seq: record.seq,
+            offset,
+        };
+        // The standby finds the record in the journal even if it never hears of it.
+        let _ = session.tell(&notice);
+        Ok(record.output)
+    }
+
+    /// A planned handover: one last epoch with the active kept paused, so the standby's last
+    /// record is the guest's state from then on. `Ok(true)` once it is written (the caller
+    /// fences the active and hands the guest over); `Ok(false)` if there was no room for it
+    /// (the active runs on); a vCPU that stopped or did not answer is handed back.
+    pub fn last_epoch(&mut self, ctx: &Context, active: &Vm) -> Result<bool, LinkTick> {
+        if !self.armed() {
+            return Ok(false);
+        }
+        let before = self.session.as_ref().map_or(0, |s| s.seq);
+        match self.write_epoch(ctx, active, true) {
+            Ok(LinkTick::Done) => {}
+            Ok(tick) => return Err(tick),
+            Err(why) => {
+                let _ = active.resume();
+                self.refuse(&why);
+                return Ok(false);
+            }
+        }
+        let written = self.session.as_ref().is_some_and(|s| s.seq > before);
+        if !written {
+            let _ = active.resume();
+        }
+        Ok(written)
+    }
+}
+
+/// An epoch record's parts, owned.
+struct EpochRecordOwned {
+    seq: u64,
+    runs: Vec<(u64, u64)>,
+    state: Vec<u8>,
+    output: Vec<u8>,
+    tail: Vec<u8>,
+    end: Option<Vec<u8>>,
+}
+
+impl EpochRecordOwned {
+    fn borrow(&self) -> EpochRecord<'_> {
+        EpochRecord {
+            seq: self.seq,
+            runs: &self.runs,
+            state: &self.state,
+            output: &self.output,
+            tail: &self.tail,
+            end: self.end.as_deref(),
+        }
+    }
+}
+
+/// `UNDERSTUDY_JOURNAL_SEAL_DELAY_US`: for tests, how long a record waits, written but not
+/// sealed, before its header makes it valid (docs/failover.md).
+fn seal_delay() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("UNDERSTUDY_JOURNAL_SEAL_DELAY_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_micros)
+    })
+}
