@@ -50,7 +50,9 @@ impl Guest {
         };
         let detected = Instant::now();
         let witness = running.active.vm.witness();
-        let cover = self.standby.cover(&self.ctx, &running.protection);
+        let cover = self
+            .standby
+            .cover(&running.protection, self.ctx.config.on_failure);
         let span = tracing::info_span!("failure", guest = %self.ctx.config.name, n = self.ctx.record.failures + 1);
         let _entered = span.enter();
         self.begin_failure_record(&failure);

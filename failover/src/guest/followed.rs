@@ -25,24 +25,26 @@ use super::standby::{
 use super::{Context, Failure, GuestEnd, Machine, Protection, Running};
 use crate::background::JobId;
 use crate::checkpoint::Precopied;
-use crate::config::ResumeFrom;
+use crate::config::{OnFailure, ResumeFrom};
 use crate::control::protocol::Phase;
 use crate::link::ActiveLock;
 
-/// Where a followed standby lives, and so who releases an epoch's output.
+/// Where a followed standby lives. What that changes (who releases an epoch's output, see
+/// the module doc) is carried out inside the link, which was made for the configured
+/// placement; the marker names the placement, so that each has a type of its own.
 pub(crate) trait Reach: Send {
     /// The placement, as the `process` key names it.
     const PLACEMENT: &'static str;
 }
 
-/// Another process on this host: it releases each record's output once it applied it.
+/// Another process on this host, which releases each record's output once it applied it.
 pub(crate) struct ThisHost;
 
 impl Reach for ThisHost {
     const PLACEMENT: &'static str = "separate";
 }
 
-/// A process on another host: this process releases each epoch's output once the remote
+/// A process on another host; this process releases each epoch's output once the remote
 /// acknowledged it.
 pub(crate) struct AnotherHost;
 
@@ -135,16 +137,8 @@ impl<R: Reach> Watch for Followed<R> {
 }
 
 impl<R: Reach> Standby for Followed<R> {
-    fn cover(&self, ctx: &Context, protection: &Protection) -> Cover {
-        if protection.is_armed() {
-            // The standby process resumes from the last epoch of the journal.
-            Cover::Standby {
-                resume: ResumeFrom::Checkpoint,
-                ready: Readiness::Ready,
-            }
-        } else {
-            Cover::Unprotected(ctx.config.on_failure)
-        }
+    fn cover(&self, protection: &Protection, on_failure: OnFailure) -> Cover {
+        followed_cover(protection, on_failure)
     }
 
     fn report(&self) -> StandbyReport<'_> {
@@ -232,5 +226,61 @@ impl<R: Reach> Standby for Followed<R> {
             Ok(pid) => Ok(Switched::HandedOver { pid }),
             Err(why) => Err(NotSwitched::NotTold(why)),
         }
+    }
+}
+
+/// The cover a followed standby gives: a standby process that has caught up resumes the
+/// guest from the last epoch of the journal; until then the guest is met as one without a
+/// standby (`on_failure`).
+fn followed_cover(protection: &Protection, on_failure: OnFailure) -> Cover {
+    if protection.is_armed() {
+        Cover::Standby {
+            resume: ResumeFrom::Checkpoint,
+            ready: Readiness::Ready,
+        }
+    } else {
+        Cover::Unprotected(on_failure)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::policy::{decide, CrashLoopGuard, Decision};
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_standby_process_that_caught_up_is_failed_over_to_until_the_crash_loop_guard_stops_it() {
+        let mut guard = CrashLoopGuard::new(2, MINUTE);
+        let now = Instant::now();
+        let failure = Failure::Unresponsive { vcpu: 0 };
+        for _ in 0..2 {
+            let cover = followed_cover(&Protection::ArmedElsewhere, OnFailure::Down);
+            assert_eq!(decide(&failure, cover, &mut guard, now), Decision::FailOver);
+        }
+        let cover = followed_cover(&Protection::ArmedElsewhere, OnFailure::Down);
+        let third = decide(&failure, cover, &mut guard, now);
+        assert!(
+            matches!(&third, Decision::Down(why) if why.contains("crash loop, more than 2 failovers")),
+            "{third:?}"
+        );
+    }
+
+    #[test]
+    fn until_a_standby_process_caught_up_a_failure_is_met_as_on_failure_says() {
+        let mut guard = CrashLoopGuard::new(1, MINUTE);
+        let now = Instant::now();
+        let cover = followed_cover(&Protection::Unprotected, OnFailure::Restart);
+        assert_eq!(cover, Cover::Unprotected(OnFailure::Restart));
+        assert_eq!(
+            decide(&Failure::Panic, cover, &mut guard, now),
+            Decision::Restart
+        );
+        let cover = followed_cover(&Protection::Unprotected, OnFailure::Down);
+        assert!(matches!(
+            decide(&Failure::Panic, cover, &mut guard, now),
+            Decision::Down(_)
+        ));
     }
 }

@@ -16,7 +16,7 @@
 //! down) runs in the background ([`crate::background`]) and comes back as a `Finished`.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use vmm_core::{VcpuStop, Vm, VmEvent};
 
@@ -28,6 +28,7 @@ mod dumps;
 mod failover;
 mod failure;
 mod followed;
+mod heartbeat;
 mod metrics;
 mod mode;
 pub mod policy;
@@ -174,60 +175,6 @@ impl Guest {
     /// Background jobs still running whose effect matters after the guest's end (dumps).
     pub fn jobs_awaited(&self) -> usize {
         self.ctx.jobs.awaited()
-    }
-
-    /// Looks at the active's heartbeats (the time its vCPU took the last one) and returns
-    /// how long until the guest could first be judged silent, if it is judged at all.
-    pub fn heartbeat_deadline(&mut self) -> Option<Duration> {
-        self.ctx.suspicions.look(&self.ctx.config.name);
-        let ran = self.observe_heartbeat();
-        match self.ctx.liveness.verdict(Instant::now(), &ran) {
-            crate::liveness::Verdict::Alive(left) => Some(left),
-            crate::liveness::Verdict::Silent(_) => Some(Duration::ZERO),
-            crate::liveness::Verdict::NotJudged => None,
-        }
-    }
-
-    /// The heartbeat failure, if the active has been silent too long.
-    pub fn heartbeat_overdue(&mut self) -> Option<Failure> {
-        let ran = self.observe_heartbeat();
-        let now = Instant::now();
-        match self.ctx.liveness.verdict(now, &ran) {
-            crate::liveness::Verdict::Silent(silent) => Some(Failure::HeartbeatTimeout {
-                silent_ms: silent.as_millis() as u64,
-                since_seen_ms: self
-                    .ctx
-                    .liveness
-                    .breakdown(now, &ran)
-                    .map_or(0, |s| s.since_seen.as_millis() as u64),
-            }),
-            _ => None,
-        }
-    }
-
-    /// Takes in the active's last heartbeat; returns its vCPUs' run times now.
-    fn observe_heartbeat(&mut self) -> Vec<Duration> {
-        let State::Running(running) = &self.state else {
-            return Vec::new();
-        };
-        if self.ctx.liveness.timeout().is_none() {
-            return Vec::new();
-        }
-        let ran = running.active.vm.run_time();
-        if let Some(at) = running.active.vm.last_heartbeat_at() {
-            self.ctx.liveness.beat(at, Instant::now(), &ran);
-        }
-        ran
-    }
-
-    /// The active's vCPUs' run times, for the heartbeat watch.
-    pub(crate) fn active_run_time(&self) -> Vec<Duration> {
-        match &self.state {
-            State::Running(running) if self.ctx.liveness.timeout().is_some() => {
-                running.active.vm.run_time()
-            }
-            _ => Vec::new(),
-        }
     }
 
     /// Reads the active's vCPU events and acts on them.

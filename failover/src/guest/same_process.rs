@@ -18,7 +18,7 @@ use super::standby::{FailedOver, NotSwitched, Standby, StandbyReport, Switched, 
 use super::{checkpointed, shared};
 use super::{Captured, Context, Failure, GuestEnd, Machine, Prepared, Protection, Running};
 use crate::background::JobId;
-use crate::config::ResumeFrom;
+use crate::config::{OnFailure, ResumeFrom};
 
 /// A standby machine in this process.
 pub(crate) struct SameProcess {
@@ -58,7 +58,7 @@ impl SameProcess {
 impl Watch for SameProcess {}
 
 impl Standby for SameProcess {
-    fn cover(&self, _ctx: &Context, protection: &Protection) -> Cover {
+    fn cover(&self, protection: &Protection, _on_failure: OnFailure) -> Cover {
         Cover::Standby {
             resume: self.mode.resume(),
             ready: match protection {
@@ -168,5 +168,51 @@ impl Standby for SameProcess {
             .switch_over(ctx, &mut running.active, standby)
             .map_err(NotSwitched::Machine)?;
         Ok(Switched::Swapped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guest::policy::{decide, CrashLoopGuard, Decision};
+
+    /// A failed-state standby over 1 MiB of RAM: no machine, no KVM needed.
+    fn failed_state() -> SameProcess {
+        let ram = GuestRam::new(1 << 20).expect("1 MiB of memfd RAM");
+        SameProcess {
+            mode: Box::new(shared::SharedRam::new(ram)),
+        }
+    }
+
+    #[test]
+    fn a_standby_machine_not_yet_armed_covers_nothing_whatever_on_failure_says() {
+        let standby = failed_state();
+        let mut guard = CrashLoopGuard::new(3, Duration::from_secs(60));
+        let now = std::time::Instant::now();
+        let failure = Failure::Unresponsive { vcpu: 0 };
+        for (protection, why) in [
+            (Protection::Unprotected, "no standby"),
+            (Protection::syncing(7, Some(2)), "still being synced"),
+        ] {
+            // The guest's own `on_failure` does not apply to a hot-standby guest.
+            let cover = standby.cover(&protection, OnFailure::Restart);
+            let decision = decide(&failure, cover, &mut guard, now);
+            assert!(
+                matches!(&decision, Decision::Down(w) if w.contains(why)),
+                "{decision:?}"
+            );
+        }
+        assert!(guard.allows(now), "no failover was counted");
+    }
+
+    #[test]
+    fn a_standby_machine_reports_its_resume_setting_and_no_standby_process() {
+        let standby = failed_state();
+        let report = standby.report();
+        assert_eq!(report.resume, Some(ResumeFrom::FailedState));
+        assert!(report.epochs.is_none(), "failed-state runs no epochs");
+        assert!(report.process.is_none());
+        assert_eq!(standby.epoch_interval(), None);
+        assert_eq!(standby.watched(), crate::guest::Watched::default());
     }
 }

@@ -30,7 +30,7 @@ use super::policy::Cover;
 use super::{Captured, Context, Failure, GuestEnd, Machine, Prepared, Protection, Run, Running};
 use crate::background::JobId;
 use crate::checkpoint::{EpochError, EpochStats, Precopied};
-use crate::config::ResumeFrom;
+use crate::config::{OnFailure, ResumeFrom};
 use crate::control::protocol::StandbyProcessStatus;
 
 /// What a step of the standby asks of the guest afterwards.
@@ -130,8 +130,9 @@ pub(crate) trait Watch {
 
 /// The guest's standby, whatever its placement.
 pub(crate) trait Standby: Watch + Send {
-    /// How the guest stands when its active fails, for the policy to decide on.
-    fn cover(&self, ctx: &Context, protection: &Protection) -> Cover;
+    /// How the guest stands when its active fails, given its protection now, for the
+    /// policy to decide on; `on_failure` is the guest's setting for when no standby covers it.
+    fn cover(&self, protection: &Protection, on_failure: OnFailure) -> Cover;
 
     /// What `status` and the metrics show.
     fn report(&self) -> StandbyReport<'_>;
@@ -262,8 +263,8 @@ pub(crate) struct NoStandby;
 impl Watch for NoStandby {}
 
 impl Standby for NoStandby {
-    fn cover(&self, ctx: &Context, _protection: &Protection) -> Cover {
-        Cover::Unprotected(ctx.config.on_failure)
+    fn cover(&self, _protection: &Protection, on_failure: OnFailure) -> Cover {
+        Cover::Unprotected(on_failure)
     }
 
     fn report(&self) -> StandbyReport<'_> {
@@ -294,5 +295,26 @@ impl Standby for NoStandby {
         _running: &mut Running,
     ) -> Result<Switched, NotSwitched> {
         Err(NotSwitched::NotNow("it has no standby"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guest_without_a_standby_is_met_as_on_failure_says_and_reports_no_standby() {
+        for on_failure in [OnFailure::Down, OnFailure::Restart] {
+            for protection in [Protection::Unprotected, Protection::syncing(1, None)] {
+                assert_eq!(
+                    NoStandby.cover(&protection, on_failure),
+                    Cover::Unprotected(on_failure)
+                );
+            }
+        }
+        let report = NoStandby.report();
+        assert!(report.resume.is_none() && report.epochs.is_none() && report.process.is_none());
+        assert_eq!(NoStandby.epoch_interval(), None);
+        assert_eq!(NoStandby.watched(), Watched::default());
     }
 }
