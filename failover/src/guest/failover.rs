@@ -1,9 +1,9 @@
 //! A failure of the active, from detection to the guest running again (or ending): the
 //! policy decides from the cover the standby gives, whatever its placement; the standby
 //! takes over (here, or in the standby's process, where the guest is handed over); and the
-//! recovery of the failed machine as the
-//! next standby runs in the background until its result comes back. Also restarts of
-//! unprotected guests, and the results of background jobs. Runs on the guest's thread.
+//! recovery of the failed machine as the next standby runs in the background until its
+//! result comes back. Also restarts of unprotected guests, and the results of background
+//! jobs. Runs on the guest's thread.
 
 use std::time::Instant;
 
