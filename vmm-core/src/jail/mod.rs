@@ -16,6 +16,7 @@
 //! for debugging. This module runs on whichever thread calls [`enter`]; it keeps no state but
 //! the switch and the compiled filters.
 
+pub mod ioctls;
 pub mod lists;
 pub mod sigsys;
 
