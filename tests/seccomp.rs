@@ -173,6 +173,8 @@ fn expected_caps(name: &str) -> Option<u64> {
         Some(0)
     } else if name.ends_with("-watch") || name == "understudy" {
         Some(wide)
+    } else if name == "active-lock" {
+        Some(files | mask(&[CAP_NET_BIND_SERVICE]))
     } else {
         None
     }
@@ -227,8 +229,10 @@ fn check_threads(pid: u32, exact: bool, log: &str) -> Vec<String> {
 #[test]
 fn every_kind_of_thread_does_its_work_filtered_and_keeps_only_its_capabilities() {
     require_kvm();
-    // A checkpointed pair (epochs, background jobs, failover, re-arm) and a guest with a
-    // disk (a virtio I/O thread), served on a control socket and a metrics port.
+    // A checkpointed pair (epochs, background jobs, failover, re-arm), a guest with a disk
+    // (a virtio I/O thread) and one whose standby would run in a process of its own (its
+    // journal and active lock: a link thread), served on a control socket and a metrics
+    // port. (NICs and the remote link do their work under the filters in their own suites.)
     let env = env_file(
         "seccomp-kinds",
         "[[guest]]\nname = \"counter\"\nkernel = \"KERNELS/counter\"\nmemory_mib = 64\n\
@@ -236,7 +240,10 @@ fn every_kind_of_thread_does_its_work_filtered_and_keeps_only_its_capabilities()
          [guest.standby]\nresume = \"checkpoint\"\ncheckpoint_interval_ms = 20\n\
          max_failovers = 10\n\
          [[guest]]\nname = \"blk\"\nkernel = \"KERNELS/blk\"\nmemory_mib = 64\n\
-         cmdline = \"passes=1000 sectors=64\"\nserial = \"none\"\n[[guest.disk]]\npath = \"disk.img\"\n",
+         cmdline = \"passes=1000 sectors=64\"\nserial = \"none\"\n[[guest.disk]]\npath = \"disk.img\"\n\
+         [[guest]]\nname = \"solo\"\nkernel = \"KERNELS/counter\"\nmemory_mib = 64\n\
+         serial = \"none\"\ncrash_dump = false\n[guest.standby]\nresume = \"checkpoint\"\n\
+         process = \"separate\"\njournal = \"solo.journal\"\n",
     );
     let image = std::fs::File::create(env.with_file_name("disk.img")).unwrap();
     image.set_len(1 << 20).unwrap();
@@ -274,6 +281,8 @@ fn every_kind_of_thread_does_its_work_filtered_and_keeps_only_its_capabilities()
         "counter-watch",
         "counter-vcpu0",
         "blk-virtio0",
+        "control-accept",
+        "active-lock",
     ] {
         assert!(
             names.iter().any(|n| n == wanted),
