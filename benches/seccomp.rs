@@ -55,6 +55,8 @@ fn run(on: bool, name: &str, cmdline: &str, faults: &[&str]) -> Ran {
     for fault in faults {
         command.args(["--fault", fault]);
     }
+    // Reaped by `wait4` below, which `Child` does not know of.
+    #[allow(clippy::zombie_processes)]
     let mut child = command
         .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
@@ -89,7 +91,11 @@ fn run(on: bool, name: &str, cmdline: &str, faults: &[&str]) -> Ran {
 /// CPU second the process used (which the host's other load cannot change, since a
 /// preempted process does no work and uses no CPU alike).
 fn work(on: bool) -> (f64, f64) {
-    let name = if on { "seccomp-work-on" } else { "seccomp-work-off" };
+    let name = if on {
+        "seccomp-work-on"
+    } else {
+        "seccomp-work-off"
+    };
     let ran = run(on, name, "interval_ms=100 stop_after=30 work=1", &[]);
     let total: f64 = ran
         .console

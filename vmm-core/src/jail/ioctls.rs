@@ -246,7 +246,7 @@ pub fn groups(kind: ThreadKind) -> &'static [Group] {
 /// pair), then what a failover's resume writes. A filter tests an `ioctl`'s request against
 /// its list in order, and the kernel cannot cache a verdict that depends on an argument, so
 /// these go first in every list that holds them.
-const MOST_FREQUENT: &[&str] = &[
+pub const MOST_FREQUENT: &[&str] = &[
     "KVM_RUN",
     "KVM_GET_IRQCHIP",
     "KVM_GET_DIRTY_LOG",
