@@ -33,7 +33,7 @@ fn a_forbidden_call_on_any_kind_of_thread_kills_the_process_with_sigsys_naming_t
         std::env::temp_dir().join(format!("understudy-seccomp-{}.sock", std::process::id()));
     let socket = socket.to_string_lossy().into_owned();
     let counter = config("counter.toml");
-    let pair = config("pair.toml");
+    let checkpointed = config("checkpoint-pair.toml");
     // A guest with a disk (a virtio I/O thread), and one whose standby would run in a process
     // of its own (an active-lock thread), each with its files in a folder of its own.
     let disk = env_file(
@@ -54,11 +54,12 @@ fn a_forbidden_call_on_any_kind_of_thread_kills_the_process_with_sigsys_naming_t
         ("vcpu", &["counter-vcpu0"][..], vec!["run", &counter]),
         ("device-io", &["blk-virtio0"], vec!["run", &disk]),
         ("guest-loop", &["counter-watch"], vec!["run", &counter]),
-        // Which job starts first may depend on the host (a probe machine to retire, or not).
+        // A checkpointed pair always syncs its first standby on a background job; a pair
+        // resumed from the failed state may start none, on a host whose probe is cached.
         (
             "background",
             &["retire", "standby", "standby-sync"],
-            vec!["run", &pair],
+            vec!["run", &checkpointed],
         ),
         ("link", &["active-lock"], vec!["run", &separate]),
         ("supervisor", &["understudy"], vec!["run", &counter]),
