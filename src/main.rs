@@ -78,8 +78,9 @@ enum Command {
         /// Serve Prometheus metrics over HTTP at http://ADDR/metrics (e.g. 127.0.0.1:9464).
         #[arg(long, value_name = "ADDR")]
         metrics_addr: Option<std::net::SocketAddr>,
-        /// Run without the seccomp filters on the process's threads (for debugging only:
-        /// a guest that breaks a device model then reaches every system call).
+        /// Run without the seccomp filters on the process's threads, and keep every
+        /// capability (for debugging only: a guest that breaks a device model then reaches
+        /// every system call).
         #[arg(long)]
         no_seccomp: bool,
     },
@@ -103,8 +104,9 @@ enum Command {
         /// Also write every lifecycle event to this file, as JSON lines (appended).
         #[arg(long, value_name = "PATH")]
         events: Option<PathBuf>,
-        /// Run without the seccomp filters on the process's threads (for debugging only:
-        /// a guest that breaks a device model then reaches every system call).
+        /// Run without the seccomp filters on the process's threads, and keep every
+        /// capability (for debugging only: a guest that breaks a device model then reaches
+        /// every system call).
         #[arg(long)]
         no_seccomp: bool,
     },
@@ -165,14 +167,15 @@ fn init_logging(filter: &str, events: Option<std::fs::File>) {
     tracing_subscriber::registry().with(log).with(events).init();
 }
 
-/// Turns the seccomp filters off with `--no-seccomp`, loudly; otherwise checks that this
-/// host installs them, refusing to start (host error) if it does not.
+/// Turns the jail (seccomp filters and dropped capabilities) off with `--no-seccomp`,
+/// loudly; otherwise checks that this host installs the filters, refusing to start (host
+/// error) if it does not.
 fn jail(no_seccomp: bool) -> Result<(), ExitCode> {
     if no_seccomp {
         vmm_core::jail::set_enabled(false);
         tracing::warn!(
-            "--no-seccomp: every thread runs without its seccomp filter; a guest that breaks \
-             a device model reaches every system call"
+            "--no-seccomp: every thread runs without its seccomp filter and keeps every \
+             capability; a guest that breaks a device model reaches every system call"
         );
         return Ok(());
     }

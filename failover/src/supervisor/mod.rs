@@ -498,6 +498,8 @@ fn run_guests(
         .iter()
         .map(GuestNics::open)
         .collect::<Result<Vec<_>, _>>()?;
+    // Nothing later creates or attaches a TAP.
+    vmm_core::jail::taps_opened();
     let mut guests = Vec::with_capacity(env.guest.len());
     for ((((index, config), disks), nics), from) in env
         .guest

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
-use super::ThreadKind;
+use super::{ioctls, ThreadKind};
 
 /// What every thread does: memory, locks, clocks, signals, reading and writing the
 /// descriptors it holds, priorities, ending; and what the `SIGSYS` handler calls.
@@ -83,8 +83,10 @@ const BLOCK_IO: &[i64] = &[
     libc::SYS_fallocate,
 ];
 
-/// Starting threads.
+/// Starting threads (which narrow their capabilities before their filter is on).
 const THREADS: &[i64] = &[
+    libc::SYS_capget,
+    libc::SYS_capset,
     libc::SYS_clone,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,
@@ -152,9 +154,8 @@ const SOCKETS: &[i64] = &[
     libc::SYS_uname,
 ];
 
-/// Building machines: KVM and TAP ioctls, write traps, pinning.
+/// Building machines: write traps, pinning (their `ioctl`s are in [`ioctls`]).
 const MACHINES: &[i64] = &[
-    libc::SYS_ioctl,
     libc::SYS_userfaultfd,
     libc::SYS_mlock,
     libc::SYS_munlock,
@@ -168,7 +169,6 @@ const MACHINES: &[i64] = &[
 /// The groups of each kind's own calls (before those of the threads it starts).
 fn groups(kind: ThreadKind) -> &'static [&'static [i64]] {
     match kind {
-        // ioctl is added with its KVM-only condition in `rules`.
         ThreadKind::Vcpu => &[RUNTIME],
         ThreadKind::DeviceIo => &[RUNTIME, EVENTS, BLOCK_IO],
         ThreadKind::Control => &[RUNTIME, EVENTS, THREADS, SOCKETS],
@@ -186,12 +186,8 @@ pub fn allowed(kind: ThreadKind) -> BTreeSet<i64> {
         .iter()
         .flat_map(|g| g.iter().copied())
         .collect();
-    if matches!(
-        kind,
-        ThreadKind::Vcpu | ThreadKind::DeviceIo | ThreadKind::Control | ThreadKind::Link
-    ) {
-        calls.insert(libc::SYS_ioctl);
-    }
+    // Every kind makes some `ioctl`; which ones is decided by its argument, in `rules`.
+    calls.insert(libc::SYS_ioctl);
     if kind == ThreadKind::Control {
         calls.insert(libc::SYS_openat);
     }
@@ -203,30 +199,19 @@ pub fn allowed(kind: ThreadKind) -> BTreeSet<i64> {
     calls
 }
 
-/// `kind`'s rules for `seccompiler`: every call of [`allowed`], unconditionally, but for
-/// `ioctl` on the narrow kinds: a vCPU thread's must be one of KVM's (type `0xAE`); device
-/// I/O, control and link threads may only make a descriptor blocking or not (`FIONBIO`),
-/// close-on-exec (`FIOCLEX`), or ask how much it holds (`FIONREAD`); and control threads
-/// may `openat` only to read.
+/// `kind`'s rules for `seccompiler`: every call of [`allowed`], unconditionally, but
+/// `ioctl`, which must be one of the requests of [`ioctls::allowed`]; and control threads may
+/// `openat` only to read.
 pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = allowed(kind)
         .into_iter()
         .map(|nr| (nr, Vec::new()))
         .collect();
-    match kind {
-        ThreadKind::Vcpu => {
-            rules.insert(libc::SYS_ioctl, vec![ioctl_masked(0xff00, KVMIO << 8)]);
-        }
-        ThreadKind::DeviceIo | ThreadKind::Control | ThreadKind::Link => {
-            let plain = [libc::FIONBIO, libc::FIONREAD, libc::FIOCLEX];
-            let rule = plain
-                .iter()
-                .map(|&request| ioctl_masked(u64::from(u32::MAX), request))
-                .collect();
-            rules.insert(libc::SYS_ioctl, rule);
-        }
-        ThreadKind::Background | ThreadKind::GuestLoop | ThreadKind::Supervisor => {}
-    }
+    let requests = ioctls::allowed(kind)
+        .iter()
+        .map(|request| ioctl_request(request.number))
+        .collect();
+    rules.insert(libc::SYS_ioctl, requests);
     if kind == ThreadKind::Control {
         // Reading a file only: no flag that writes, creates or truncates.
         let writes = libc::O_WRONLY | libc::O_RDWR | libc::O_CREAT | libc::O_TRUNC | libc::O_APPEND;
@@ -236,7 +221,7 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             SeccompCmpOp::MaskedEq(writes as u64),
             0,
         );
-        // As in `ioctl_masked`: a valid index and one condition cannot be refused.
+        // As in `ioctl_request`: a valid index and one condition cannot be refused.
         let rule = SeccompRule::new(vec![condition.expect("argument 2 is a valid index")])
             .expect("one condition is a valid rule");
         rules.insert(libc::SYS_openat, vec![rule]);
@@ -244,19 +229,12 @@ pub fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
     rules
 }
 
-/// `KVMIO`, the type byte of every KVM ioctl number (`_IOC_TYPE`, bits 8..16).
-const KVMIO: u64 = 0xAE;
-
-/// An `ioctl` whose request, masked with `mask`, is `value`.
-fn ioctl_masked(mask: u64, value: u64) -> SeccompRule {
+/// An `ioctl` whose request is `number`. The kernel reads the request as 32 bits, so only
+/// those are compared: a caller cannot slip past with high bits set.
+fn ioctl_request(number: u64) -> SeccompRule {
     // Both constructors only refuse an argument index above 5 or an empty condition list,
     // neither of which can happen here.
-    let condition = SeccompCondition::new(
-        1,
-        SeccompCmpArgLen::Dword,
-        SeccompCmpOp::MaskedEq(mask),
-        value,
-    );
+    let condition = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, number);
     SeccompRule::new(vec![condition.expect("argument 1 is a valid index")])
         .expect("one condition is a valid rule")
 }

@@ -12,11 +12,15 @@
 //! everything, the widest; the threads a guest or a client can reach directly (vCPU, device
 //! I/O, control, link) the narrowest. docs/security.md has the threat model and every list.
 //!
-//! [`set_enabled`]`(false)` (`--no-seccomp`) turns the filters off for the whole process,
-//! for debugging. This module runs on whichever thread calls [`enter`]; it keeps no state but
+//! Entering a kind also gives up the capabilities the kind does not need ([`privileges`]).
+//!
+//! [`set_enabled`]`(false)` (`--no-seccomp`) turns the jail (filters and capabilities) off
+//! for the whole process, for debugging. This module runs on whichever thread calls [`enter`]; it keeps no state but
 //! the switch and the compiled filters.
 
+pub mod ioctls;
 pub mod lists;
+pub mod privileges;
 pub mod sigsys;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -139,13 +143,21 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// Puts the calling thread under `kind`'s filter (and, the first time, installs the process's
-/// `SIGSYS` handler). Does nothing when the filters are off. A filter that cannot be
-/// installed is logged as an error and the thread runs on unfiltered: [`check`] is where a
-/// host without seccomp is refused, once, at start-up.
+/// Narrows the calling thread's capabilities to its kind's ([`privileges`]), then puts it
+/// under `kind`'s filter (and, the first time, installs the process's `SIGSYS` handler).
+/// Does nothing when the jail is off. A filter that cannot be installed is logged as an
+/// error and the thread runs on unfiltered: [`check`] is where a host without seccomp is
+/// refused, once, at start-up.
 pub fn enter(kind: ThreadKind) {
     if !enabled() {
         return;
+    }
+    if let Err(err) = privileges::restrict(kind) {
+        tracing::error!(
+            thread = std::thread::current().name().unwrap_or("?"),
+            err = %DisplayChain(&err),
+            "thread keeps capabilities its kind does not need"
+        );
     }
     if let Err(err) = try_enter(kind) {
         tracing::error!(
@@ -156,6 +168,17 @@ pub fn enter(kind: ThreadKind) {
         return;
     }
     self_test(kind);
+}
+
+/// Gives up, on the calling thread (the supervisor), the capability to create and attach
+/// TAPs, once they are open. Does nothing when the jail is off.
+pub fn taps_opened() {
+    if !enabled() {
+        return;
+    }
+    if let Err(err) = privileges::taps_opened() {
+        tracing::error!(err = %DisplayChain(&err), "supervisor keeps CAP_NET_ADMIN");
+    }
 }
 
 /// [`enter`], with its error.

@@ -1,6 +1,6 @@
 //! The process's `SIGSYS` handler: a thread that made a call its filter forbids writes, with
-//! system calls alone (no allocation, no lock), one line naming itself and the call to
-//! standard error, then kills the process with `SIGSYS`. It runs on the offending thread.
+//! system calls alone (no allocation, no lock), one line naming itself and the call (with
+//! the request, for an `ioctl`) to standard error, then kills the process with `SIGSYS`. It runs on the offending thread.
 
 use std::sync::OnceLock;
 
@@ -28,13 +28,29 @@ const SI_SYSCALL_OFFSET: usize = 24;
 
 /// The handler. Only system calls the filters let every thread make (`prctl`, `write`,
 /// `rt_sigaction`, `rt_sigprocmask`, `getpid`, `gettid`, `tgkill`) and stack buffers.
-extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+extern "C" fn on_sigsys(
+    _signal: libc::c_int,
+    info: *mut libc::siginfo_t,
+    context: *mut libc::c_void,
+) {
     let mut name = [0u8; 16];
     // SAFETY: PR_GET_NAME writes at most 16 bytes, NUL included, into `name`.
     unsafe { libc::prctl(libc::PR_GET_NAME, name.as_mut_ptr(), 0, 0, 0) };
     let name_len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
     // SAFETY: the kernel hands a SIGSYS handler a full siginfo_t, si_syscall at this offset.
     let syscall = unsafe { *(info as *const u8).add(SI_SYSCALL_OFFSET).cast::<i32>() };
+    // A trapped call's arguments are still in the registers the kernel saved: the request
+    // of an `ioctl` is its second, in RSI.
+    let mut request_text = [0u8; 32];
+    let request: &[u8] = if i64::from(syscall) == libc::SYS_ioctl && !context.is_null() {
+        // SAFETY: an SA_SIGINFO handler's third argument is the interrupted ucontext_t.
+        let rsi = unsafe {
+            (*context.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RSI as usize]
+        };
+        ioctl_request(rsi as u64 & u64::from(u32::MAX), &mut request_text)
+    } else {
+        b""
+    };
 
     let mut line = [0u8; 160];
     let mut len = 0;
@@ -43,6 +59,7 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _: *mu
         &name[..name_len],
         b" made system call ",
         decimal(syscall, &mut [0u8; 12]),
+        request,
         b", which its seccomp filter forbids; killing the process\n",
     ] {
         let take = part.len().min(line.len() - len);
@@ -71,6 +88,20 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _: *mu
     }
 }
 
+/// ` (ioctl request 0x…)`, the request in hexadecimal, in `buffer`.
+fn ioctl_request(request: u64, buffer: &mut [u8; 32]) -> &[u8] {
+    const PREFIX: &[u8] = b" (ioctl request 0x";
+    buffer[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut len = PREFIX.len();
+    let digits = (64 - request.leading_zeros()).div_ceil(4).max(1);
+    for shift in (0..digits).rev() {
+        buffer[len] = b"0123456789abcdef"[((request >> (shift * 4)) & 0xf) as usize];
+        len += 1;
+    }
+    buffer[len] = b')';
+    &buffer[..len + 1]
+}
+
 /// `value` in decimal, in `buffer`.
 fn decimal(value: i32, buffer: &mut [u8; 12]) -> &[u8] {
     let negative = value < 0;
@@ -93,12 +124,21 @@ fn decimal(value: i32, buffer: &mut [u8; 12]) -> &[u8] {
 
 #[cfg(test)]
 mod tests {
-    use super::decimal;
+    use super::{decimal, ioctl_request};
 
     #[test]
     fn decimal_writes_numbers_as_text() {
         assert_eq!(decimal(0, &mut [0; 12]), b"0");
         assert_eq!(decimal(59, &mut [0; 12]), b"59");
         assert_eq!(decimal(i32::MIN, &mut [0; 12]), b"-2147483648");
+    }
+
+    #[test]
+    fn ioctl_request_writes_the_request_in_hexadecimal() {
+        assert_eq!(
+            ioctl_request(0xc008_ae88, &mut [0; 32]),
+            b" (ioctl request 0xc008ae88)"
+        );
+        assert_eq!(ioctl_request(0, &mut [0; 32]), b" (ioctl request 0x0)");
     }
 }
