@@ -184,7 +184,7 @@ pub fn taps_opened() {
 /// [`enter`], with its error.
 pub fn try_enter(kind: ThreadKind) -> Result<(), JailError> {
     sigsys::install().map_err(JailError::Handler)?;
-    fix_malloc_arenas();
+    settle_allocator();
     let program = compiled(kind)?;
     seccompiler::apply_filter(program).map_err(|source| JailError::Install { kind, source })
 }
@@ -208,17 +208,33 @@ pub fn check() -> Result<(), JailError> {
         })
 }
 
-/// Gives glibc's allocator its arena limit now, once per process: left to itself, the first
-/// thread that needs a ninth arena reads `/sys/devices/system/cpu/online` to compute it, and
-/// that `openat` may fall to any thread, even a vCPU thread that may not open files. The
-/// limit set is glibc's own default (8 arenas per CPU).
-fn fix_malloc_arenas() {
+/// Has glibc's allocator read, now and once per process, the files it would otherwise read
+/// on whichever thread first needs them, even one whose filter may not open files (a vCPU
+/// or device I/O thread, which would then be killed):
+/// - its arena limit: left to itself, the first thread that needs a ninth arena reads
+///   `/sys/devices/system/cpu/online` to compute it. The limit set is glibc's own default
+///   (8 arenas per CPU).
+/// - whether a heap may shrink: the first time any thread's heap is trimmed, glibc reads
+///   `/proc/sys/vm/overcommit_memory` and keeps the answer. A thread of its own here grows
+///   its heap and frees it from the top down, which trims it.
+fn settle_allocator() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         let arenas = libc::c_int::try_from(cpus.saturating_mul(8)).unwrap_or(libc::c_int::MAX);
         // SAFETY: mallopt only sets a tunable of the allocator; any positive value is valid.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+        let trimmed = std::thread::Builder::new()
+            .name("heap-settle".into())
+            .spawn(|| {
+                // Pieces below the mmap threshold, so they come from this thread's heap.
+                let mut pieces: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 60_000]).collect();
+                while pieces.pop().is_some() {}
+            })
+            .map(|thread| thread.join());
+        if !matches!(trimmed, Ok(Ok(()))) {
+            tracing::warn!("the allocator could not be settled before the seccomp filters; a thread trimming its heap later may be killed");
+        }
     });
 }
 
