@@ -44,7 +44,6 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -58,6 +57,7 @@ use crate::config::{GuestConfig, JournalConfig, PeerAddress, RemoteConfig};
 use crate::control::protocol::GuestRole;
 use crate::journal::{Journal, PAGE};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
+use crate::tls::{LinkSecurity, PeerStream, TlsError};
 
 /// From the active's host to the standby's. `bytes` is followed by `len` raw bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,7 +164,7 @@ fn write_line<M: Serialize>(out: &mut impl Write, message: &M) -> std::io::Resul
 /// Reads one control line into `buf` (kept across calls: a read that times out keeps what
 /// it had). `Ok(None)` at the end of the stream.
 fn read_line<M: for<'de> Deserialize<'de>>(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<PeerStream>,
     buf: &mut Vec<u8>,
 ) -> Result<Option<M>, LinkError> {
     loop {
@@ -202,9 +202,15 @@ fn timed_out(err: &LinkError) -> bool {
     matches!(err, LinkError::Io(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
 }
 
-/// Asks the process at `peer` what it is for its guest (a name is looked up first).
-pub fn query_role(peer: &PeerAddress, patience: Duration) -> std::io::Result<PeerRole> {
-    let mut conn = TcpStream::connect_timeout(&peer.resolve()?, patience)?;
+/// Asks the process at `peer` what it is for its guest (a name is looked up first). A peer
+/// that does not authenticate is an error of kind `PermissionDenied`, never an answer.
+pub fn query_role(
+    peer: &PeerAddress,
+    security: &LinkSecurity,
+    patience: Duration,
+) -> std::io::Result<PeerRole> {
+    let tcp = TcpStream::connect_timeout(&peer.resolve()?, patience)?;
+    let mut conn = security.connect(tcp, patience).map_err(TlsError::into_io)?;
     conn.set_read_timeout(Some(patience))?;
     conn.set_write_timeout(Some(patience))?;
     write_line(&mut conn, &Opening::Role {})?;
@@ -224,10 +230,10 @@ pub fn query_role(peer: &PeerAddress, patience: Duration) -> std::io::Result<Pee
 /// Asks the peer what it is, as a promote does: a connection reset or closed unanswered
 /// (a process whose sockets are being torn down as it dies) is asked again, a few times,
 /// until the port is gone for good or answers.
-fn query_peer(peer: &PeerAddress) -> std::io::Result<PeerRole> {
+fn query_peer(peer: &PeerAddress, security: &LinkSecurity) -> std::io::Result<PeerRole> {
     let mut tries = 0;
     loop {
-        match query_role(peer, PEER_PATIENCE) {
+        match query_role(peer, security, PEER_PATIENCE) {
             Err(err)
                 if tries < 10
                     && matches!(
@@ -262,6 +268,8 @@ enum PortRole {
 /// The process's peer port: its listener and what it answers.
 struct PeerPort {
     listen: SocketAddr,
+    /// How every connection to it must authenticate.
+    security: LinkSecurity,
     role: Mutex<PortRole>,
     /// Connections being served (each on a thread of its own).
     serving: std::sync::atomic::AtomicUsize,
@@ -301,8 +309,9 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The process's peer port at `listen`, bound on first use (a process serves one remote
-/// guest: `understudy standby` follows one, and it runs that one once promoted).
-fn port(listen: SocketAddr) -> Result<Arc<PeerPort>, String> {
+/// guest: `understudy standby` follows one, and it runs that one once promoted), taking
+/// connections that authenticate as `security` asks.
+fn port(guest: &str, listen: SocketAddr, security: &LinkSecurity) -> Result<Arc<PeerPort>, String> {
     let mut slot = locked(&PORT);
     if let Some(port) = slot.as_ref() {
         if port.listen != listen {
@@ -320,8 +329,12 @@ fn port(listen: SocketAddr) -> Result<Arc<PeerPort>, String> {
         })
     })
     .map_err(|e| format!("listen on {listen}: {e}"))?;
+    if *security == LinkSecurity::Insecure {
+        tracing::warn!(guest, %listen, "insecure = true: the link to the peer is neither authenticated nor encrypted; whoever reaches {listen} can read the guest's memory and answer for the peer");
+    }
     let port = Arc::new(PeerPort {
         listen,
+        security: security.clone(),
         role: Mutex::new(PortRole::None),
         serving: std::sync::atomic::AtomicUsize::new(0),
     });
@@ -374,8 +387,15 @@ impl PeerPort {
 
     /// A connection says what it is: a `role` query is answered, a standby's `hello` is
     /// shipped to if the guest runs here.
-    fn opening(&self, conn: TcpStream) {
-        let peer = conn.peer_addr().map_or("?".into(), |a| a.to_string());
+    fn opening(&self, tcp: TcpStream) {
+        let peer = tcp.peer_addr().map_or("?".into(), |a| a.to_string());
+        let conn = match self.security.accept(tcp, OPENING_PATIENCE) {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(%peer, listen = %self.listen, %err, "a connection to the peer port did not authenticate: closed, nothing sent");
+                return;
+            }
+        };
         let Ok(reading) = conn.try_clone() else {
             return;
         };
@@ -474,12 +494,12 @@ pub(crate) fn serve_active(
     remote: &RemoteConfig,
     console: Arc<Mutex<SerialSink>>,
 ) -> Result<Arc<ActiveSide>, String> {
-    let port = port(remote.listen)?;
+    let port = port(guest, remote.listen, &remote.security)?;
     // A guest started here afresh (not promoted here) must not run on the peer already:
     // two `understudy run`s of one guest on two hosts would be two guests.
     let fresh = matches!(*locked(&port.role), PortRole::None);
     if fresh {
-        if let Ok(role) = query_role(&remote.peer, PEER_PATIENCE) {
+        if let Ok(role) = query_role(&remote.peer, &remote.security, PEER_PATIENCE) {
             if role.role == "active" {
                 return Err(format!(
                     "the peer {} runs guest {guest} already: not starting it here too (start a standby here with `understudy standby`)",
@@ -550,7 +570,7 @@ impl ActiveSide {
 
     /// Ships the journal to the remote standby on `tcp` (whose hello was read off
     /// `reader`) until the session ends.
-    fn ship(&self, tcp: TcpStream, reader: BufReader<TcpStream>, pid: u32) -> Result<(), String> {
+    fn ship(&self, tcp: PeerStream, reader: BufReader<PeerStream>, pid: u32) -> Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
         // Shipping is bulk work: the guest's own threads come first (the acknowledgements'
         // thread, started from here, inherits this).
@@ -633,7 +653,7 @@ impl ActiveSide {
     fn forward(
         &self,
         local: &mut UnixStream,
-        writer: &Mutex<TcpStream>,
+        writer: &Mutex<PeerStream>,
         shipped: &Mutex<Shipped>,
     ) -> Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
@@ -724,7 +744,8 @@ impl ActiveSide {
 
 /// Sends the data of `journal` between `from` and `to` (holes are skipped) as `bytes`
 /// frames.
-fn send_data(out: &mut TcpStream, journal: &Journal, from: u64, to: u64) -> std::io::Result<()> {
+fn send_data(out: &mut PeerStream, journal: &Journal, from: u64, to: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     let fd = journal.file().as_raw_fd();
     let mut at = from;
     while at < to {
@@ -752,45 +773,23 @@ fn send_data(out: &mut TcpStream, journal: &Journal, from: u64, to: u64) -> std:
 
 /// Sends `len` bytes of `journal` at `offset` as one `bytes` frame.
 fn send_range(
-    out: &mut TcpStream,
+    out: &mut PeerStream,
     journal: &Journal,
     offset: u64,
     len: u64,
 ) -> std::io::Result<()> {
     write_line(out, &ToRemote::Bytes { offset, len })?;
-    let mut at = offset as libc::off_t;
-    let end = offset + len;
-    while (at as u64) < end {
-        let left = (end - at as u64).min(1 << 30) as usize;
-        // SAFETY: sendfile copies from the journal's descriptor to the socket; `at` is a
-        // valid offset it advances.
-        let sent =
-            unsafe { libc::sendfile(out.as_raw_fd(), journal.file().as_raw_fd(), &mut at, left) };
-        if sent < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if sent == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the journal is shorter than its record",
-            ));
-        }
-    }
-    Ok(())
+    out.send_file(journal.file(), offset, len)
 }
 
 /// The remote standby's answers: each acknowledged epoch's output is released here and the
 /// standby told so; the guest's loop hears of it. An epoch left unacknowledged for
 /// `ack_timeout` ends the session.
 fn acknowledgements(
-    mut reader: BufReader<TcpStream>,
-    tcp: TcpStream,
+    mut reader: BufReader<PeerStream>,
+    tcp: PeerStream,
     mut local: UnixStream,
-    writer: Arc<Mutex<TcpStream>>,
+    writer: Arc<Mutex<PeerStream>>,
     shipped: Arc<Mutex<Shipped>>,
     console: Arc<Mutex<SerialSink>>,
     ack_timeout: Duration,
@@ -920,7 +919,7 @@ pub struct Relay {
     journal: JournalConfig,
     state: Mutex<RelayState>,
     /// The session's connection, for promote to cut.
-    session: Mutex<Option<TcpStream>>,
+    session: Mutex<Option<PeerStream>>,
     /// Held while a frame is being written to the journal or told to the follower.
     frame: Mutex<()>,
     /// The connection to the follower (all writes to it).
@@ -981,7 +980,7 @@ impl Relay {
         })
         .map_err(|e| format!("{}: {e}", journal.socket.display()))?;
         let accepting = listener.try_clone().map_err(|e| e.to_string())?;
-        let port = port(remote.listen)?;
+        let port = port(&config.name, remote.listen, &remote.security)?;
         port.set(PortRole::Standby(config.name.clone()));
         let relay = Arc::new(Relay {
             guest: config.name.clone(),
@@ -1053,7 +1052,7 @@ impl Relay {
         // From here this process answers as the active: a peer promoted at the same time
         // finds it so and refuses.
         set_port(PortRole::Promoting(self.guest.clone()));
-        let refused = match query_peer(&peer) {
+        let refused = match query_peer(&peer, &self.remote.security) {
             Ok(role) if role.role == "active" => Some(format!(
                 "the peer {peer} answers as the active of guest {}: not promoting (demote it first, or fence its host)",
                 role.guest
@@ -1154,6 +1153,14 @@ impl Relay {
                 }
             };
             waiting_said = false;
+            let tcp = match self.remote.security.connect(tcp, PEER_PATIENCE) {
+                Ok(tcp) => tcp,
+                Err(err) => {
+                    tracing::warn!(guest = %self.guest, %peer, %err, "the peer did not authenticate (or refused this host's certificate): no session");
+                    std::thread::sleep(CONNECT_RETRY);
+                    continue;
+                }
+            };
             let why = self.session(tcp);
             let was = std::mem::replace(&mut locked(&self.state).connected, false);
             locked(&self.session).take();
@@ -1170,7 +1177,7 @@ impl Relay {
     }
 
     /// One session with the active at the peer; returns why it ended.
-    fn session(&self, tcp: TcpStream) -> String {
+    fn session(&self, tcp: PeerStream) -> String {
         let _ = tcp.set_nodelay(true);
         // Until this standby has loaded a batch, the active may be building one (a 1 GiB
         // guest's takes seconds on a busy host) and sends nothing meanwhile: it is given as
@@ -1341,7 +1348,7 @@ impl Relay {
 
 /// Reads `len` bytes off the connection into `journal` at `offset`.
 fn receive(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<PeerStream>,
     journal: &Journal,
     offset: u64,
     len: u64,
@@ -1399,7 +1406,7 @@ mod tests {
             let (server, _) = listener.accept().unwrap();
             client.write_all(&bytes).unwrap();
             drop(client);
-            let mut reader = BufReader::new(server);
+            let mut reader = BufReader::new(PeerStream::plain(server));
             let mut buf = Vec::new();
             // Each line reads as a frame or as an error, and the stream ends.
             for _ in 0..bytes.len() + 1 {
@@ -1433,7 +1440,7 @@ mod tests {
         write_line(&mut client, &sent[1]).unwrap();
         client.write_all(b"{\"record\":{\"seq\":\"x\"}}\n").unwrap();
         drop(client);
-        let mut reader = BufReader::new(server);
+        let mut reader = BufReader::new(PeerStream::plain(server));
         let mut buf = Vec::new();
         assert_eq!(
             read_line::<ToRemote>(&mut reader, &mut buf).unwrap(),
@@ -1456,7 +1463,7 @@ mod tests {
         ));
         drop(listener);
         let peer = PeerAddress::parse(&addr.to_string()).unwrap();
-        let refused = query_role(&peer, PEER_PATIENCE).unwrap_err();
+        let refused = query_role(&peer, &LinkSecurity::Insecure, PEER_PATIENCE).unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 }
