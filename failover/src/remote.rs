@@ -151,6 +151,9 @@ pub const PEER_PATIENCE: Duration = Duration::from_secs(1);
 const SESSION_DRAIN: Duration = Duration::from_millis(500);
 /// How often the relay tries to reach an active that does not answer.
 const CONNECT_RETRY: Duration = Duration::from_millis(200);
+/// How a relay's session starts to say that the peer refused this host in the TLS handshake
+/// (the listener's verdict reaches the connecting side with its first read).
+const REFUSED_BY_PEER: &str = "the peer refused this host's certificate";
 /// How often the shipper looks at the oldest unacknowledged epoch.
 const ACK_CHECK: Duration = Duration::from_millis(20);
 
@@ -214,6 +217,7 @@ pub fn query_role(
     conn.set_read_timeout(Some(patience))?;
     conn.set_write_timeout(Some(patience))?;
     write_line(&mut conn, &Opening::Role {})?;
+    let tls = conn.is_tls();
     let mut reader = BufReader::new(conn);
     let mut buf = Vec::new();
     match read_line::<PeerRole>(&mut reader, &mut buf) {
@@ -222,6 +226,10 @@ pub fn query_role(
             std::io::ErrorKind::UnexpectedEof,
             "closed without answering",
         )),
+        // The listener's verdict on this host's certificate arrives with the first read.
+        Err(LinkError::Io(err)) if tls && err.kind() == std::io::ErrorKind::InvalidData => Err(
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, err),
+        ),
         Err(LinkError::Io(err)) => Err(err),
         Err(err) => Err(std::io::Error::other(err.to_string())),
     }
@@ -1059,6 +1067,11 @@ impl Relay {
             )),
             Ok(_) => None,
             Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => None,
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied && !peer_fenced => {
+                Some(format!(
+                    "the peer {peer} did not authenticate ({err}): what it answers is not believed; not promoting (it may still run the guest)"
+                ))
+            }
             Err(err) if !peer_fenced => Some(format!(
                 "the peer {peer} does not answer ({err}) and is not known to be fenced: not promoting (it may still run the guest)"
             )),
@@ -1136,7 +1149,7 @@ impl Relay {
                 answers.answers(reading)
             });
         let peer = self.remote.peer.clone();
-        let mut waiting_said = false;
+        let (mut waiting_said, mut unauthenticated_said) = (false, false);
         while !locked(&self.state).promoted {
             let tcp = match peer
                 .resolve()
@@ -1156,7 +1169,10 @@ impl Relay {
             let tcp = match self.remote.security.connect(tcp, PEER_PATIENCE) {
                 Ok(tcp) => tcp,
                 Err(err) => {
-                    tracing::warn!(guest = %self.guest, %peer, %err, "the peer did not authenticate (or refused this host's certificate): no session");
+                    if !unauthenticated_said {
+                        tracing::warn!(guest = %self.guest, %peer, %err, "the peer did not authenticate: no session (its certificate must be signed by tls_ca)");
+                        unauthenticated_said = true;
+                    }
                     std::thread::sleep(CONNECT_RETRY);
                     continue;
                 }
@@ -1168,7 +1184,13 @@ impl Relay {
                 return;
             }
             if was {
+                unauthenticated_said = false;
                 lifecycle!(warn, "remote-active-lost", guest = %self.guest, %peer, %why, "the session with the active ended; holding the last epoch until promoted or a new session starts");
+            } else if why.starts_with(REFUSED_BY_PEER) {
+                if !unauthenticated_said {
+                    tracing::warn!(guest = %self.guest, %peer, %why, "the peer did not accept this host's certificate: no session (it must be signed by the peer's tls_ca)");
+                    unauthenticated_said = true;
+                }
             } else {
                 tracing::debug!(guest = %self.guest, %peer, %why, "no session with the peer");
             }
@@ -1203,6 +1225,13 @@ impl Relay {
             let message = match read_line::<ToRemote>(&mut reader, &mut buf) {
                 Ok(Some(message)) => message,
                 Ok(None) => return "the active closed the connection".into(),
+                Err(LinkError::Io(err))
+                    if reader.get_ref().is_tls()
+                        && err.kind() == std::io::ErrorKind::InvalidData
+                        && !locked(&self.state).connected =>
+                {
+                    return format!("{REFUSED_BY_PEER}: {err}");
+                }
                 Err(err) if timed_out(&err) => {
                     let patience = if following {
                         self.silence()

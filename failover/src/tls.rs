@@ -157,10 +157,19 @@ pub enum TlsError {
 }
 
 impl TlsError {
-    /// As an I/O error of kind `PermissionDenied` (a peer that does not authenticate is not
-    /// a peer that is down: a promote must not read it as one).
+    /// As an I/O error: of kind `PermissionDenied` when a side did not authenticate (a peer
+    /// that does not authenticate is not a peer that is down: a promote must not read it as
+    /// one); a connection that broke keeps its kind (reset, closed, timed out).
     pub fn into_io(self) -> std::io::Error {
-        std::io::Error::new(std::io::ErrorKind::PermissionDenied, self)
+        let kind = match &self {
+            TlsError::Handshake { source, .. }
+                if source.kind() != std::io::ErrorKind::InvalidData =>
+            {
+                source.kind()
+            }
+            _ => std::io::ErrorKind::PermissionDenied,
+        };
+        std::io::Error::new(kind, self)
     }
 }
 
