@@ -648,6 +648,44 @@ fn a_forged_standby_answer_from_an_unauthenticated_peer_does_not_let_a_promote_g
     assert_eq!(b.agent("stop").0, OCF_SUCCESS);
 }
 
+/// The example files (README.md) check once `understudy certs target/certs --hosts a,b` has
+/// made their credentials; without credentials (or `insecure = true`) a remote standby is a
+/// configuration error that says what to write.
+#[test]
+fn the_example_files_check_with_the_credentials_understudy_certs_makes() {
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/certs");
+    if !certs.join("ca.pem").exists() {
+        make_certs(&certs, "a,b");
+    }
+    for side in ["a", "b"] {
+        let env = common::config(&format!("remote-{side}.toml"));
+        let checked = understudy_command(&["check", &env]).output().unwrap();
+        let said = String::from_utf8_lossy(&checked.stdout);
+        assert!(checked.status.success(), "{env}: {checked:?}");
+        assert!(said.contains(&format!("certs/{side}.key")), "{said}");
+    }
+    let text = std::fs::read_to_string(common::config("remote-a.toml")).unwrap();
+    let bare: String = text
+        .lines()
+        .filter(|l| !l.starts_with("tls_"))
+        .map(|l| format!("{}\n", l.replace("../target/kernels", "KERNELS")))
+        .collect();
+    let bare = common::env_file("remote-bare", &bare);
+    let refused = understudy_command(&[OsStr::new("check"), bare.as_os_str()])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{why}");
+    for hint in [
+        "standby.process",
+        "tls_ca",
+        "understudy certs",
+        "insecure = true",
+    ] {
+        assert!(why.contains(hint), "{why}");
+    }
+}
+
 /// The agent passes Pacemaker's own checker, `ocf-tester`, against a real guest: meta-data
 /// valid against the OCF DTD, every action's exit status, start and stop twice, promote and
 /// demote twice (`scripts/ocf-test`).
