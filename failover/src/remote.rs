@@ -26,6 +26,9 @@
 //!
 //! Each process of a remote guest listens on its `listen` address (the *peer port*): an
 //! active takes its standby's connection there, and either side answers a `role` query.
+//! Every connection, both ways, is mutual TLS ([`crate::tls`]) unless `insecure = true`:
+//! one that does not authenticate is closed before its first line is read, and a role
+//! answer that does not authenticate is not believed.
 //!
 //! ```text
 //! standby (relay)                              active (shipper)
