@@ -648,6 +648,147 @@ fn a_forged_standby_answer_from_an_unauthenticated_peer_does_not_let_a_promote_g
     assert_eq!(b.agent("stop").0, OCF_SUCCESS);
 }
 
+/// Two remote guests in one `understudy run` share its peer port: each standby (a process
+/// of its own on the other host, on a port of its own) is sent its own guest, each guest is
+/// asked about by name, and after the active's process dies each standby is promoted and
+/// runs its guest on.
+#[test]
+fn two_remote_guests_in_one_process_share_its_peer_port_and_each_standby_follows_its_own() {
+    require_kvm();
+    let ips = ips(7);
+    let [a, b] = Netns::hosts(
+        &format!("us{}-7", std::process::id() % 100_000),
+        [&ips[0], &ips[1]],
+    );
+    let dir =
+        std::env::temp_dir().join(format!("understudy-test-{}-remote-two", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir.join("certs"), "a,b");
+    // Host a listens on one port for both guests; host b on one port per standby process.
+    let env = |side: &str, ports: [(u16, u16); 2]| {
+        let mut text = String::new();
+        for (guest, (listen, peer)) in ["one", "two"].iter().zip(ports) {
+            let (me, other) = if side == "a" {
+                (&ips[0], &ips[1])
+            } else {
+                (&ips[1], &ips[0])
+            };
+            text += &format!(
+                "[[guest]]\nname = \"{guest}\"\nkernel = \"{}/counter\"\nmemory_mib = 64\n\
+                 cmdline = \"interval_ms=10 stop_after=100000\"\ncrash_dump = false\n\
+                 [guest.standby]\nresume = \"checkpoint\"\nprocess = \"remote\"\n\
+                 listen = \"{me}:{listen}\"\npeer = \"{other}:{peer}\"\n\
+                 journal = \"{}\"\n\
+                 tls_ca = \"certs/ca.pem\"\ntls_cert = \"certs/{side}.pem\"\ntls_key = \"certs/{side}.key\"\n",
+                env!("UNDERSTUDY_KERNELS"),
+                dir.join(format!("{side}-{guest}.journal")).display()
+            );
+        }
+        let path = dir.join(format!("{side}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let env_a = env("a", [(PORT, PORT), (PORT, PORT + 1)]);
+    let env_b = env("b", [(PORT, PORT), (PORT + 1, PORT)]);
+    let socket_a = dir.join("a.sock");
+    let mut active = a.enter(|| {
+        Process::spawn(
+            understudy_command(&[
+                OsStr::new("run"),
+                env_a.as_os_str(),
+                OsStr::new("--api-socket"),
+                socket_a.as_os_str(),
+            ]),
+            "the active of both guests on host a",
+        )
+    });
+    let standbys: Vec<(&str, PathBuf, Process)> = ["one", "two"]
+        .into_iter()
+        .map(|guest| {
+            let socket = dir.join(format!("b-{guest}.sock"));
+            let args = [
+                OsStr::new("standby"),
+                env_b.as_os_str(),
+                OsStr::new("--guest"),
+                OsStr::new(guest),
+                OsStr::new("--api-socket"),
+                socket.as_os_str(),
+            ];
+            let standby = b.enter(|| {
+                Process::spawn(
+                    understudy_command(&args),
+                    &format!("the standby of {guest} on host b"),
+                )
+            });
+            (guest, socket, standby)
+        })
+        .collect();
+    let role = |socket: &Path, guest: &str| {
+        let args = [
+            OsStr::new("ctl"),
+            socket.as_os_str(),
+            OsStr::new("role"),
+            OsStr::new(guest),
+        ];
+        common::answer(&understudy_command(&args).output().unwrap())
+    };
+    let all = |active: &Process, standbys: &[(&str, PathBuf, Process)]| {
+        let mut processes = vec![active];
+        processes.extend(standbys.iter().map(|(_, _, p)| p));
+        processes
+            .iter()
+            .map(|p| format!("--- {}:\n{}", p.what, p.log.text()))
+            .collect::<String>()
+    };
+    for (guest, socket, _) in &standbys {
+        let deadline = Instant::now() + PATIENCE;
+        while !role(socket, guest).contains("state=following") {
+            assert!(
+                Instant::now() < deadline,
+                "the standby of {guest} does not follow: {}\n{}",
+                role(socket, guest),
+                all(&active, &standbys)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            role(&socket_a, guest).starts_with("role=active"),
+            "{}",
+            role(&socket_a, guest)
+        );
+    }
+    active.wait_log("a remote standby connected", 2);
+    active.kill();
+    for (guest, socket, standby) in &standbys {
+        let args = [
+            OsStr::new("ctl"),
+            socket.as_os_str(),
+            OsStr::new("promote"),
+            OsStr::new(guest),
+        ];
+        let promoted = understudy_command(&args).output().unwrap();
+        assert!(
+            promoted.status.success(),
+            "promote {guest}: {promoted:?}\n{}",
+            all(&active, &standbys)
+        );
+        let deadline = Instant::now() + PATIENCE;
+        while numbers_after(&standby.console.text(), "count ").len() < 20 {
+            assert!(
+                Instant::now() < deadline,
+                "{guest} does not run on host b:\n{}",
+                all(&active, &standbys)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            standby.log.text().contains(&format!("guest={guest}")),
+            "{}",
+            standby.log.text()
+        );
+    }
+}
+
 /// The example files (README.md) check once `understudy certs target/certs --hosts a,b` has
 /// made their credentials; without credentials (or `insecure = true`) a remote standby is a
 /// configuration error that says what to write.

@@ -130,8 +130,13 @@ pub enum Opening {
         /// The guest it stands by for.
         guest: String,
     },
-    /// Who runs the guest here? Answered with one [`PeerRole`] line.
-    Role {},
+    /// Who runs `guest` here? Answered with one [`PeerRole`] line. Without a guest (as
+    /// processes of one remote guest each asked), the port's only guest is meant.
+    Role {
+        /// The guest asked about.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest: Option<String>,
+    },
 }
 
 /// What a process says it is for its guest, to a `role` query on its peer port.
@@ -208,10 +213,11 @@ fn timed_out(err: &LinkError) -> bool {
     matches!(err, LinkError::Io(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
 }
 
-/// Asks the process at `peer` what it is for its guest (a name is looked up first). A peer
+/// Asks the process at `peer` what it is for `guest` (a name is looked up first). A peer
 /// that does not authenticate is an error of kind `PermissionDenied`, never an answer.
 pub fn query_role(
     peer: &PeerAddress,
+    guest: &str,
     security: &LinkSecurity,
     patience: Duration,
 ) -> std::io::Result<PeerRole> {
@@ -219,7 +225,10 @@ pub fn query_role(
     let mut conn = security.connect(tcp, patience).map_err(TlsError::into_io)?;
     conn.set_read_timeout(Some(patience))?;
     conn.set_write_timeout(Some(patience))?;
-    write_line(&mut conn, &Opening::Role {})?;
+    let question = Opening::Role {
+        guest: Some(guest.to_owned()),
+    };
+    write_line(&mut conn, &question)?;
     let tls = conn.is_tls();
     let mut reader = BufReader::new(conn);
     let mut buf = Vec::new();
@@ -241,10 +250,14 @@ pub fn query_role(
 /// Asks the peer what it is, as a promote does: a connection reset or closed unanswered
 /// (a process whose sockets are being torn down as it dies) is asked again, a few times,
 /// until the port is gone for good or answers.
-fn query_peer(peer: &PeerAddress, security: &LinkSecurity) -> std::io::Result<PeerRole> {
+fn query_peer(
+    peer: &PeerAddress,
+    guest: &str,
+    security: &LinkSecurity,
+) -> std::io::Result<PeerRole> {
     let mut tries = 0;
     loop {
-        match query_role(peer, security, PEER_PATIENCE) {
+        match query_role(peer, guest, security, PEER_PATIENCE) {
             Err(err)
                 if tries < 10
                     && matches!(
@@ -260,7 +273,7 @@ fn query_peer(peer: &PeerAddress, security: &LinkSecurity) -> std::io::Result<Pe
     }
 }
 
-/// What this process is for the peer port's guest.
+/// What this process is for one of the peer port's guests.
 #[derive(Clone)]
 enum PortRole {
     /// Nothing yet (or no longer).
@@ -276,12 +289,13 @@ enum PortRole {
     Promoting(String),
 }
 
-/// The process's peer port: its listener and what it answers.
+/// One of the process's peer ports: its listener and what it answers for each guest that
+/// listens there.
 struct PeerPort {
     listen: SocketAddr,
-    /// How every connection to it must authenticate.
+    /// How every connection to it must authenticate (the same for all its guests).
     security: LinkSecurity,
-    role: Mutex<PortRole>,
+    roles: Mutex<std::collections::BTreeMap<String, PortRole>>,
     /// Connections being served (each on a thread of its own).
     serving: std::sync::atomic::AtomicUsize,
 }
@@ -290,7 +304,9 @@ struct PeerPort {
 /// connections costs threads, not the guest).
 const MAX_PEER_CONNECTIONS: usize = 16;
 
-static PORT: Mutex<Option<Arc<PeerPort>>> = Mutex::new(None);
+/// The process's peer ports, one per `listen` address: several remote guests of one process
+/// may share one, a connection naming the guest it is for.
+static PORTS: Mutex<Vec<Arc<PeerPort>>> = Mutex::new(Vec::new());
 
 /// How long a starting process waits for what a previous process of the guest on this host
 /// still holds as it ends: its lock, its socket, its port.
@@ -319,16 +335,15 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The process's peer port at `listen`, bound on first use (a process serves one remote
-/// guest: `understudy standby` follows one, and it runs that one once promoted), taking
-/// connections that authenticate as `security` asks.
+/// The process's peer port at `listen` for `guest`, bound on first use, taking connections
+/// that authenticate as `security` asks; guests that share an address share its port, and
+/// must share its credentials.
 fn port(guest: &str, listen: SocketAddr, security: &LinkSecurity) -> Result<Arc<PeerPort>, String> {
-    let mut slot = locked(&PORT);
-    if let Some(port) = slot.as_ref() {
-        if port.listen != listen {
+    let mut ports = locked(&PORTS);
+    if let Some(port) = ports.iter().find(|p| p.listen == listen) {
+        if port.security != *security {
             return Err(format!(
-                "this process already listens on {}, not {listen}: one remote guest per process",
-                port.listen
+                "guest {guest} listens on {listen} with other credentials than the guests already listening there: guests that share an address share its tls_* keys (or insecure)"
             ));
         }
         return Ok(port.clone());
@@ -346,7 +361,7 @@ fn port(guest: &str, listen: SocketAddr, security: &LinkSecurity) -> Result<Arc<
     let port = Arc::new(PeerPort {
         listen,
         security: security.clone(),
-        role: Mutex::new(PortRole::None),
+        roles: Mutex::new(std::collections::BTreeMap::new()),
         serving: std::sync::atomic::AtomicUsize::new(0),
     });
     let serving = port.clone();
@@ -357,13 +372,32 @@ fn port(guest: &str, listen: SocketAddr, security: &LinkSecurity) -> Result<Arc<
             serving.accept(listener)
         })
         .map_err(|e| format!("peer port thread: {e}"))?;
-    *slot = Some(port.clone());
+    ports.push(port.clone());
     Ok(port)
 }
 
+/// The peer port at `listen`, if this process has one.
+fn port_at(listen: SocketAddr) -> Option<Arc<PeerPort>> {
+    locked(&PORTS).iter().find(|p| p.listen == listen).cloned()
+}
+
 impl PeerPort {
-    fn set(&self, role: PortRole) {
-        *locked(&self.role) = role;
+    fn set(&self, guest: &str, role: PortRole) {
+        locked(&self.roles).insert(guest.to_owned(), role);
+    }
+
+    /// What this process is for `guest`; without a guest, for the port's only one.
+    fn role(&self, guest: Option<&str>) -> (String, PortRole) {
+        let roles = locked(&self.roles);
+        let found = match guest {
+            Some(guest) => roles.get_key_value(guest),
+            None if roles.len() == 1 => roles.iter().next(),
+            None => None,
+        };
+        match found {
+            Some((guest, role)) => (guest.clone(), role.clone()),
+            None => (guest.unwrap_or_default().to_owned(), PortRole::None),
+        }
     }
 
     fn accept(self: Arc<Self>, listener: TcpListener) {
@@ -421,16 +455,20 @@ impl PeerPort {
                 return;
             }
         };
-        let role = locked(&self.role).clone();
+        let asked = match &opening {
+            Opening::Role { guest } => guest.as_deref(),
+            Opening::Hello { guest, .. } => Some(guest.as_str()),
+        };
+        let (named, role) = self.role(asked);
         let mut conn = conn;
         match (opening, role) {
-            (Opening::Role {}, role) => {
+            (Opening::Role { .. }, role) => {
                 let (role, guest) = match role {
                     PortRole::Active(side) => ("active", side.guest.clone()),
                     PortRole::Promoting(guest) => ("active", guest),
                     PortRole::HandedOver(guest) => ("handed-over", guest),
                     PortRole::Standby(guest) => ("standby", guest),
-                    PortRole::None => ("standby", String::new()),
+                    PortRole::None => ("standby", named),
                 };
                 let role = PeerRole {
                     role: role.into(),
@@ -456,6 +494,8 @@ impl PeerPort {
 /// The active's side of a remote guest: the shipper's settings.
 pub(crate) struct ActiveSide {
     guest: String,
+    /// Its peer port's address.
+    listen: SocketAddr,
     /// The guest's attach socket, which the shipper connects to.
     socket: PathBuf,
     /// The active's console, shared with the guest's loop.
@@ -508,9 +548,9 @@ pub(crate) fn serve_active(
     let port = port(guest, remote.listen, &remote.security)?;
     // A guest started here afresh (not promoted here) must not run on the peer already:
     // two `understudy run`s of one guest on two hosts would be two guests.
-    let fresh = matches!(*locked(&port.role), PortRole::None);
+    let fresh = matches!(port.role(Some(guest)).1, PortRole::None);
     if fresh {
-        if let Ok(role) = query_role(&remote.peer, &remote.security, PEER_PATIENCE) {
+        if let Ok(role) = query_role(&remote.peer, guest, &remote.security, PEER_PATIENCE) {
             if role.role == "active" {
                 return Err(format!(
                     "the peer {} runs guest {guest} already: not starting it here too (start a standby here with `understudy standby`)",
@@ -521,12 +561,13 @@ pub(crate) fn serve_active(
     }
     let side = Arc::new(ActiveSide {
         guest: guest.to_owned(),
+        listen: remote.listen,
         socket: journal.socket.clone(),
         console,
         ack_timeout: Duration::from_millis(remote.ack_timeout_ms),
         current: Mutex::new(None),
     });
-    port.set(PortRole::Active(side.clone()));
+    port.set(guest, PortRole::Active(side.clone()));
     Ok(side)
 }
 
@@ -574,8 +615,8 @@ impl ActiveSide {
 
     /// This process's guest is fenced: the port answers `handed-over` from now on.
     pub fn handed_over(&self) {
-        if let Some(port) = locked(&PORT).as_ref() {
-            port.set(PortRole::HandedOver(self.guest.clone()));
+        if let Some(port) = port_at(self.listen) {
+            port.set(&self.guest, PortRole::HandedOver(self.guest.clone()));
         }
     }
 
@@ -992,7 +1033,7 @@ impl Relay {
         .map_err(|e| format!("{}: {e}", journal.socket.display()))?;
         let accepting = listener.try_clone().map_err(|e| e.to_string())?;
         let port = port(&config.name, remote.listen, &remote.security)?;
-        port.set(PortRole::Standby(config.name.clone()));
+        port.set(&config.name, PortRole::Standby(config.name.clone()));
         let relay = Arc::new(Relay {
             guest: config.name.clone(),
             memory: config.memory_mib << 20,
@@ -1054,16 +1095,16 @@ impl Relay {
             return Ok(Promoted::Already);
         }
         let peer = self.remote.peer.clone();
-        let port = locked(&PORT).clone();
+        let port = port_at(self.remote.listen);
         let set_port = |role: PortRole| {
             if let Some(port) = &port {
-                port.set(role);
+                port.set(&self.guest, role);
             }
         };
         // From here this process answers as the active: a peer promoted at the same time
         // finds it so and refuses.
         set_port(PortRole::Promoting(self.guest.clone()));
-        let refused = match query_peer(&peer, &self.remote.security) {
+        let refused = match query_peer(&peer, &self.guest, &self.remote.security) {
             Ok(role) if role.role == "active" => Some(format!(
                 "the peer {peer} answers as the active of guest {}: not promoting (demote it first, or fence its host)",
                 role.guest
@@ -1495,7 +1536,7 @@ mod tests {
         ));
         drop(listener);
         let peer = PeerAddress::parse(&addr.to_string()).unwrap();
-        let refused = query_role(&peer, &LinkSecurity::Insecure, PEER_PATIENCE).unwrap_err();
+        let refused = query_role(&peer, "g", &LinkSecurity::Insecure, PEER_PATIENCE).unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 }

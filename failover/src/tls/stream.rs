@@ -36,7 +36,14 @@ struct Session {
     /// Held by whoever sends: sealed records waiting to be written, in order.
     sending: Mutex<Vec<u8>>,
     /// Held by whoever reads: bytes off the socket not yet given to rustls.
-    inbound: Mutex<Vec<u8>>,
+    inbound: Mutex<Inbound>,
+}
+
+/// Bytes read off the socket: `buf[start..end]` are not yet given to rustls.
+struct Inbound {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
 }
 
 impl std::fmt::Debug for PeerStream {
@@ -93,7 +100,11 @@ impl PeerStream {
                 tcp,
                 conn: Mutex::new(conn),
                 sending: Mutex::new(Vec::new()),
-                inbound: Mutex::new(Vec::new()),
+                inbound: Mutex::new(Inbound {
+                    buf: vec![0; READ_CHUNK].into_boxed_slice(),
+                    start: 0,
+                    end: 0,
+                }),
             })),
         })
     }
@@ -235,25 +246,24 @@ impl Session {
             return Ok(0);
         }
         let mut inbound = locked(&self.inbound);
+        let inbound = &mut *inbound;
         loop {
             let (got, must_send) = {
                 let mut conn = locked(&self.conn);
-                let mut fed = 0;
-                while fed < inbound.len() && conn.wants_read() {
-                    let n = conn.read_tls(&mut &inbound[fed..])?;
+                while inbound.start < inbound.end && conn.wants_read() {
+                    let n = conn.read_tls(&mut &inbound.buf[inbound.start..inbound.end])?;
                     if n == 0 {
                         break;
                     }
-                    fed += n;
+                    inbound.start += n;
                     if let Err(err) = conn.process_new_packets() {
                         // The connection is broken for good; the peer hears why if it can.
-                        inbound.clear();
+                        inbound.start = inbound.end;
                         drop(conn);
                         let _ = self.send_pending();
                         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, err));
                     }
                 }
-                inbound.drain(..fed);
                 let got = match conn.reader().read(out) {
                     Ok(n) => Some(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => None,
@@ -270,14 +280,19 @@ impl Session {
             if let Some(n) = got {
                 return Ok(n);
             }
-            let start = inbound.len();
-            inbound.resize(start + READ_CHUNK, 0);
-            let read = (&self.tcp).read(&mut inbound[start..]);
-            let n = read.as_ref().map_or(0, |n| *n);
-            inbound.truncate(start + n);
-            if read? == 0 {
+            // Room at the end for what comes next (what is left moves to the front only when
+            // the end is reached).
+            if inbound.start == inbound.end {
+                (inbound.start, inbound.end) = (0, 0);
+            } else if inbound.end == inbound.buf.len() {
+                inbound.buf.copy_within(inbound.start..inbound.end, 0);
+                (inbound.start, inbound.end) = (0, inbound.end - inbound.start);
+            }
+            let n = (&self.tcp).read(&mut inbound.buf[inbound.end..])?;
+            if n == 0 {
                 return Ok(0);
             }
+            inbound.end += n;
         }
     }
 }
