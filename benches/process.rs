@@ -12,7 +12,7 @@
 //!   the same guest unprotected;
 //! - the remote link's cost: the epoch pause at ~4 MiB dirty per epoch and the first sync of
 //!   a fully touched 1 GiB guest over mutual TLS against plaintext (`insecure = true`),
-//!   interleaved rounds.
+//!   interleaved rounds, and the link alone: 1 GiB of a file over loopback.
 //!
 //! Remote standbys use mutual TLS, with credentials `understudy certs` makes once per run.
 //! Run (as root, for the namespaces): `cargo bench --bench process` (optionally
@@ -543,6 +543,18 @@ fn tls_against_plaintext(hosts: &[Netns; 2], rounds: usize) {
         median(pages[1].clone()),
         tls_pause / plain_pause.max(1e-9)
     );
+    let (mut tls_rate, mut plain_rate) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        tls_rate.push(link_throughput(true));
+        plain_rate.push(link_throughput(false));
+    }
+    println!(
+        "  the link alone, 1 GiB of a file sent over loopback and read: TLS {} GB/s, \
+         plaintext (sendfile) {} GB/s; plaintext / TLS {:.2}",
+        spread(tls_rate.clone(), 2),
+        spread(plain_rate.clone(), 2),
+        median(plain_rate) / median(tls_rate).max(1e-9)
+    );
     let [tls_sync, plain_sync] = [median(sync[0].clone()), median(sync[1].clone())];
     println!(
         "  first sync, 1 GiB guest that touched all its RAM, hello to armed: TLS {} ms \
@@ -553,6 +565,59 @@ fn tls_against_plaintext(hosts: &[Netns; 2], rounds: usize) {
         median(held[1].clone()),
         tls_sync / plain_sync.max(1e-9)
     );
+}
+
+/// GB/s of 1 GiB of a file sent over a loopback connection as the shipper sends journal
+/// bytes (`send_file`) and read as the relay reads them, over TLS or in plaintext.
+fn link_throughput(tls: bool) -> f64 {
+    use failover::tls::{Credentials, LinkSecurity, TlsFiles};
+    use std::io::Read;
+    const LEN: u64 = 1 << 30;
+    let security = |host: &str| {
+        if !tls {
+            return LinkSecurity::Insecure;
+        }
+        let files = TlsFiles {
+            ca: certs().join("ca.pem"),
+            cert: certs().join(format!("{host}.pem")),
+            key: certs().join(format!("{host}.key")),
+        };
+        LinkSecurity::Tls(std::sync::Arc::new(
+            Credentials::load(files).expect("credentials"),
+        ))
+    };
+    let data = scratch(&format!("link-{tls}")).join("data");
+    let file = std::fs::File::create(&data).expect("data file");
+    file.set_len(LEN).expect("size the data file");
+    // Written, not sparse: what is sent is read from the page cache, as a journal's data.
+    std::io::Write::write_all(&mut &file, &vec![0x5a; LEN as usize]).expect("fill");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (server, client) = (security("a"), security("b"));
+    let sending = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().expect("accept");
+        let mut link = server
+            .accept(tcp, Duration::from_secs(10))
+            .expect("handshake");
+        link.send_file(&file, 0, LEN).expect("send");
+    });
+    let tcp = std::net::TcpStream::connect(addr).expect("connect");
+    let mut link = client
+        .connect(tcp, Duration::from_secs(10))
+        .expect("handshake");
+    let start = Instant::now();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    while got < LEN {
+        match link.read(&mut chunk).expect("read") {
+            0 => break,
+            n => got += n as u64,
+        }
+    }
+    let took = start.elapsed();
+    sending.join().expect("sender");
+    let _ = std::fs::remove_file(&data);
+    got as f64 / took.as_secs_f64() / 1e9
 }
 
 fn epoch_pauses(hosts: &[Netns; 2]) {
