@@ -413,7 +413,8 @@ fn main() {
         .filter(|a| a.parse::<usize>().is_err() && !a.starts_with('-'))
         .collect();
     let run = |section: &str| sections.is_empty() || sections.iter().any(|s| s == section);
-    let hosts = Netns::hosts("usbench", HOST_IPS);
+    // Named for this run: another run of this benchmark on the machine has namespaces too.
+    let hosts = Netns::hosts(&format!("usb{}", std::process::id() % 100_000), HOST_IPS);
     if run("takeover") {
         takeovers(rounds);
     }
