@@ -791,7 +791,7 @@ fn two_remote_guests_in_one_process_share_its_peer_port_and_each_standby_follows
 
 /// The example files (README.md) check once `understudy certs target/certs --hosts a,b` has
 /// made their credentials; without credentials (or `insecure = true`) a remote standby is a
-/// configuration error that says what to write.
+/// configuration error that says what to write, and `insecure = true` is warned of.
 #[test]
 fn the_example_files_check_with_the_credentials_understudy_certs_makes() {
     let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/certs");
@@ -811,8 +811,8 @@ fn the_example_files_check_with_the_credentials_understudy_certs_makes() {
         .filter(|l| !l.starts_with("tls_"))
         .map(|l| format!("{}\n", l.replace("../target/kernels", "KERNELS")))
         .collect();
-    let bare = common::env_file("remote-bare", &bare);
-    let refused = understudy_command(&[OsStr::new("check"), bare.as_os_str()])
+    let bare_file = common::env_file("remote-bare", &bare);
+    let refused = understudy_command(&[OsStr::new("check"), bare_file.as_os_str()])
         .output()
         .unwrap();
     let why = String::from_utf8_lossy(&refused.stderr);
@@ -825,6 +825,17 @@ fn the_example_files_check_with_the_credentials_understudy_certs_makes() {
     ] {
         assert!(why.contains(hint), "{why}");
     }
+    // Plaintext only when asked for, and then with a warning.
+    let insecure = common::env_file("remote-insecure", &(bare + "insecure = true\n"));
+    let checked = understudy_command(&[OsStr::new("check"), insecure.as_os_str()])
+        .output()
+        .unwrap();
+    let warned = String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.status.success(), "{warned}");
+    assert!(
+        warned.contains("warning") && warned.contains("neither authenticated nor encrypted"),
+        "{warned}"
+    );
 }
 
 /// The agent passes Pacemaker's own checker, `ocf-tester`, against a real guest: meta-data
