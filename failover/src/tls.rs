@@ -16,20 +16,21 @@
 
 mod make;
 mod stream;
+mod verify;
 
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ServerConfig};
 
 pub use make::{make_pair, CertsError, PairFiles};
 pub use stream::PeerStream;
+use verify::PairVerifier;
 
 /// How the remote link of a guest is protected.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,83 +302,6 @@ fn handshake(tcp: &TcpStream, source: std::io::Error) -> TlsError {
         peer: tcp.peer_addr().map_or("?".into(), |a| a.to_string()),
         source,
     }
-}
-
-/// The connecting side's check of the listener: its certificate chains to the pair's CA
-/// and is valid now, for a TLS server; its name is not looked at (see the module's doc).
-#[derive(Debug)]
-struct PairVerifier {
-    roots: Arc<rustls::RootCertStore>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PairVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(certificate_error)?;
-        cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &self.roots.roots,
-            intermediates,
-            now,
-            webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(certificate_error)?;
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-fn certificate_error(err: webpki::Error) -> rustls::Error {
-    use rustls::CertificateError;
-    rustls::Error::InvalidCertificate(match err {
-        webpki::Error::UnknownIssuer => CertificateError::UnknownIssuer,
-        webpki::Error::CertExpired { .. } => CertificateError::Expired,
-        webpki::Error::CertNotValidYet { .. } => CertificateError::NotValidYet,
-        webpki::Error::InvalidSignatureForPublicKey => CertificateError::BadSignature,
-        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
-    })
 }
 
 #[cfg(test)]
