@@ -9,11 +9,15 @@
 //! - the pause of an epoch and the pages it wrote, with the journal and with the TCP
 //!   standby against in-process checkpoints, for the `dirty` kernel at a few rates;
 //! - the throughput a CPU-bound guest keeps under 20 ms epochs of each kind, as a ratio to
-//!   the same guest unprotected.
+//!   the same guest unprotected;
+//! - the remote link's cost: the epoch pause at ~4 MiB dirty per epoch and the first sync of
+//!   a fully touched 1 GiB guest over mutual TLS against plaintext (`insecure = true`),
+//!   interleaved rounds, and the link alone: 1 GiB of a file over loopback.
 //!
+//! Remote standbys use mutual TLS, with credentials `understudy certs` makes once per run.
 //! Run (as root, for the namespaces): `cargo bench --bench process` (optionally
 //! `-- ROUNDS`, default 5, and the names of the sections to run: `takeover`, `remote`,
-//! `sync`, `epoch`, `cpu`; all of them by default).
+//! `sync`, `tls`, `epoch`, `cpu`; all of them by default).
 
 mod common;
 #[path = "../tests/common/netns.rs"]
@@ -34,8 +38,32 @@ enum Mode {
     Same,
     /// In a process of its own on this host, through the journal.
     Separate,
-    /// On the other "host" (namespace), over TCP.
+    /// On the other "host" (namespace), over TCP with mutual TLS (the default).
     Remote,
+    /// As `Remote`, in plaintext (`insecure = true`).
+    RemoteInsecure,
+}
+
+impl Mode {
+    fn is_remote(self) -> bool {
+        matches!(self, Mode::Remote | Mode::RemoteInsecure)
+    }
+}
+
+/// The link's credentials for the remote runs (`understudy certs`), made once.
+static CERTS: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn certs() -> &'static Path {
+    CERTS.get_or_init(|| {
+        let dir = scratch("certs").join("pair");
+        let made = Command::new(env!("CARGO_BIN_EXE_understudy"))
+            .args([std::ffi::OsStr::new("certs"), dir.as_os_str()])
+            .args(["--hosts", "a,b"])
+            .output()
+            .expect("run understudy certs");
+        assert!(made.status.success(), "{made:?}");
+        dir
+    })
 }
 
 /// The two hosts of the remote runs: namespaces joined by a veth pair.
@@ -145,11 +173,24 @@ fn standby_lines(mode: Mode, side: usize) -> String {
     match mode {
         Mode::Same => "process = \"same\"\n".into(),
         Mode::Separate => "process = \"separate\"\n".into(),
-        Mode::Remote => format!(
-            "process = \"remote\"\nlisten = \"{}:7770\"\npeer = \"{}:7770\"\n",
-            HOST_IPS[side],
-            HOST_IPS[1 - side]
-        ),
+        Mode::Remote | Mode::RemoteInsecure => {
+            let link = format!(
+                "process = \"remote\"\nlisten = \"{}:7770\"\npeer = \"{}:7770\"\n",
+                HOST_IPS[side],
+                HOST_IPS[1 - side]
+            );
+            if mode == Mode::RemoteInsecure {
+                return link + "insecure = true\n";
+            }
+            let host = ["a", "b"][side];
+            let file = |name: String| certs().join(name).display().to_string();
+            format!(
+                "{link}tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                file("ca.pem".into()),
+                file(format!("{host}.pem")),
+                file(format!("{host}.key"))
+            )
+        }
     }
 }
 
@@ -176,7 +217,7 @@ fn pair(
             Process::spawn(&dirs[0], "active", &["run", a]),
             Some(Process::spawn(&dirs[0], "standby", &["standby", a])),
         ),
-        Mode::Remote => (
+        Mode::Remote | Mode::RemoteInsecure => (
             hosts[0].enter(|| Process::spawn(&dirs[0], "active", &["run", a])),
             Some(hosts[1].enter(|| {
                 Process::spawn(
@@ -242,7 +283,7 @@ fn first_sync(hosts: &[Netns; 2], mode: Mode) -> (Duration, f64) {
         envs[1].to_str().expect("path"),
     );
     let host = |side: usize| {
-        if mode == Mode::Remote {
+        if mode.is_remote() {
             &hosts[side]
         } else {
             &hosts[0]
@@ -250,9 +291,20 @@ fn first_sync(hosts: &[Netns; 2], mode: Mode) -> (Duration, f64) {
     };
     let active = host(0).enter(|| Process::spawn(&dirs[0], "active", &["run", a]));
     active.wait_for("guest-started");
-    // The guest touches its RAM once over.
-    std::thread::sleep(Duration::from_millis(1500));
-    let standby_env = if mode == Mode::Remote { b } else { a };
+    // The guest touches its RAM once over (1008 MiB past its first 16: its console's
+    // `pages` count says when), or as much as it can in a minute on a loaded host.
+    let touched = |console: &str| {
+        console
+            .lines()
+            .filter_map(|l| l.split(" pages ").nth(1)?.trim().parse::<u64>().ok())
+            .next_back()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while touched(&active.console()) < (1008 << 20) / 4096 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let standby_env = if mode.is_remote() { b } else { a };
     let standby = host(1).enter(|| Process::spawn(&dirs[1], "standby", &["standby", standby_env]));
     let armed = active.wait_for("failover armed");
     let ready = standby.wait_for("standby-process-ready");
@@ -361,7 +413,8 @@ fn main() {
         .filter(|a| a.parse::<usize>().is_err() && !a.starts_with('-'))
         .collect();
     let run = |section: &str| sections.is_empty() || sections.iter().any(|s| s == section);
-    let hosts = Netns::hosts("usbench", HOST_IPS);
+    // Named for this run: another run of this benchmark on the machine has namespaces too.
+    let hosts = Netns::hosts(&format!("usb{}", std::process::id() % 100_000), HOST_IPS);
     if run("takeover") {
         takeovers(rounds);
     }
@@ -370,6 +423,9 @@ fn main() {
     }
     if run("sync") {
         first_syncs(&hosts);
+    }
+    if run("tls") {
+        tls_against_plaintext(&hosts, rounds);
     }
     if run("epoch") {
         epoch_pauses(&hosts);
@@ -451,6 +507,124 @@ fn first_syncs(hosts: &[Netns; 2]) {
             ms(copy)
         );
     }
+}
+
+/// The remote link over TLS against plaintext, `rounds` interleaved rounds of each: the
+/// epoch pause at ~4 MiB dirty per epoch, and the first sync of a fully touched 1 GiB guest.
+fn tls_against_plaintext(hosts: &[Netns; 2], rounds: usize) {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "the remote link, mutual TLS against plaintext (insecure = true), medians of {rounds} \
+         interleaved rounds:"
+    );
+    let modes = [Mode::Remote, Mode::RemoteInsecure];
+    let (mut pause, mut pages) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let (mut sync, mut held) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for _ in 0..rounds {
+        for (i, mode) in modes.iter().enumerate() {
+            let (p, n) = epoch_costs(hosts, 200, *mode);
+            pause[i].push(ms(p));
+            pages[i].push(n);
+        }
+    }
+    for _ in 0..rounds {
+        for (i, mode) in modes.iter().enumerate() {
+            let (d, r) = first_sync(hosts, *mode);
+            sync[i].push(ms(d));
+            held[i].push(r / f64::from(1 << 20));
+        }
+    }
+    let [tls_pause, plain_pause] = [median(pause[0].clone()), median(pause[1].clone())];
+    println!(
+        "  epoch pause, 256 MiB guest, ~4 MiB/epoch, 20 ms epochs: TLS {} ms ({:.0} pages), \
+         plaintext {} ms ({:.0} pages); TLS / plaintext {:.2}",
+        spread(pause[0].clone(), 3),
+        median(pages[0].clone()),
+        spread(pause[1].clone(), 3),
+        median(pages[1].clone()),
+        tls_pause / plain_pause.max(1e-9)
+    );
+    let [tls_sync, plain_sync] = [median(sync[0].clone()), median(sync[1].clone())];
+    println!(
+        "  first sync, 1 GiB guest that touched all its RAM, hello to armed: TLS {} ms \
+         ({:.0} MiB held), plaintext {} ms ({:.0} MiB held); TLS / plaintext {:.2}",
+        spread(sync[0].clone(), 0),
+        median(held[0].clone()),
+        spread(sync[1].clone(), 0),
+        median(held[1].clone()),
+        tls_sync / plain_sync.max(1e-9)
+    );
+    let (mut tls_rate, mut plain_rate) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        tls_rate.push(link_throughput(true));
+        plain_rate.push(link_throughput(false));
+    }
+    println!(
+        "  the link alone, 1 GiB of a file sent over loopback and read: TLS {} GB/s, \
+         plaintext (sendfile) {} GB/s; plaintext / TLS {:.2}",
+        spread(tls_rate.clone(), 2),
+        spread(plain_rate.clone(), 2),
+        median(plain_rate) / median(tls_rate).max(1e-9)
+    );
+}
+
+/// GB/s of 1 GiB of a file sent over a loopback connection as the shipper sends journal
+/// bytes (`send_file`) and read as the relay reads them, over TLS or in plaintext.
+fn link_throughput(tls: bool) -> f64 {
+    use failover::tls::{Credentials, LinkSecurity, TlsFiles};
+    use std::io::Read;
+    const LEN: u64 = 1 << 30;
+    let security = |host: &str| {
+        if !tls {
+            return LinkSecurity::Insecure;
+        }
+        let files = TlsFiles {
+            ca: certs().join("ca.pem"),
+            cert: certs().join(format!("{host}.pem")),
+            key: certs().join(format!("{host}.key")),
+        };
+        LinkSecurity::Tls(std::sync::Arc::new(
+            Credentials::load(files).expect("credentials"),
+        ))
+    };
+    let data = scratch(&format!("link-{tls}")).join("data");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&data)
+        .expect("data file");
+    file.set_len(LEN).expect("size the data file");
+    // Written, not sparse: what is sent is read from the page cache, as a journal's data.
+    std::io::Write::write_all(&mut &file, &vec![0x5a; LEN as usize]).expect("fill");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (server, client) = (security("a"), security("b"));
+    let sending = std::thread::spawn(move || {
+        let (tcp, _) = listener.accept().expect("accept");
+        let mut link = server
+            .accept(tcp, Duration::from_secs(10))
+            .expect("handshake");
+        link.send_file(&file, 0, LEN).expect("send");
+    });
+    let tcp = std::net::TcpStream::connect(addr).expect("connect");
+    let mut link = client
+        .connect(tcp, Duration::from_secs(10))
+        .expect("handshake");
+    let start = Instant::now();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut got = 0u64;
+    while got < LEN {
+        match link.read(&mut chunk).expect("read") {
+            0 => break,
+            n => got += n as u64,
+        }
+    }
+    let took = start.elapsed();
+    sending.join().expect("sender");
+    let _ = std::fs::remove_file(&data);
+    got as f64 / took.as_secs_f64() / 1e9
 }
 
 fn epoch_pauses(hosts: &[Netns; 2]) {

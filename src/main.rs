@@ -133,6 +133,16 @@ enum Command {
         /// The environment file (TOML).
         env: PathBuf,
     },
+    /// Make a remote guest's credentials in DIR: a CA of the pair's own (its key is thrown
+    /// away), and per host HOST.pem and HOST.key signed by it, for `tls_ca = "ca.pem"`,
+    /// `tls_cert` and `tls_key`. Existing files are never overwritten.
+    Certs {
+        /// The directory to write to (made if missing).
+        dir: PathBuf,
+        /// The hosts, comma-separated (e.g. `a,b`): each gets HOST.pem and HOST.key.
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+    },
     /// Print a shell completion script (for bash, zsh, fish, elvish or PowerShell).
     Completions {
         /// The shell.
@@ -378,11 +388,41 @@ fn main() -> ExitCode {
                     if let Some(warning) = warning {
                         eprintln!("understudy: warning: {warning}");
                     }
+                    let remote = guest.standby.as_ref().and_then(|s| s.placement.remote());
+                    if remote.is_some_and(|r| r.security == failover::tls::LinkSecurity::Insecure) {
+                        eprintln!(
+                            "understudy: warning: guest {}: insecure = true: its remote link is neither authenticated nor encrypted",
+                            guest.name
+                        );
+                    }
                 }
                 print!("{}", env.to_toml());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
+        },
+        Command::Certs { dir, hosts } => match failover::tls::make_pair(&dir, &hosts) {
+            Ok(made) => {
+                println!("{}", made.ca.display());
+                for (_, cert, key) in &made.hosts {
+                    println!("{}\n{}", cert.display(), key.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("understudy: certs: {err}");
+                let invalid = matches!(
+                    err,
+                    failover::tls::CertsError::BadHost(_)
+                        | failover::tls::CertsError::Hosts
+                        | failover::tls::CertsError::Exists(_)
+                );
+                ExitCode::from(if invalid {
+                    EXIT_INVALID_INPUT
+                } else {
+                    EXIT_HOST_ERROR
+                })
+            }
         },
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();

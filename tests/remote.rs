@@ -55,6 +55,7 @@ fn hosts_of(test: &str, n: u8, kernel: &str, memory_mib: u64, cmdline: &str) -> 
     let [a, b] = Netns::hosts(&name, [&ips[0], &ips[1]]);
     let dir = std::env::temp_dir().join(format!("understudy-test-{}-{test}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir.join("certs"), "a,b");
     let host = |netns: Netns, side: &str, me: &str, peer: &str| {
         let env = dir.join(format!("{side}.toml"));
         let text = format!(
@@ -62,7 +63,8 @@ fn hosts_of(test: &str, n: u8, kernel: &str, memory_mib: u64, cmdline: &str) -> 
              cmdline = \"{cmdline}\"\ncrash_dump = false\n\
              [guest.standby]\nresume = \"checkpoint\"\nprocess = \"remote\"\n\
              listen = \"{me}:{PORT}\"\npeer = \"{peer}:{PORT}\"\n\
-             journal = \"{}\"\n",
+             journal = \"{}\"\n\
+             tls_ca = \"certs/ca.pem\"\ntls_cert = \"certs/{side}.pem\"\ntls_key = \"certs/{side}.key\"\n",
             env!("UNDERSTUDY_KERNELS"),
             dir.join(format!("{side}.journal")).display()
         );
@@ -82,7 +84,42 @@ fn hosts_of(test: &str, n: u8, kernel: &str, memory_mib: u64, cmdline: &str) -> 
     ]
 }
 
+/// `understudy certs DIR --hosts HOSTS`: a CA of its own in `dir`, and a certificate and key
+/// per host, signed by it.
+fn make_certs(dir: &Path, hosts: &str) {
+    let _ = std::fs::remove_dir_all(dir);
+    let args = [
+        OsStr::new("certs"),
+        dir.as_os_str(),
+        OsStr::new("--hosts"),
+        OsStr::new(hosts),
+    ];
+    let made = understudy_command(&args)
+        .output()
+        .expect("run understudy certs");
+    assert!(made.status.success(), "{made:?}");
+}
+
 impl Host {
+    /// This host presents a certificate signed by a CA of its own, not the pair's (it still
+    /// trusts the pair's CA).
+    fn use_stranger_certificate(&self) {
+        let dir = self.env.parent().unwrap().join("stranger");
+        make_certs(&dir, "x");
+        let text = std::fs::read_to_string(&self.env).unwrap();
+        let cert = format!("tls_cert = \"{}\"", dir.join("x.pem").display());
+        let key = format!("tls_key = \"{}\"", dir.join("x.key").display());
+        let text: Vec<String> = text
+            .lines()
+            .map(|line| match line {
+                l if l.starts_with("tls_cert") => cert.clone(),
+                l if l.starts_with("tls_key") => key.clone(),
+                l => l.to_owned(),
+            })
+            .collect();
+        std::fs::write(&self.env, text.join("\n") + "\n").unwrap();
+    }
+
     /// `understudy run` of the guest on this host, serving its control socket.
     fn run(&self, what: &str) -> Process {
         let args = [
@@ -187,9 +224,10 @@ impl Host {
             let mut conn = std::net::TcpStream::connect(addr).expect("connect to the peer port");
             conn.set_read_timeout(Some(PATIENCE)).unwrap();
             conn.write_all(bytes).unwrap();
-            let mut reply = String::new();
-            let _ = conn.read_to_string(&mut reply);
-            reply
+            // Everything until the other side closes, whatever it is (a TLS alert is binary).
+            let mut reply = Vec::new();
+            let _ = conn.read_to_end(&mut reply);
+            String::from_utf8_lossy(&reply).into_owned()
         })
     }
 
@@ -283,14 +321,33 @@ fn a_killed_active_is_promoted_on_the_other_host_with_the_console_exactly_once()
         report(&active, &b)
     );
 
-    // Garbage, a stranger's hello and a role query on the active's port: answered or
-    // dropped, and the pair goes on.
+    // Garbage, a replayed plaintext hello for the guest and a plaintext role query on the
+    // active's port: none authenticates, none gets a frame, each is logged with its address,
+    // and the pair goes on.
     let port = format!("{}:{PORT}", ips(1)[0]);
-    assert_eq!(b.say_to(&port, b"\x00\xffnot json at all\n"), "");
-    let stranger = b.say_to(&port, b"{\"hello\":{\"pid\":1,\"guest\":\"other\"}}\n");
-    assert!(stranger.contains("does not run on this host"), "{stranger}");
-    let role = b.say_to(&port, b"{\"role\":{}}\n");
-    assert!(role.contains("\"role\":\"active\""), "{role}");
+    let hello = format!(
+        "{{\"hello\":{{\"pid\":{},\"guest\":\"counter\"}}}}\n",
+        std::process::id()
+    );
+    for (what, bytes) in [
+        ("garbage", &b"\x00\xffnot json at all\n"[..]),
+        ("a replayed hello", hello.as_bytes()),
+        ("a role query", &b"{\"role\":{}}\n"[..]),
+    ] {
+        let reply = b.say_to(&port, bytes);
+        for frame in ["journal", "bytes", "batch", "record", "role", "refused"] {
+            assert!(
+                !reply.contains(&format!("\"{frame}\"")),
+                "{what} got a {frame} frame: {reply:?}"
+            );
+        }
+    }
+    active.wait_log("did not authenticate", 3);
+    let refused = active.log.text();
+    assert!(
+        refused.contains(&format!("peer={}:", ips(1)[1])),
+        "the active's log does not name the client's address:\n{refused}"
+    );
     b.wait_role("state=following", || report(&active, &b));
 
     // The kill is timed by the standby's progress, not by the active's console (a failure
@@ -502,6 +559,283 @@ fn a_demote_and_a_promote_move_the_guest_to_the_other_host_with_nothing_lost() {
     counts.extend(on_b);
     assert_eq!(counts.first(), Some(&0), "{}", both());
     assert_consecutive(&counts, "the two hosts' consoles");
+}
+
+/// A standby whose certificate another CA signed is refused in the handshake: the active's
+/// log names its address, nothing of the guest reaches it (it never loads a batch), the
+/// guest runs on, and the standby cannot be promoted while the active lives.
+#[test]
+fn a_standby_with_a_certificate_of_another_ca_gets_nothing_and_the_guest_runs_on() {
+    let [a, b] = hosts("remote-stranger", 5, "interval_ms=10 stop_after=100000");
+    b.use_stranger_certificate();
+    let mut active = a.run("the active on host a");
+    active.wait_log("event=\"guest-started\"", 1);
+    let (code, said) = b.agent("start");
+    assert_eq!(code, OCF_SUCCESS, "start: {said}");
+    active.wait_log("did not authenticate", 1);
+    assert!(
+        active.log.text().contains(&format!("peer={}:", ips(5)[1])),
+        "the active's log does not name the standby's address:\n{}",
+        active.log.text()
+    );
+    b.wait_agent_log("did not accept this host's certificate", 1, || {
+        report(&active, &b)
+    });
+    let (code, said) = b.agent("promote");
+    assert_eq!(
+        code,
+        OCF_ERR_GENERIC,
+        "promote: {said}\n{}",
+        report(&active, &b)
+    );
+    let role = b.role();
+    assert!(
+        role.starts_with("role=standby") && role.contains("state=empty"),
+        "{role}\n{}",
+        report(&active, &b)
+    );
+    assert!(
+        !b.agent_log().contains("remote-journal"),
+        "the stranger was sent a journal:\n{}",
+        b.agent_log()
+    );
+    // The guest goes on, its output released (no standby holds it back).
+    let before = numbers_after(&active.console.text(), "count ").len();
+    while numbers_after(&active.console.text(), "count ").len() < before + 50 {
+        assert!(active.child.try_wait().unwrap().is_none());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let done = a.ctl(&["shutdown"]);
+    assert!(done.status.success(), "{done:?}");
+    assert_eq!(active.wait().code(), Some(0));
+    assert_eq!(b.agent("stop").0, OCF_SUCCESS);
+}
+
+/// Something at the peer's address that does not authenticate answers `standby` to every
+/// role query (what an attacker on the network would say to get a second active started):
+/// the promote is refused, since the answer is not believed.
+#[test]
+fn a_forged_standby_answer_from_an_unauthenticated_peer_does_not_let_a_promote_go_on() {
+    use std::io::Write;
+    let [a, b] = hosts("remote-forged", 6, "interval_ms=10 stop_after=100000");
+    let addr: std::net::SocketAddr = format!("{}:{PORT}", ips(6)[0]).parse().unwrap();
+    let forger = a
+        .netns
+        .enter(|| std::net::TcpListener::bind(addr).expect("bind the forger's port"));
+    // It answers until the test process ends.
+    let asked = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counting = asked.clone();
+    std::thread::spawn(move || {
+        for conn in forger.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            counting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = conn.write_all(b"{\"role\":\"standby\",\"guest\":\"counter\"}\n");
+        }
+    });
+    let (code, said) = b.agent("start");
+    assert_eq!(code, OCF_SUCCESS, "start: {said}");
+    b.wait_role("state=empty", || b.agent_log());
+    let refused = b.ctl(&["promote", "counter"]);
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{why}\n{}", b.agent_log());
+    assert!(why.contains("did not authenticate"), "{why}");
+    assert!(b.role().starts_with("role=standby"), "{}", b.agent_log());
+    assert!(!b.agent_log().contains("promoted"), "{}", b.agent_log());
+    assert!(
+        asked.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "nothing reached the forger"
+    );
+    assert_eq!(b.agent("stop").0, OCF_SUCCESS);
+}
+
+/// Two remote guests in one `understudy run` share its peer port: each standby (a process
+/// of its own on the other host, on a port of its own) is sent its own guest, each guest is
+/// asked about by name, and after the active's process dies each standby is promoted and
+/// runs its guest on.
+#[test]
+fn two_remote_guests_in_one_process_share_its_peer_port_and_each_standby_follows_its_own() {
+    require_kvm();
+    let ips = ips(7);
+    let [a, b] = Netns::hosts(
+        &format!("us{}-7", std::process::id() % 100_000),
+        [&ips[0], &ips[1]],
+    );
+    let dir =
+        std::env::temp_dir().join(format!("understudy-test-{}-remote-two", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    make_certs(&dir.join("certs"), "a,b");
+    // Host a listens on one port for both guests; host b on one port per standby process.
+    let env = |side: &str, ports: [(u16, u16); 2]| {
+        let mut text = String::new();
+        for (guest, (listen, peer)) in ["one", "two"].iter().zip(ports) {
+            let (me, other) = if side == "a" {
+                (&ips[0], &ips[1])
+            } else {
+                (&ips[1], &ips[0])
+            };
+            text += &format!(
+                "[[guest]]\nname = \"{guest}\"\nkernel = \"{}/counter\"\nmemory_mib = 64\n\
+                 cmdline = \"interval_ms=10 stop_after=100000\"\ncrash_dump = false\n\
+                 [guest.standby]\nresume = \"checkpoint\"\nprocess = \"remote\"\n\
+                 listen = \"{me}:{listen}\"\npeer = \"{other}:{peer}\"\n\
+                 journal = \"{}\"\n\
+                 tls_ca = \"certs/ca.pem\"\ntls_cert = \"certs/{side}.pem\"\ntls_key = \"certs/{side}.key\"\n",
+                env!("UNDERSTUDY_KERNELS"),
+                dir.join(format!("{side}-{guest}.journal")).display()
+            );
+        }
+        let path = dir.join(format!("{side}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let env_a = env("a", [(PORT, PORT), (PORT, PORT + 1)]);
+    let env_b = env("b", [(PORT, PORT), (PORT + 1, PORT)]);
+    let socket_a = dir.join("a.sock");
+    let mut active = a.enter(|| {
+        Process::spawn(
+            understudy_command(&[
+                OsStr::new("run"),
+                env_a.as_os_str(),
+                OsStr::new("--api-socket"),
+                socket_a.as_os_str(),
+            ]),
+            "the active of both guests on host a",
+        )
+    });
+    let standbys: Vec<(&str, PathBuf, Process)> = ["one", "two"]
+        .into_iter()
+        .map(|guest| {
+            let socket = dir.join(format!("b-{guest}.sock"));
+            let args = [
+                OsStr::new("standby"),
+                env_b.as_os_str(),
+                OsStr::new("--guest"),
+                OsStr::new(guest),
+                OsStr::new("--api-socket"),
+                socket.as_os_str(),
+            ];
+            let standby = b.enter(|| {
+                Process::spawn(
+                    understudy_command(&args),
+                    &format!("the standby of {guest} on host b"),
+                )
+            });
+            (guest, socket, standby)
+        })
+        .collect();
+    let role = |socket: &Path, guest: &str| {
+        let args = [
+            OsStr::new("ctl"),
+            socket.as_os_str(),
+            OsStr::new("role"),
+            OsStr::new(guest),
+        ];
+        common::answer(&understudy_command(&args).output().unwrap())
+    };
+    let all = |active: &Process, standbys: &[(&str, PathBuf, Process)]| {
+        let mut processes = vec![active];
+        processes.extend(standbys.iter().map(|(_, _, p)| p));
+        processes
+            .iter()
+            .map(|p| format!("--- {}:\n{}", p.what, p.log.text()))
+            .collect::<String>()
+    };
+    for (guest, socket, _) in &standbys {
+        let deadline = Instant::now() + PATIENCE;
+        while !role(socket, guest).contains("state=following") {
+            assert!(
+                Instant::now() < deadline,
+                "the standby of {guest} does not follow: {}\n{}",
+                role(socket, guest),
+                all(&active, &standbys)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            role(&socket_a, guest).starts_with("role=active"),
+            "{}",
+            role(&socket_a, guest)
+        );
+    }
+    active.wait_log("a remote standby connected", 2);
+    active.kill();
+    for (guest, socket, standby) in &standbys {
+        let args = [
+            OsStr::new("ctl"),
+            socket.as_os_str(),
+            OsStr::new("promote"),
+            OsStr::new(guest),
+        ];
+        let promoted = understudy_command(&args).output().unwrap();
+        assert!(
+            promoted.status.success(),
+            "promote {guest}: {promoted:?}\n{}",
+            all(&active, &standbys)
+        );
+        let deadline = Instant::now() + PATIENCE;
+        while numbers_after(&standby.console.text(), "count ").len() < 20 {
+            assert!(
+                Instant::now() < deadline,
+                "{guest} does not run on host b:\n{}",
+                all(&active, &standbys)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            standby.log.text().contains(&format!("guest={guest}")),
+            "{}",
+            standby.log.text()
+        );
+    }
+}
+
+/// The example files (README.md) check once `understudy certs target/certs --hosts a,b` has
+/// made their credentials; without credentials (or `insecure = true`) a remote standby is a
+/// configuration error that says what to write, and `insecure = true` is warned of.
+#[test]
+fn the_example_files_check_with_the_credentials_understudy_certs_makes() {
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/certs");
+    if !certs.join("ca.pem").exists() {
+        make_certs(&certs, "a,b");
+    }
+    for side in ["a", "b"] {
+        let env = common::config(&format!("remote-{side}.toml"));
+        let checked = understudy_command(&["check", &env]).output().unwrap();
+        let said = String::from_utf8_lossy(&checked.stdout);
+        assert!(checked.status.success(), "{env}: {checked:?}");
+        assert!(said.contains(&format!("certs/{side}.key")), "{said}");
+    }
+    let text = std::fs::read_to_string(common::config("remote-a.toml")).unwrap();
+    let bare: String = text
+        .lines()
+        .filter(|l| !l.starts_with("tls_"))
+        .map(|l| format!("{}\n", l.replace("../target/kernels", "KERNELS")))
+        .collect();
+    let bare_file = common::env_file("remote-bare", &bare);
+    let refused = understudy_command(&[OsStr::new("check"), bare_file.as_os_str()])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{why}");
+    for hint in [
+        "standby.process",
+        "tls_ca",
+        "understudy certs",
+        "insecure = true",
+    ] {
+        assert!(why.contains(hint), "{why}");
+    }
+    // Plaintext only when asked for, and then with a warning.
+    let insecure = common::env_file("remote-insecure", &(bare + "insecure = true\n"));
+    let checked = understudy_command(&[OsStr::new("check"), insecure.as_os_str()])
+        .output()
+        .unwrap();
+    let warned = String::from_utf8_lossy(&checked.stderr);
+    assert!(checked.status.success(), "{warned}");
+    assert!(
+        warned.contains("warning") && warned.contains("neither authenticated nor encrypted"),
+        "{warned}"
+    );
 }
 
 /// The agent passes Pacemaker's own checker, `ocf-tester`, against a real guest: meta-data

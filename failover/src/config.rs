@@ -786,7 +786,10 @@ mod tests {
                 .to_string();
         assert!(err.contains("guest[0].standby.ack_timeout_ms"), "{err}");
         for peer in ["10.0.0.2:7770", "host-b:7770"] {
-            let env = remote(&format!("listen = \"10.0.0.1:7770\"\npeer = \"{peer}\"\n")).unwrap();
+            let env = remote(&format!(
+                "listen = \"10.0.0.1:7770\"\npeer = \"{peer}\"\ninsecure = true\n"
+            ))
+            .unwrap();
             let standby = env.guest[0].standby.as_ref().unwrap();
             let Placement::Remote { journal, link } = &standby.placement else {
                 panic!("not a remote placement: {standby:?}");

@@ -45,3 +45,4 @@ pub mod net;
 pub mod remote;
 pub mod restore;
 pub mod supervisor;
+pub mod tls;

@@ -26,6 +26,9 @@
 //!
 //! Each process of a remote guest listens on its `listen` address (the *peer port*): an
 //! active takes its standby's connection there, and either side answers a `role` query.
+//! Every connection, both ways, is mutual TLS ([`crate::tls`]) unless `insecure = true`:
+//! one that does not authenticate is closed before its first line is read, and a role
+//! answer that does not authenticate is not believed.
 //!
 //! ```text
 //! standby (relay)                              active (shipper)
@@ -44,7 +47,6 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -58,6 +60,7 @@ use crate::config::{GuestConfig, JournalConfig, PeerAddress, RemoteConfig};
 use crate::control::protocol::GuestRole;
 use crate::journal::{Journal, PAGE};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
+use crate::tls::{LinkSecurity, PeerStream, TlsError};
 
 /// From the active's host to the standby's. `bytes` is followed by `len` raw bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,8 +130,13 @@ pub enum Opening {
         /// The guest it stands by for.
         guest: String,
     },
-    /// Who runs the guest here? Answered with one [`PeerRole`] line.
-    Role {},
+    /// Who runs `guest` here? Answered with one [`PeerRole`] line. Without a guest (as
+    /// processes of one remote guest each asked), the port's only guest is meant.
+    Role {
+        /// The guest asked about.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest: Option<String>,
+    },
 }
 
 /// What a process says it is for its guest, to a `role` query on its peer port.
@@ -151,6 +159,9 @@ pub const PEER_PATIENCE: Duration = Duration::from_secs(1);
 const SESSION_DRAIN: Duration = Duration::from_millis(500);
 /// How often the relay tries to reach an active that does not answer.
 const CONNECT_RETRY: Duration = Duration::from_millis(200);
+/// How a relay's session starts to say that the peer refused this host in the TLS handshake
+/// (the listener's verdict reaches the connecting side with its first read).
+const REFUSED_BY_PEER: &str = "the peer refused this host's certificate";
 /// How often the shipper looks at the oldest unacknowledged epoch.
 const ACK_CHECK: Duration = Duration::from_millis(20);
 
@@ -164,7 +175,7 @@ fn write_line<M: Serialize>(out: &mut impl Write, message: &M) -> std::io::Resul
 /// Reads one control line into `buf` (kept across calls: a read that times out keeps what
 /// it had). `Ok(None)` at the end of the stream.
 fn read_line<M: for<'de> Deserialize<'de>>(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<PeerStream>,
     buf: &mut Vec<u8>,
 ) -> Result<Option<M>, LinkError> {
     loop {
@@ -202,12 +213,23 @@ fn timed_out(err: &LinkError) -> bool {
     matches!(err, LinkError::Io(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
 }
 
-/// Asks the process at `peer` what it is for its guest (a name is looked up first).
-pub fn query_role(peer: &PeerAddress, patience: Duration) -> std::io::Result<PeerRole> {
-    let mut conn = TcpStream::connect_timeout(&peer.resolve()?, patience)?;
+/// Asks the process at `peer` what it is for `guest` (a name is looked up first). A peer
+/// that does not authenticate is an error of kind `PermissionDenied`, never an answer.
+pub fn query_role(
+    peer: &PeerAddress,
+    guest: &str,
+    security: &LinkSecurity,
+    patience: Duration,
+) -> std::io::Result<PeerRole> {
+    let tcp = TcpStream::connect_timeout(&peer.resolve()?, patience)?;
+    let mut conn = security.connect(tcp, patience).map_err(TlsError::into_io)?;
     conn.set_read_timeout(Some(patience))?;
     conn.set_write_timeout(Some(patience))?;
-    write_line(&mut conn, &Opening::Role {})?;
+    let question = Opening::Role {
+        guest: Some(guest.to_owned()),
+    };
+    write_line(&mut conn, &question)?;
+    let tls = conn.is_tls();
     let mut reader = BufReader::new(conn);
     let mut buf = Vec::new();
     match read_line::<PeerRole>(&mut reader, &mut buf) {
@@ -216,6 +238,10 @@ pub fn query_role(peer: &PeerAddress, patience: Duration) -> std::io::Result<Pee
             std::io::ErrorKind::UnexpectedEof,
             "closed without answering",
         )),
+        // The listener's verdict on this host's certificate arrives with the first read.
+        Err(LinkError::Io(err)) if tls && err.kind() == std::io::ErrorKind::InvalidData => Err(
+            std::io::Error::new(std::io::ErrorKind::PermissionDenied, err),
+        ),
         Err(LinkError::Io(err)) => Err(err),
         Err(err) => Err(std::io::Error::other(err.to_string())),
     }
@@ -224,10 +250,14 @@ pub fn query_role(peer: &PeerAddress, patience: Duration) -> std::io::Result<Pee
 /// Asks the peer what it is, as a promote does: a connection reset or closed unanswered
 /// (a process whose sockets are being torn down as it dies) is asked again, a few times,
 /// until the port is gone for good or answers.
-fn query_peer(peer: &PeerAddress) -> std::io::Result<PeerRole> {
+fn query_peer(
+    peer: &PeerAddress,
+    guest: &str,
+    security: &LinkSecurity,
+) -> std::io::Result<PeerRole> {
     let mut tries = 0;
     loop {
-        match query_role(peer, PEER_PATIENCE) {
+        match query_role(peer, guest, security, PEER_PATIENCE) {
             Err(err)
                 if tries < 10
                     && matches!(
@@ -243,7 +273,7 @@ fn query_peer(peer: &PeerAddress) -> std::io::Result<PeerRole> {
     }
 }
 
-/// What this process is for the peer port's guest.
+/// What this process is for one of the peer port's guests.
 #[derive(Clone)]
 enum PortRole {
     /// Nothing yet (or no longer).
@@ -259,10 +289,13 @@ enum PortRole {
     Promoting(String),
 }
 
-/// The process's peer port: its listener and what it answers.
+/// One of the process's peer ports: its listener and what it answers for each guest that
+/// listens there.
 struct PeerPort {
     listen: SocketAddr,
-    role: Mutex<PortRole>,
+    /// How every connection to it must authenticate (the same for all its guests).
+    security: LinkSecurity,
+    roles: Mutex<std::collections::BTreeMap<String, PortRole>>,
     /// Connections being served (each on a thread of its own).
     serving: std::sync::atomic::AtomicUsize,
 }
@@ -271,7 +304,9 @@ struct PeerPort {
 /// connections costs threads, not the guest).
 const MAX_PEER_CONNECTIONS: usize = 16;
 
-static PORT: Mutex<Option<Arc<PeerPort>>> = Mutex::new(None);
+/// The process's peer ports, one per `listen` address: several remote guests of one process
+/// may share one, a connection naming the guest it is for.
+static PORTS: Mutex<Vec<Arc<PeerPort>>> = Mutex::new(Vec::new());
 
 /// How long a starting process waits for what a previous process of the guest on this host
 /// still holds as it ends: its lock, its socket, its port.
@@ -300,15 +335,15 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The process's peer port at `listen`, bound on first use (a process serves one remote
-/// guest: `understudy standby` follows one, and it runs that one once promoted).
-fn port(listen: SocketAddr) -> Result<Arc<PeerPort>, String> {
-    let mut slot = locked(&PORT);
-    if let Some(port) = slot.as_ref() {
-        if port.listen != listen {
+/// The process's peer port at `listen` for `guest`, bound on first use, taking connections
+/// that authenticate as `security` asks; guests that share an address share its port, and
+/// must share its credentials.
+fn port(guest: &str, listen: SocketAddr, security: &LinkSecurity) -> Result<Arc<PeerPort>, String> {
+    let mut ports = locked(&PORTS);
+    if let Some(port) = ports.iter().find(|p| p.listen == listen) {
+        if port.security != *security {
             return Err(format!(
-                "this process already listens on {}, not {listen}: one remote guest per process",
-                port.listen
+                "guest {guest} listens on {listen} with other credentials than the guests already listening there: guests that share an address share its tls_* keys (or insecure)"
             ));
         }
         return Ok(port.clone());
@@ -320,9 +355,13 @@ fn port(listen: SocketAddr) -> Result<Arc<PeerPort>, String> {
         })
     })
     .map_err(|e| format!("listen on {listen}: {e}"))?;
+    if *security == LinkSecurity::Insecure {
+        tracing::warn!(guest, %listen, "insecure = true: the link to the peer is neither authenticated nor encrypted; whoever reaches {listen} can read the guest's memory and answer for the peer");
+    }
     let port = Arc::new(PeerPort {
         listen,
-        role: Mutex::new(PortRole::None),
+        security: security.clone(),
+        roles: Mutex::new(std::collections::BTreeMap::new()),
         serving: std::sync::atomic::AtomicUsize::new(0),
     });
     let serving = port.clone();
@@ -333,13 +372,32 @@ fn port(listen: SocketAddr) -> Result<Arc<PeerPort>, String> {
             serving.accept(listener)
         })
         .map_err(|e| format!("peer port thread: {e}"))?;
-    *slot = Some(port.clone());
+    ports.push(port.clone());
     Ok(port)
 }
 
+/// The peer port at `listen`, if this process has one.
+fn port_at(listen: SocketAddr) -> Option<Arc<PeerPort>> {
+    locked(&PORTS).iter().find(|p| p.listen == listen).cloned()
+}
+
 impl PeerPort {
-    fn set(&self, role: PortRole) {
-        *locked(&self.role) = role;
+    fn set(&self, guest: &str, role: PortRole) {
+        locked(&self.roles).insert(guest.to_owned(), role);
+    }
+
+    /// What this process is for `guest`; without a guest, for the port's only one.
+    fn role(&self, guest: Option<&str>) -> (String, PortRole) {
+        let roles = locked(&self.roles);
+        let found = match guest {
+            Some(guest) => roles.get_key_value(guest),
+            None if roles.len() == 1 => roles.iter().next(),
+            None => None,
+        };
+        match found {
+            Some((guest, role)) => (guest.clone(), role.clone()),
+            None => (guest.unwrap_or_default().to_owned(), PortRole::None),
+        }
     }
 
     fn accept(self: Arc<Self>, listener: TcpListener) {
@@ -374,8 +432,15 @@ impl PeerPort {
 
     /// A connection says what it is: a `role` query is answered, a standby's `hello` is
     /// shipped to if the guest runs here.
-    fn opening(&self, conn: TcpStream) {
-        let peer = conn.peer_addr().map_or("?".into(), |a| a.to_string());
+    fn opening(&self, tcp: TcpStream) {
+        let peer = tcp.peer_addr().map_or("?".into(), |a| a.to_string());
+        let conn = match self.security.accept(tcp, OPENING_PATIENCE) {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(%peer, listen = %self.listen, %err, "a connection to the peer port did not authenticate: closed, nothing sent");
+                return;
+            }
+        };
         let Ok(reading) = conn.try_clone() else {
             return;
         };
@@ -390,16 +455,20 @@ impl PeerPort {
                 return;
             }
         };
-        let role = locked(&self.role).clone();
+        let asked = match &opening {
+            Opening::Role { guest } => guest.as_deref(),
+            Opening::Hello { guest, .. } => Some(guest.as_str()),
+        };
+        let (named, role) = self.role(asked);
         let mut conn = conn;
         match (opening, role) {
-            (Opening::Role {}, role) => {
+            (Opening::Role { .. }, role) => {
                 let (role, guest) = match role {
                     PortRole::Active(side) => ("active", side.guest.clone()),
                     PortRole::Promoting(guest) => ("active", guest),
                     PortRole::HandedOver(guest) => ("handed-over", guest),
                     PortRole::Standby(guest) => ("standby", guest),
-                    PortRole::None => ("standby", String::new()),
+                    PortRole::None => ("standby", named),
                 };
                 let role = PeerRole {
                     role: role.into(),
@@ -425,6 +494,8 @@ impl PeerPort {
 /// The active's side of a remote guest: the shipper's settings.
 pub(crate) struct ActiveSide {
     guest: String,
+    /// Its peer port's address.
+    listen: SocketAddr,
     /// The guest's attach socket, which the shipper connects to.
     socket: PathBuf,
     /// The active's console, shared with the guest's loop.
@@ -474,12 +545,12 @@ pub(crate) fn serve_active(
     remote: &RemoteConfig,
     console: Arc<Mutex<SerialSink>>,
 ) -> Result<Arc<ActiveSide>, String> {
-    let port = port(remote.listen)?;
+    let port = port(guest, remote.listen, &remote.security)?;
     // A guest started here afresh (not promoted here) must not run on the peer already:
     // two `understudy run`s of one guest on two hosts would be two guests.
-    let fresh = matches!(*locked(&port.role), PortRole::None);
+    let fresh = matches!(port.role(Some(guest)).1, PortRole::None);
     if fresh {
-        if let Ok(role) = query_role(&remote.peer, PEER_PATIENCE) {
+        if let Ok(role) = query_role(&remote.peer, guest, &remote.security, PEER_PATIENCE) {
             if role.role == "active" {
                 return Err(format!(
                     "the peer {} runs guest {guest} already: not starting it here too (start a standby here with `understudy standby`)",
@@ -490,12 +561,13 @@ pub(crate) fn serve_active(
     }
     let side = Arc::new(ActiveSide {
         guest: guest.to_owned(),
+        listen: remote.listen,
         socket: journal.socket.clone(),
         console,
         ack_timeout: Duration::from_millis(remote.ack_timeout_ms),
         current: Mutex::new(None),
     });
-    port.set(PortRole::Active(side.clone()));
+    port.set(guest, PortRole::Active(side.clone()));
     Ok(side)
 }
 
@@ -543,14 +615,14 @@ impl ActiveSide {
 
     /// This process's guest is fenced: the port answers `handed-over` from now on.
     pub fn handed_over(&self) {
-        if let Some(port) = locked(&PORT).as_ref() {
-            port.set(PortRole::HandedOver(self.guest.clone()));
+        if let Some(port) = port_at(self.listen) {
+            port.set(&self.guest, PortRole::HandedOver(self.guest.clone()));
         }
     }
 
     /// Ships the journal to the remote standby on `tcp` (whose hello was read off
     /// `reader`) until the session ends.
-    fn ship(&self, tcp: TcpStream, reader: BufReader<TcpStream>, pid: u32) -> Result<(), String> {
+    fn ship(&self, tcp: PeerStream, reader: BufReader<PeerStream>, pid: u32) -> Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
         // Shipping is bulk work: the guest's own threads come first (the acknowledgements'
         // thread, started from here, inherits this).
@@ -633,7 +705,7 @@ impl ActiveSide {
     fn forward(
         &self,
         local: &mut UnixStream,
-        writer: &Mutex<TcpStream>,
+        writer: &Mutex<PeerStream>,
         shipped: &Mutex<Shipped>,
     ) -> Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
@@ -724,7 +796,8 @@ impl ActiveSide {
 
 /// Sends the data of `journal` between `from` and `to` (holes are skipped) as `bytes`
 /// frames.
-fn send_data(out: &mut TcpStream, journal: &Journal, from: u64, to: u64) -> std::io::Result<()> {
+fn send_data(out: &mut PeerStream, journal: &Journal, from: u64, to: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
     let fd = journal.file().as_raw_fd();
     let mut at = from;
     while at < to {
@@ -752,45 +825,23 @@ fn send_data(out: &mut TcpStream, journal: &Journal, from: u64, to: u64) -> std:
 
 /// Sends `len` bytes of `journal` at `offset` as one `bytes` frame.
 fn send_range(
-    out: &mut TcpStream,
+    out: &mut PeerStream,
     journal: &Journal,
     offset: u64,
     len: u64,
 ) -> std::io::Result<()> {
     write_line(out, &ToRemote::Bytes { offset, len })?;
-    let mut at = offset as libc::off_t;
-    let end = offset + len;
-    while (at as u64) < end {
-        let left = (end - at as u64).min(1 << 30) as usize;
-        // SAFETY: sendfile copies from the journal's descriptor to the socket; `at` is a
-        // valid offset it advances.
-        let sent =
-            unsafe { libc::sendfile(out.as_raw_fd(), journal.file().as_raw_fd(), &mut at, left) };
-        if sent < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        if sent == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the journal is shorter than its record",
-            ));
-        }
-    }
-    Ok(())
+    out.send_file(journal.file(), offset, len)
 }
 
 /// The remote standby's answers: each acknowledged epoch's output is released here and the
 /// standby told so; the guest's loop hears of it. An epoch left unacknowledged for
 /// `ack_timeout` ends the session.
 fn acknowledgements(
-    mut reader: BufReader<TcpStream>,
-    tcp: TcpStream,
+    mut reader: BufReader<PeerStream>,
+    tcp: PeerStream,
     mut local: UnixStream,
-    writer: Arc<Mutex<TcpStream>>,
+    writer: Arc<Mutex<PeerStream>>,
     shipped: Arc<Mutex<Shipped>>,
     console: Arc<Mutex<SerialSink>>,
     ack_timeout: Duration,
@@ -920,7 +971,7 @@ pub struct Relay {
     journal: JournalConfig,
     state: Mutex<RelayState>,
     /// The session's connection, for promote to cut.
-    session: Mutex<Option<TcpStream>>,
+    session: Mutex<Option<PeerStream>>,
     /// Held while a frame is being written to the journal or told to the follower.
     frame: Mutex<()>,
     /// The connection to the follower (all writes to it).
@@ -981,8 +1032,8 @@ impl Relay {
         })
         .map_err(|e| format!("{}: {e}", journal.socket.display()))?;
         let accepting = listener.try_clone().map_err(|e| e.to_string())?;
-        let port = port(remote.listen)?;
-        port.set(PortRole::Standby(config.name.clone()));
+        let port = port(&config.name, remote.listen, &remote.security)?;
+        port.set(&config.name, PortRole::Standby(config.name.clone()));
         let relay = Arc::new(Relay {
             guest: config.name.clone(),
             memory: config.memory_mib << 20,
@@ -1044,22 +1095,27 @@ impl Relay {
             return Ok(Promoted::Already);
         }
         let peer = self.remote.peer.clone();
-        let port = locked(&PORT).clone();
+        let port = port_at(self.remote.listen);
         let set_port = |role: PortRole| {
             if let Some(port) = &port {
-                port.set(role);
+                port.set(&self.guest, role);
             }
         };
         // From here this process answers as the active: a peer promoted at the same time
         // finds it so and refuses.
         set_port(PortRole::Promoting(self.guest.clone()));
-        let refused = match query_peer(&peer) {
+        let refused = match query_peer(&peer, &self.guest, &self.remote.security) {
             Ok(role) if role.role == "active" => Some(format!(
                 "the peer {peer} answers as the active of guest {}: not promoting (demote it first, or fence its host)",
                 role.guest
             )),
             Ok(_) => None,
             Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => None,
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied && !peer_fenced => {
+                Some(format!(
+                    "the peer {peer} did not authenticate ({err}): what it answers is not believed; not promoting (it may still run the guest)"
+                ))
+            }
             Err(err) if !peer_fenced => Some(format!(
                 "the peer {peer} does not answer ({err}) and is not known to be fenced: not promoting (it may still run the guest)"
             )),
@@ -1137,7 +1193,7 @@ impl Relay {
                 answers.answers(reading)
             });
         let peer = self.remote.peer.clone();
-        let mut waiting_said = false;
+        let (mut waiting_said, mut unauthenticated_said) = (false, false);
         while !locked(&self.state).promoted {
             let tcp = match peer
                 .resolve()
@@ -1154,6 +1210,17 @@ impl Relay {
                 }
             };
             waiting_said = false;
+            let tcp = match self.remote.security.connect(tcp, PEER_PATIENCE) {
+                Ok(tcp) => tcp,
+                Err(err) => {
+                    if !unauthenticated_said {
+                        tracing::warn!(guest = %self.guest, %peer, %err, "the peer did not authenticate: no session (its certificate must be signed by tls_ca)");
+                        unauthenticated_said = true;
+                    }
+                    std::thread::sleep(CONNECT_RETRY);
+                    continue;
+                }
+            };
             let why = self.session(tcp);
             let was = std::mem::replace(&mut locked(&self.state).connected, false);
             locked(&self.session).take();
@@ -1161,7 +1228,13 @@ impl Relay {
                 return;
             }
             if was {
+                unauthenticated_said = false;
                 lifecycle!(warn, "remote-active-lost", guest = %self.guest, %peer, %why, "the session with the active ended; holding the last epoch until promoted or a new session starts");
+            } else if why.starts_with(REFUSED_BY_PEER) {
+                if !unauthenticated_said {
+                    tracing::warn!(guest = %self.guest, %peer, %why, "the peer did not accept this host's certificate: no session (it must be signed by the peer's tls_ca)");
+                    unauthenticated_said = true;
+                }
             } else {
                 tracing::debug!(guest = %self.guest, %peer, %why, "no session with the peer");
             }
@@ -1170,7 +1243,7 @@ impl Relay {
     }
 
     /// One session with the active at the peer; returns why it ended.
-    fn session(&self, tcp: TcpStream) -> String {
+    fn session(&self, tcp: PeerStream) -> String {
         let _ = tcp.set_nodelay(true);
         // Until this standby has loaded a batch, the active may be building one (a 1 GiB
         // guest's takes seconds on a busy host) and sends nothing meanwhile: it is given as
@@ -1196,6 +1269,13 @@ impl Relay {
             let message = match read_line::<ToRemote>(&mut reader, &mut buf) {
                 Ok(Some(message)) => message,
                 Ok(None) => return "the active closed the connection".into(),
+                Err(LinkError::Io(err))
+                    if reader.get_ref().is_tls()
+                        && err.kind() == std::io::ErrorKind::InvalidData
+                        && !locked(&self.state).connected =>
+                {
+                    return format!("{REFUSED_BY_PEER}: {err}");
+                }
                 Err(err) if timed_out(&err) => {
                     let patience = if following {
                         self.silence()
@@ -1341,7 +1421,7 @@ impl Relay {
 
 /// Reads `len` bytes off the connection into `journal` at `offset`.
 fn receive(
-    reader: &mut BufReader<TcpStream>,
+    reader: &mut BufReader<PeerStream>,
     journal: &Journal,
     offset: u64,
     len: u64,
@@ -1399,7 +1479,7 @@ mod tests {
             let (server, _) = listener.accept().unwrap();
             client.write_all(&bytes).unwrap();
             drop(client);
-            let mut reader = BufReader::new(server);
+            let mut reader = BufReader::new(PeerStream::plain(server));
             let mut buf = Vec::new();
             // Each line reads as a frame or as an error, and the stream ends.
             for _ in 0..bytes.len() + 1 {
@@ -1433,7 +1513,7 @@ mod tests {
         write_line(&mut client, &sent[1]).unwrap();
         client.write_all(b"{\"record\":{\"seq\":\"x\"}}\n").unwrap();
         drop(client);
-        let mut reader = BufReader::new(server);
+        let mut reader = BufReader::new(PeerStream::plain(server));
         let mut buf = Vec::new();
         assert_eq!(
             read_line::<ToRemote>(&mut reader, &mut buf).unwrap(),
@@ -1456,7 +1536,7 @@ mod tests {
         ));
         drop(listener);
         let peer = PeerAddress::parse(&addr.to_string()).unwrap();
-        let refused = query_role(&peer, PEER_PATIENCE).unwrap_err();
+        let refused = query_role(&peer, "g", &LinkSecurity::Insecure, PEER_PATIENCE).unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
     }
 }

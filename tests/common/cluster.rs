@@ -9,6 +9,7 @@
 //! them). With `UNDERSTUDY_KEEP_CLUSTER` set, the nodes' files (logs, CIB, the guest's
 //! console) are kept after the teardown, as they are after a failure.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -316,16 +317,35 @@ impl Cluster {
     /// each node's environment file at `/run/understudy/counter.toml`, the OCF agent running
     /// `binary`, its log at `/run/understudy/counter.log`, fencing by the power switch.
     pub fn configure_guest(&self, binary: &Path, cmdline: &str) {
+        // The link's credentials, made by `understudy certs`: each node gets the pair's CA
+        // and its own certificate and key.
+        let certs = self.node_dir(1).join("certs");
+        let _ = std::fs::remove_dir_all(&certs);
+        let made = Command::new(binary)
+            .args([OsStr::new("certs"), certs.as_os_str()])
+            .args(["--hosts", "pcmk1,pcmk2"])
+            .output()
+            .expect("run understudy certs");
+        assert!(made.status.success(), "{made:?}");
         for k in [1, 2] {
             let peer = 3 - k;
+            let dir = self.node_dir(k).join("understudy");
+            for (from, to) in [
+                ("ca.pem".to_owned(), "ca.pem"),
+                (format!("pcmk{k}.pem"), "host.pem"),
+                (format!("pcmk{k}.key"), "host.key"),
+            ] {
+                std::fs::copy(certs.join(from), dir.join(to)).unwrap();
+            }
             let env = format!(
                 "[[guest]]\nname = \"counter\"\nkernel = \"{}/counter\"\nmemory_mib = 64\n\
                  cmdline = \"{cmdline}\"\ncrash_dump = false\n\
                  [guest.standby]\nresume = \"checkpoint\"\nprocess = \"remote\"\n\
-                 listen = \"10.99.0.{k}:7770\"\npeer = \"10.99.0.{peer}:7770\"\n",
+                 listen = \"10.99.0.{k}:7770\"\npeer = \"10.99.0.{peer}:7770\"\n\
+                 tls_ca = \"ca.pem\"\ntls_cert = \"host.pem\"\ntls_key = \"host.key\"\n",
                 env!("UNDERSTUDY_KERNELS"),
             );
-            std::fs::write(self.node_dir(k).join("understudy/counter.toml"), env).unwrap();
+            std::fs::write(dir.join("counter.toml"), env).unwrap();
         }
         let binary = binary.display();
         // docs/cluster.md's configuration, with this machine's paths and shorter monitors.

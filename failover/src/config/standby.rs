@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::ResumeFrom;
+use crate::tls::{Credentials, LinkSecurity, TlsError, TlsFiles};
 
 /// The `[guest.standby]` table as written.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -26,6 +27,10 @@ pub(super) struct StandbyFile {
     listen: Option<String>,
     peer: Option<String>,
     ack_timeout_ms: Option<u64>,
+    tls_ca: Option<PathBuf>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    insecure: Option<bool>,
 }
 
 /// The `process` key: where a hot-standby guest's standby runs.
@@ -101,6 +106,10 @@ pub struct RemoteConfig {
     /// An epoch the standby has not acknowledged for this long ends the protection: its
     /// held output is released and the guest runs on unprotected.
     pub ack_timeout_ms: u64,
+    /// How every connection between the two hosts is protected (written back as the
+    /// `tls_*` keys or `insecure` by [`StandbyConfig`]'s serializer).
+    #[serde(skip)]
+    pub security: LinkSecurity,
 }
 
 /// The other host's address: an IP address or a host name, and a port. A name is looked up
@@ -225,6 +234,15 @@ impl Serialize for StandbyConfig {
             map.serialize_entry("listen", &remote.listen)?;
             map.serialize_entry("peer", &remote.peer)?;
             map.serialize_entry("ack_timeout_ms", &remote.ack_timeout_ms)?;
+            match &remote.security {
+                LinkSecurity::Tls(credentials) => {
+                    let files = credentials.files();
+                    map.serialize_entry("tls_ca", &files.ca)?;
+                    map.serialize_entry("tls_cert", &files.cert)?;
+                    map.serialize_entry("tls_key", &files.key)?;
+                }
+                LinkSecurity::Insecure => map.serialize_entry("insecure", &true)?,
+            }
         }
         map.end()
     }
@@ -307,6 +325,10 @@ fn placement(
             (table.listen.is_some(), "standby.listen"),
             (table.peer.is_some(), "standby.peer"),
             (table.ack_timeout_ms.is_some(), "standby.ack_timeout_ms"),
+            (table.tls_ca.is_some(), "standby.tls_ca"),
+            (table.tls_cert.is_some(), "standby.tls_cert"),
+            (table.tls_key.is_some(), "standby.tls_key"),
+            (table.insecure.is_some(), "standby.insecure"),
         ] {
             if given {
                 return Err((name, "applies only with process = \"remote\"".into()));
@@ -343,7 +365,7 @@ fn placement(
     Ok(match process {
         StandbyProcess::Remote => Placement::Remote {
             journal,
-            link: remote_config(table)?,
+            link: remote_config(table, base)?,
         },
         _ => Placement::Separate(journal),
     })
@@ -387,8 +409,8 @@ fn journal_config(
     })
 }
 
-/// A remote standby's addresses.
-fn remote_config(table: &StandbyFile) -> Result<RemoteConfig, Invalid> {
+/// A remote standby's addresses and credentials.
+fn remote_config(table: &StandbyFile, base: &Path) -> Result<RemoteConfig, Invalid> {
     let required = |value: &Option<String>, field: &'static str, example: &str| {
         value.clone().ok_or((
             field,
@@ -436,7 +458,66 @@ fn remote_config(table: &StandbyFile) -> Result<RemoteConfig, Invalid> {
         listen,
         peer,
         ack_timeout_ms,
+        security: link_security(table, base)?,
     })
+}
+
+/// What to write for a remote link's credentials, in the error that asks for them.
+const CREDENTIALS_HINT: &str = "tls_ca = \"ca.pem\", tls_cert = \"HOST.pem\" and tls_key = \"HOST.key\" (made by `understudy certs DIR --hosts HOST,PEER`), or insecure = true for a plaintext link anyone who reaches the port can read";
+
+/// The remote link's credentials, read and checked now (so `understudy check` names a bad
+/// file), or plaintext if `insecure = true` says so.
+fn link_security(table: &StandbyFile, base: &Path) -> Result<LinkSecurity, Invalid> {
+    let given = [&table.tls_ca, &table.tls_cert, &table.tls_key];
+    let any = given.iter().any(|f| f.is_some());
+    match (table.insecure.unwrap_or(false), any) {
+        (true, true) => Err((
+            "standby.insecure",
+            "is true while tls_ca, tls_cert or tls_key is given: choose one".into(),
+        )),
+        (true, false) => Ok(LinkSecurity::Insecure),
+        (false, _) => {
+            let [Some(ca), Some(cert), Some(key)] = given else {
+                let missing: Vec<&str> = ["tls_ca", "tls_cert", "tls_key"]
+                    .iter()
+                    .zip(given)
+                    .filter(|(_, f)| f.is_none())
+                    .map(|(name, _)| *name)
+                    .collect();
+                let key = match missing.first() {
+                    Some(&"tls_ca") if any => "standby.tls_ca",
+                    Some(&"tls_cert") => "standby.tls_cert",
+                    Some(&"tls_key") => "standby.tls_key",
+                    _ => "standby.process",
+                };
+                let missing = missing.join(", ");
+                return Err((
+                    key,
+                    format!(
+                        "a remote standby's link is authenticated and encrypted: {missing} missing; write {CREDENTIALS_HINT}"
+                    ),
+                ));
+            };
+            let files = TlsFiles {
+                ca: base.join(ca),
+                cert: base.join(cert),
+                key: base.join(key),
+            };
+            let credentials = Credentials::load(files).map_err(|e| {
+                let key = match &e {
+                    TlsError::Read { key, .. } | TlsError::Pem { key, .. } => match *key {
+                        "tls_cert" => "standby.tls_cert",
+                        "tls_key" => "standby.tls_key",
+                        _ => "standby.tls_ca",
+                    },
+                    TlsError::Pairing { .. } => "standby.tls_key",
+                    _ => "standby.tls_ca",
+                };
+                (key, e.to_string())
+            })?;
+            Ok(LinkSecurity::Tls(std::sync::Arc::new(credentials)))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -467,5 +548,72 @@ mod tests {
         }
         let local = PeerAddress::parse("localhost:7770").unwrap();
         assert_eq!(local.resolve().unwrap().port(), 7770);
+    }
+
+    fn remote(extra: &str) -> Result<StandbyConfig, Invalid> {
+        let table: StandbyFile = toml::from_str(&format!(
+            "resume = \"checkpoint\"\nprocess = \"remote\"\n\
+             listen = \"10.0.0.1:7770\"\npeer = \"10.0.0.2:7770\"\n{extra}"
+        ))
+        .unwrap();
+        resolve(table, "g", 64, false, Path::new("/"))
+    }
+
+    #[test]
+    fn a_remote_link_needs_credentials_or_insecure_and_a_bad_file_is_named() {
+        let (key, why) = remote("").unwrap_err();
+        assert_eq!(key, "standby.process");
+        for hint in ["tls_ca = \"ca.pem\"", "understudy certs", "insecure = true"] {
+            assert!(why.contains(hint), "{why}");
+        }
+        let dir =
+            std::env::temp_dir().join(format!("understudy-tls-config-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        crate::tls::make_pair(&dir, &["a".into(), "b".into()]).unwrap();
+        let file = |name: &str| dir.join(name).display().to_string();
+        let keys = |ca: &str, cert: &str, key: &str| {
+            format!(
+                "tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                file(ca),
+                file(cert),
+                file(key)
+            )
+        };
+        let (key, why) = remote(&format!("tls_ca = \"{}\"\n", file("ca.pem"))).unwrap_err();
+        assert_eq!(key, "standby.tls_cert");
+        assert!(why.contains("tls_cert, tls_key missing"), "{why}");
+        let (key, why) = remote(&keys("ca.pem", "a.pem", "nowhere.key")).unwrap_err();
+        assert_eq!(key, "standby.tls_key");
+        assert!(
+            why.contains(&file("nowhere.key")) && why.contains("cannot read"),
+            "{why}"
+        );
+        let (key, why) = remote(&keys("ca.pem", "a.key", "a.key")).unwrap_err();
+        assert_eq!(key, "standby.tls_cert");
+        assert!(
+            why.contains(&file("a.key")) && why.contains("no certificate"),
+            "{why}"
+        );
+        let (key, why) = remote(&keys("ca.pem", "a.pem", "b.key")).unwrap_err();
+        assert_eq!(key, "standby.tls_key");
+        assert!(why.contains(&file("b.key")), "{why}");
+        let (key, _) =
+            remote(&(keys("ca.pem", "a.pem", "a.key") + "insecure = true\n")).unwrap_err();
+        assert_eq!(key, "standby.insecure");
+        let good = remote(&keys("ca.pem", "a.pem", "a.key")).unwrap();
+        let link = good.placement.remote().unwrap();
+        assert!(matches!(link.security, LinkSecurity::Tls(_)), "{link:?}");
+        let written = toml::to_string(&good).unwrap();
+        assert!(
+            written.contains(&format!("tls_key = \"{}\"", file("a.key"))),
+            "{written}"
+        );
+        let plain = remote("insecure = true\n").unwrap();
+        assert_eq!(
+            plain.placement.remote().unwrap().security,
+            LinkSecurity::Insecure
+        );
+        assert!(toml::to_string(&plain).unwrap().contains("insecure = true"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
