@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! offset 0            header page: magic, version, writer identifier, batch size, file size,
-//!                     RAM size, writer pid, checksum; then the fields the reader writes
+//!                     RAM size, writer pid, checksum; then the field the writer updates (the
+//!                     last epoch whose disk writes it applied to the images), and the fields
+//!                     the reader writes
 //! 4096                batch area (batch size bytes): a full state image, written once per
 //!                     session: its header (sequence, state length, checksums), the state,
 //!                     and the RAM image at the end of the area (memfd offsets, holes kept)
@@ -12,8 +14,9 @@
 //!                     page boundary, each with a sequence number and a checksum
 //! ```
 //!
-//! A record holds the pages one epoch dirtied, the machine's state at its end and the
-//! console output it produced. No record is larger than the batch size, so an empty
+//! A record holds the pages one epoch dirtied, the machine's state at its end, the
+//! console output it produced and the writes it made to the guest's disks (its disk section:
+//! layout version 2; the record's checksum covers it). No record is larger than the batch size, so an empty
 //! wrap-around area always has room for the next one: a file of at least
 //! 3 x batch + 1 page (the header) can always make progress, and a smaller one is refused.
 //!
@@ -35,13 +38,16 @@ pub const PAGE: u64 = 4096;
 /// The file's first bytes.
 pub const MAGIC: &[u8; 8] = b"USJOURNL";
 /// The layout version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const BATCH_MAGIC: &[u8; 8] = b"USBATCH\0";
 const RECORD_MAGIC: &[u8; 8] = b"USEPOCH\0";
 /// Bytes of the header the writer checksums.
 const HEADER_SIGNED: usize = 56;
+/// Where the writer's field is in the header page: the last epoch whose disk writes it has
+/// applied to the guest's images.
+const WRITER_FIELDS: usize = 256;
 /// Where the reader's fields start in the header page: the last epoch whose output it has
-/// released, and the last it has applied.
+/// released.
 const READER_FIELDS: usize = 512;
 /// Bytes of a record's or the batch's own header.
 const RECORD_HEADER: usize = 64;
@@ -247,6 +253,9 @@ pub struct EpochRecord<'a> {
     pub tail: &'a [u8],
     /// For the last record of a guest that ended: how it ended (JSON); the state is empty.
     pub end: Option<&'a [u8]>,
+    /// The epoch's writes to the guest's disks (`crate::disk_handoff` encodes them),
+    /// applied to the images once the epoch commits; empty without any.
+    pub disk: &'a [u8],
 }
 
 impl EpochRecord<'_> {
@@ -257,7 +266,9 @@ impl EpochRecord<'_> {
             + self.state.len() as u64
             + self.output.len() as u64
             + self.tail.len() as u64
-            + self.end.map_or(0, |e| e.len() as u64);
+            + self.end.map_or(0, |e| e.len() as u64)
+            + DISK_LEN as u64
+            + self.disk.len() as u64;
         round_up(meta) + self.runs.iter().map(|r| r.1).sum::<u64>()
     }
 }
@@ -282,7 +293,12 @@ pub struct ReadRecord {
     pub tail: Vec<u8>,
     /// How the guest ended, for an end record (JSON).
     pub end: Option<Vec<u8>>,
+    /// Its disk section (see [`EpochRecord::disk`]).
+    pub disk: Vec<u8>,
 }
+
+/// Bytes of the disk section's length, which follows the end in a record's metadata.
+const DISK_LEN: usize = 8;
 
 const KIND_EPOCH: u32 = 1;
 const KIND_END: u32 = 2;
@@ -637,7 +653,9 @@ impl Journal {
             + record.state.len()
             + record.output.len()
             + record.tail.len()
-            + end.len();
+            + end.len()
+            + DISK_LEN
+            + record.disk.len();
         let meta = self
             .bytes_mut(offset + RECORD_HEADER as u64, meta_len)
             .ok_or_else(|| self.torn("record", offset, "outside the file"))?;
@@ -647,7 +665,15 @@ impl Journal {
             meta[at + 8..at + 16].copy_from_slice(&run_len.to_le_bytes());
             at += 16;
         }
-        for part in [record.state, record.output, record.tail, end] {
+        let disk_len = (record.disk.len() as u64).to_le_bytes();
+        for part in [
+            record.state,
+            record.output,
+            record.tail,
+            end,
+            &disk_len,
+            record.disk,
+        ] {
             meta[at..at + part.len()].copy_from_slice(part);
             at += part.len();
         }
@@ -742,10 +768,10 @@ impl Journal {
             u32_at(head, 40) as u64,
             u32_at(head, 44) as u64,
         );
-        let meta_len = 16 * runs + state_len + output_len + tail_len + end_len;
+        let fixed_len = 16 * runs + state_len + output_len + tail_len + end_len + DISK_LEN as u64;
         if len > self.header.batch
             || offset + len > self.header.size
-            || RECORD_HEADER as u64 + meta_len > len
+            || RECORD_HEADER as u64 + fixed_len > len
             || !(kind == KIND_EPOCH || kind == KIND_END)
         {
             return Err(self.torn("record", offset, "lengths out of range"));
@@ -759,6 +785,11 @@ impl Journal {
         if CRC64.checksum(body) != u64_at(head, 48) {
             return Err(self.torn("record", offset, "checksum mismatch"));
         }
+        let disk_len = u64_at(body, (fixed_len - DISK_LEN as u64) as usize);
+        let meta_len = fixed_len
+            .checked_add(disk_len)
+            .filter(|all| RECORD_HEADER as u64 + all <= len)
+            .ok_or_else(|| self.torn("record", offset, "disk section out of range"))?;
         let mut table = Vec::with_capacity(runs as usize);
         let mut pages = 0u64;
         for i in 0..runs as usize {
@@ -786,6 +817,8 @@ impl Journal {
         let output = part(output_len);
         let tail = part(tail_len);
         let end = part(end_len);
+        part(DISK_LEN as u64);
+        let disk = part(disk_len);
         Ok(ReadRecord {
             seq,
             offset,
@@ -796,6 +829,7 @@ impl Journal {
             output,
             tail,
             end: (kind == KIND_END).then_some(end),
+            disk,
         })
     }
 
@@ -837,6 +871,20 @@ impl Journal {
     /// Sets the reader's mark.
     pub fn set_released(&self, seq: u64) {
         if let Some(field) = self.bytes_mut(READER_FIELDS as u64, 8) {
+            field.copy_from_slice(&seq.to_le_bytes());
+        }
+    }
+
+    /// The writer's mark: the last epoch whose disk writes it has applied to the guest's
+    /// images (0 for the batch: everything before the batch is in them).
+    pub fn disk_applied(&self) -> u64 {
+        self.bytes(WRITER_FIELDS as u64, 8)
+            .map_or(0, |b| u64_at(b, 0))
+    }
+
+    /// Sets the writer's mark, once the images hold every disk write up to epoch `seq`.
+    pub fn set_disk_applied(&self, seq: u64) {
+        if let Some(field) = self.bytes_mut(WRITER_FIELDS as u64, 8) {
             field.copy_from_slice(&seq.to_le_bytes());
         }
     }
@@ -895,6 +943,7 @@ mod tests {
             output: b"count 1\n",
             tail: b"cou",
             end: None,
+            disk: b"disk section",
         };
         let at = writer.records_start();
         writer.write_record(at, &record, Some(&ram)).unwrap();
@@ -913,6 +962,11 @@ mod tests {
         assert_eq!(got.tail, b"cou");
         assert_eq!(got.state, b"{\"state\":1}");
         assert_eq!(got.end, None);
+        assert_eq!(got.disk, b"disk section");
+        // The writer's disk mark, as the reader sees it.
+        assert_eq!(reader.disk_applied(), 0);
+        writer.set_disk_applied(1);
+        assert_eq!(reader.disk_applied(), 1);
         ram.copy_in(7 * PAGE, &[9; PAGE as usize]).unwrap();
         reader.apply_pages(&got, &loaded).unwrap();
         let mut page = [0u8; PAGE as usize];
@@ -940,6 +994,7 @@ mod tests {
             output: b"",
             tail: b"",
             end: None,
+            disk: b"",
         };
         let at = writer.records_start();
         // Written but never sealed: the writer died before its header.
@@ -1021,6 +1076,7 @@ mod tests {
             output: &output,
             tail: &[],
             end: None,
+            disk: &[],
         };
         assert!(record.size() <= batch);
         // And two records of a batch each fit the area between them.

@@ -33,6 +33,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod disk;
+pub mod disk_handoff;
 pub mod dump;
 pub mod fault;
 pub mod follower;

@@ -27,6 +27,8 @@ use crate::checkpoint::{EpochStats, Precopied};
 use crate::config::JournalConfig;
 use crate::console::HeldOutput;
 use crate::control::protocol::StandbyProcessStatus;
+use crate::disk::EpochDisk;
+use crate::disk_handoff::{self, SealedEpoch};
 use crate::journal::{EpochRecord, Journal, JournalError};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
 use crate::remote::ActiveSide;
@@ -136,6 +138,9 @@ pub(crate) struct StandbyLink {
     deferred: u64,
     /// What the guest's crash-loop guard counts, told to each standby that attaches.
     failovers: Vec<u64>,
+    /// The guest's checkpointed disks: their epoch logs go with the records
+    /// ([`crate::disk_handoff`]).
+    disks: Vec<Arc<EpochDisk>>,
 }
 
 /// Why no standby link could be made for a guest, with the console it was given.
@@ -289,6 +294,7 @@ impl StandbyLink {
             sessions: 0,
             deferred: 0,
             failovers: Vec::new(),
+            disks: ctx.disks.epoch_disks(),
         };
         Ok((link, Box::new(held)))
     }
@@ -442,7 +448,10 @@ impl StandbyLink {
                 session.phase = Phase::Opened;
                 self.sessions += 1;
                 lifecycle!(info, "standby-process-attached", guest = %self.guest, standby_pid = session.pid, identifier, journal = %self.config.path.display(), "a standby process attached; writing the journal");
-                session.tell(&announce).map_err(|e| e.to_string())
+                // The images go with the announcement: the standby shares their locks.
+                session
+                    .tell_with_fds(&announce, &disk_handoff::image_fds(&ctx.disks))
+                    .map_err(|e| e.to_string())
             }
             (Phase::Opened, ToActive::Opened {}) => {
                 let Some(active) = active else {
@@ -513,6 +522,8 @@ impl StandbyLink {
         if let Some(events) = own_stops(active) {
             return LinkTick::ActiveStopped(events);
         }
+        // The images are to hold every write up to the batch before the standby loads it.
+        drop(SealedEpoch::seal(&self.disks));
         let sealed = (|| -> Result<(Vec<u8>, u64), String> {
             let dirty = active.take_dirty_pages().map_err(|e| e.to_string())?;
             let runs = active.ram().marked_offsets(&dirty.bitmaps);
@@ -540,6 +551,13 @@ impl StandbyLink {
                 return LinkTick::Done;
             }
         };
+        if let Err(err) = disk_handoff::apply_sealed(&self.disks) {
+            self.pending = tail;
+            self.refuse(&format!(
+                "the disk writes before the batch could not be applied: {err}"
+            ));
+            return LinkTick::Done;
+        }
         if let Err(err) = journal.commit_batch(0, &state, &tail) {
             self.pending = tail;
             self.refuse(&err.to_string());
@@ -568,6 +586,11 @@ impl StandbyLink {
             .is_some_and(|s| matches!(s.phase, Phase::Loading | Phase::Following));
         if !writing {
             self.pending.extend(self.held.take());
+            // The output is released only once the images hold the writes made before it.
+            if let Err(err) = disk_handoff::commit_unprotected(&self.disks) {
+                tracing::error!(guest = %self.guest, %err, "disk writes could not be applied to the image; the output that follows them is held");
+                return LinkTick::Done;
+            }
             let pending = std::mem::take(&mut self.pending);
             let (output, tail) = split_tail(pending, &mut self.tail_since);
             release(&self.console, &output);
@@ -616,6 +639,7 @@ impl StandbyLink {
             let mut output = std::mem::take(&mut session.carry_output);
             output.extend(self.held.take());
             let (output, tail) = split_tail(output, &mut self.tail_since);
+            let disks = SealedEpoch::seal(&self.disks);
             let record = EpochRecordOwned {
                 seq: session.seq + 1,
                 runs: active.ram().marked_offsets(&dirty.bitmaps),
@@ -623,11 +647,13 @@ impl StandbyLink {
                 output,
                 tail,
                 end: None,
+                disk: disks.section().to_vec(),
             };
             let len = record.borrow().size();
             let Some(offset) = place(&journal, session, len) else {
-                // No room until the standby applies what it has: this epoch's pages and
-                // output go with the next one.
+                // No room until the standby applies what it has: this epoch's pages, output
+                // and disk writes go with the next one.
+                disks.unseal(&self.disks);
                 session.carry = Some(dirty);
                 session.carry_output = [record.output, record.tail].concat();
                 return Ok(None);
@@ -668,6 +694,10 @@ impl StandbyLink {
         });
         let pages = record.runs.iter().map(|r| r.1).sum::<u64>() / crate::journal::PAGE;
         self.stats.record(pause, pages);
+        // The epoch has committed: its disk writes go to the images, then the mark says so.
+        disk_handoff::apply_sealed(&self.disks)
+            .map_err(|e| format!("the epoch's disk writes could not be applied: {e}"))?;
+        journal.set_disk_applied(record.seq);
         let notice = ToStandby::Record {
             seq: record.seq,
             offset,
@@ -723,6 +753,9 @@ impl StandbyLink {
             self.lose("the guest ended");
         }
         self.pending.extend(self.held.take());
+        if let Err(err) = disk_handoff::commit_unprotected(&self.disks) {
+            tracing::error!(guest = %self.guest, %err, "the guest's last disk writes could not be applied to the image");
+        }
         let output = std::mem::take(&mut self.pending);
         release(&self.console, &output);
     }
@@ -736,6 +769,7 @@ impl StandbyLink {
         let journal = session.journal.clone().ok_or("no journal")?;
         let mut output = std::mem::take(&mut session.carry_output);
         output.extend(self.held.take());
+        let disks = SealedEpoch::seal(&self.disks);
         let record = EpochRecordOwned {
             seq: session.seq + 1,
             runs: Vec::new(),
@@ -743,6 +777,7 @@ impl StandbyLink {
             output,
             tail: Vec::new(),
             end: Some(end.to_vec()),
+            disk: disks.section().to_vec(),
         };
         let len = record.borrow().size();
         let Some(offset) = place(&journal, session, len) else {
@@ -754,6 +789,8 @@ impl StandbyLink {
             .and_then(|()| journal.seal_record(offset, &record.borrow()))
             .map_err(|e| e.to_string())?;
         session.seq = record.seq;
+        disk_handoff::apply_sealed(&self.disks).map_err(|e| e.to_string())?;
+        journal.set_disk_applied(record.seq);
         let notice = ToStandby::Record {
             seq: record.seq,
             offset,
@@ -797,8 +834,11 @@ impl StandbyLink {
         // given up first (the listener stays open, unreachable, until the loop lets it go).
         let _ = std::fs::remove_file(&self.config.socket);
         self.owns_socket = false;
-        // The machine is fenced: this process never runs the guest again, and the standby
-        // takes the lock before it resumes it.
+        // The machine is fenced: this process never runs the guest again (nor writes its
+        // images), and the standby takes the lock before it resumes it.
+        for disk in &self.disks {
+            disk.give_up();
+        }
         self.lock = None;
         let told = session.tell(&ToStandby::TakeOver {
             why: why.to_owned(),
@@ -853,6 +893,10 @@ impl StandbyLink {
             .as_ref()
             .map_or(0, |j| j.released())
             .max(shipped);
+        // Every sealed record's disk writes are in the images before any of its output goes.
+        if let Err(err) = disk_handoff::apply_sealed(&self.disks) {
+            tracing::error!(guest = %self.guest, %err, "disk writes could not be applied to the image");
+        }
         for record in &session.unapplied {
             if record.seq > released {
                 release(&self.console, &record.output);
@@ -903,6 +947,23 @@ const HANDOVER_PATIENCE: Duration = Duration::from_secs(2);
 const MAX_UNREAD: usize = 1 << 20;
 
 impl Session {
+    /// Sends `message` with `fds` (the first message of a session: nothing waits before it).
+    fn tell_with_fds(
+        &mut self,
+        message: &ToStandby,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), LinkError> {
+        if fds.is_empty() || !self.out.is_empty() {
+            return self.tell(message);
+        }
+        let mut line =
+            serde_json::to_vec(message).map_err(|e| LinkError::Garbled(e.to_string()))?;
+        line.push(b'\n');
+        let sent = crate::link::send_with_fds(&self.conn, &line, fds)?;
+        self.out.extend_from_slice(&line[sent..]);
+        self.flush()
+    }
+
     /// Sends `message`, after whatever is still waiting: whole lines, in order, whatever the
     /// connection takes at a time.
     fn tell(&mut self, message: &ToStandby) -> Result<(), LinkError> {
@@ -982,6 +1043,7 @@ struct EpochRecordOwned {
     output: Vec<u8>,
     tail: Vec<u8>,
     end: Option<Vec<u8>>,
+    disk: Vec<u8>,
 }
 
 impl EpochRecordOwned {
@@ -993,6 +1055,7 @@ impl EpochRecordOwned {
             output: &self.output,
             tail: &self.tail,
             end: self.end.as_deref(),
+            disk: &self.disk,
         }
     }
 }
