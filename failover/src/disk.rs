@@ -336,6 +336,18 @@ impl EpochLog {
     }
 }
 
+/// `UNDERSTUDY_DISK_APPLY_DELAY_US`: for tests, how long an apply waits between writing its
+/// redo journal and writing the image (docs/failover.md).
+fn apply_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("UNDERSTUDY_DISK_APPLY_DELAY_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_micros)
+    })
+}
+
 /// Counters of an epoch-logged disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochDiskStats {
@@ -473,6 +485,11 @@ impl EpochDisk {
         }
         if !log.extents.is_empty() {
             self.write_journal(log)?;
+            if let Some(delay) = apply_delay() {
+                // A test's way to widen the window in which the journal is whole and the
+                // image not yet written, to kill the process inside it.
+                std::thread::sleep(delay);
+            }
             for (offset, data) in &log.extents {
                 self.image.file().write_all_at(data, *offset)?;
             }
