@@ -114,6 +114,16 @@ pub enum ImageRefusal {
         /// Its path here.
         path: PathBuf,
     },
+    /// The disk is read-only in one environment file and writable in the other.
+    #[error("disk[{index}] {path} is {} here and {} on the active", if *.read_only_here { "read-only" } else { "writable" }, if *.read_only_here { "writable" } else { "read-only" })]
+    Access {
+        /// The disk.
+        index: usize,
+        /// Its path here.
+        path: PathBuf,
+        /// Whether this standby's environment file says `read_only`.
+        read_only_here: bool,
+    },
     /// The image passed on cannot be used.
     #[error("disk[{index}]: {source}")]
     Image {
@@ -169,6 +179,17 @@ pub fn adopt_images(config: &GuestConfig, fds: Vec<OwnedFd>) -> Result<GuestDisk
                     index,
                     path: disk.path.clone(),
                 },
+            });
+        }
+        // A lock taken shared over the active's exclusive one would weaken it for both.
+        // SAFETY: F_GETFL only reads the descriptor's flags.
+        let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_GETFL) };
+        let writable_there = flags >= 0 && flags & libc::O_ACCMODE == libc::O_RDWR;
+        if writable_there == disk.read_only {
+            return Err(ImageRefusal::Access {
+                index,
+                path: disk.path.clone(),
+                read_only_here: disk.read_only,
             });
         }
         // The same open file as the active's: its lock is this process's too.
