@@ -416,9 +416,11 @@ impl EpochDisk {
     /// Gives back `log`, just sealed and the last sealed, as the running epoch's log: its epoch
     /// did not commit after all and goes on into the next one (a take-over journal without
     /// room for its record). Called with the guest still paused, so nothing was written since.
-    pub fn unseal(&self, log: &Arc<EpochLog>) {
+    pub fn unseal(&self, log: Arc<EpochLog>) {
         let mut layers = self.layers();
-        if layers.sealed.back().is_some_and(|l| Arc::ptr_eq(l, log)) && layers.current.is_empty() {
+        if layers.sealed.back().is_some_and(|l| Arc::ptr_eq(l, &log)) && layers.current.is_empty() {
+            // The caller's handle goes first, so that the log is moved back, not copied.
+            drop(log);
             if let Some(log) = layers.sealed.pop_back() {
                 layers.current = Arc::try_unwrap(log).unwrap_or_else(|shared| EpochLog {
                     extents: shared.extents.clone(),

@@ -228,11 +228,16 @@ impl SealedEpoch {
         &self.section
     }
 
+    /// The disk section, taken out (the record owns it from now on).
+    pub fn take_section(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.section)
+    }
+
     /// The epoch did not commit after all (no room for its record): its writes go on into
     /// the next epoch's logs. The guest is still paused.
     pub fn unseal(self, disks: &[Arc<EpochDisk>]) {
-        for (index, log) in &self.logs {
-            if let Some(disk) = disks.get(*index) {
+        for (index, log) in self.logs {
+            if let Some(disk) = disks.get(index) {
                 disk.unseal(log);
             }
         }
@@ -424,6 +429,78 @@ mod tests {
 
     fn sector(path: &Path, n: u64) -> Vec<u8> {
         std::fs::read(path).unwrap()[(n * SECTOR_SIZE) as usize..][..512].to_vec()
+    }
+
+    /// A guest of `disks` (`(path, read_only)`), its kernel this test binary.
+    fn guest(disks: &[(&Path, bool)]) -> GuestConfig {
+        let exe = std::env::current_exe().unwrap();
+        let mut text = format!(
+            "[[guest]]\nname = \"g\"\nkernel = {:?}\n[guest.standby]\nresume = \"checkpoint\"\n\
+             process = \"separate\"\n",
+            exe.display().to_string()
+        );
+        for (path, read_only) in disks {
+            text.push_str(&format!(
+                "[[guest.disk]]\npath = {:?}\nread_only = {read_only}\n",
+                path.display().to_string()
+            ));
+        }
+        let env = crate::config::Environment::parse(&text, Path::new("env.toml"), Path::new("/"))
+            .unwrap();
+        env.guest[0].clone()
+    }
+
+    /// What the active passes on for `path`: its open file, locked.
+    fn passed(path: &Path, read_only: bool) -> (RawImage, OwnedFd) {
+        let image = RawImage::open(path, read_only).unwrap();
+        let fd = OwnedFd::from(image.file().try_clone().unwrap());
+        (image, fd)
+    }
+
+    #[test]
+    fn a_standby_takes_only_the_image_its_own_environment_names() {
+        let data = image("adopt.img", 8);
+        let small = image("adopt-small.img", 4);
+        let other = image("adopt-other.img", 8);
+        // The active's image, as the standby is given it, for a standby configured `disks`.
+        let adopt = |disks: &[(&Path, bool)]| {
+            let (active, fd) = passed(&data, false);
+            let adopted = adopt_images(&guest(disks), vec![fd]);
+            drop(active);
+            adopted
+        };
+        let disks = adopt(&[(&data, false)]).unwrap();
+        assert_eq!(disks.epoch_disks().len(), 1);
+        drop(disks);
+        let err = adopt(&[]).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                ImageRefusal::Count {
+                    passed: 1,
+                    configured: 0
+                }
+            ),
+            "{err}"
+        );
+        let err = adopt(&[(&data, true)]).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("read-only here and writable on the active"),
+            "{err}"
+        );
+        let err = adopt(&[(&small, false)]).err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("has 2048 bytes, the active's image 4096"),
+            "{err}"
+        );
+        let err = adopt(&[(&other, false)]).err().unwrap();
+        assert!(matches!(err, ImageRefusal::OtherFile { .. }), "{err}");
+        let holder = RawImage::open(&other, false).unwrap();
+        let err = adopt(&[(&other, false)]).err().unwrap();
+        assert!(matches!(err, ImageRefusal::LockedByAnother { .. }), "{err}");
+        drop(holder);
     }
 
     #[test]

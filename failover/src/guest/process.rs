@@ -639,7 +639,7 @@ impl StandbyLink {
             let mut output = std::mem::take(&mut session.carry_output);
             output.extend(self.held.take());
             let (output, tail) = split_tail(output, &mut self.tail_since);
-            let disks = SealedEpoch::seal(&self.disks);
+            let mut disks = SealedEpoch::seal(&self.disks);
             let record = EpochRecordOwned {
                 seq: session.seq + 1,
                 runs: active.ram().marked_offsets(&dirty.bitmaps),
@@ -647,7 +647,7 @@ impl StandbyLink {
                 output,
                 tail,
                 end: None,
-                disk: disks.section().to_vec(),
+                disk: disks.take_section(),
             };
             let len = record.borrow().size();
             let Some(offset) = place(&journal, session, len) else {
@@ -769,7 +769,6 @@ impl StandbyLink {
         let journal = session.journal.clone().ok_or("no journal")?;
         let mut output = std::mem::take(&mut session.carry_output);
         output.extend(self.held.take());
-        let disks = SealedEpoch::seal(&self.disks);
         let record = EpochRecordOwned {
             seq: session.seq + 1,
             runs: Vec::new(),
@@ -777,7 +776,7 @@ impl StandbyLink {
             output,
             tail: Vec::new(),
             end: Some(end.to_vec()),
-            disk: disks.section().to_vec(),
+            disk: SealedEpoch::seal(&self.disks).take_section(),
         };
         let len = record.borrow().size();
         let Some(offset) = place(&journal, session, len) else {
