@@ -203,34 +203,42 @@ pub fn adopt_images(config: &GuestConfig, fds: Vec<OwnedFd>) -> Result<GuestDisk
     })
 }
 
-/// The logs of one epoch, sealed on the active in the pause that ends it, and their disk
-/// section.
+/// The logs of one epoch, sealed on the active in the pause that ends it: what its record's
+/// disk section is made of.
 #[derive(Default)]
 pub struct SealedEpoch {
     logs: Vec<(usize, Arc<EpochLog>)>,
-    section: Vec<u8>,
 }
 
 impl SealedEpoch {
-    /// Seals the running epoch's log of each of `disks` (the guest is paused).
+    /// Seals the running epoch's log of each of `disks` (the guest is paused): a pointer swap
+    /// each, nothing copied.
     pub fn seal(disks: &[Arc<EpochDisk>]) -> SealedEpoch {
-        let logs: Vec<(usize, Arc<EpochLog>)> = disks
+        let logs = disks
             .iter()
             .enumerate()
             .filter_map(|(index, disk)| disk.seal().map(|log| (index, log)))
             .collect();
-        let section = encode(&logs);
-        SealedEpoch { logs, section }
+        SealedEpoch { logs }
     }
 
-    /// The disk section for the epoch's record.
-    pub fn section(&self) -> &[u8] {
-        &self.section
+    /// The length of the disk section, without making it.
+    pub fn section_len(&self) -> u64 {
+        self.logs
+            .iter()
+            .map(|(_, log)| {
+                16 + log
+                    .extents()
+                    .map(|(_, data)| 16 + data.len() as u64)
+                    .sum::<u64>()
+            })
+            .sum()
     }
 
-    /// The disk section, taken out (the record owns it from now on).
-    pub fn take_section(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.section)
+    /// The disk section for the epoch's record (made once the guest runs again: the logs
+    /// are sealed and no longer change).
+    pub fn section(&self) -> Vec<u8> {
+        encode(&self.logs)
     }
 
     /// The epoch did not commit after all (no room for its record): its writes go on into
@@ -512,7 +520,9 @@ mod tests {
         disks[0].write_at(1024, &[4; 512]).unwrap();
         disks[0].flush().unwrap();
         let sealed = SealedEpoch::seal(&disks);
-        let logs = decode(sealed.section(), &disks).unwrap();
+        let section = sealed.section();
+        assert_eq!(section.len() as u64, sealed.section_len());
+        let logs = decode(&section, &disks).unwrap();
         assert_eq!(logs.len(), 1);
         let (index, log) = &logs[0];
         assert_eq!(*index, 0);
@@ -523,14 +533,14 @@ mod tests {
             vec![(512, [vec![3u8; 512], vec![4u8; 512]].concat())]
         );
         // Cut short, of another disk, or outside it: refused.
-        assert!(decode(&sealed.section()[..20], &disks).is_err());
-        let mut other = sealed.section().to_vec();
+        assert!(decode(&section[..20], &disks).is_err());
+        let mut other = section.clone();
         other[0] = 1;
         assert!(matches!(
             decode(&other, &disks),
             Err(SectionError::NoSuchDisk { index: 1, .. })
         ));
-        let mut outside = sealed.section().to_vec();
+        let mut outside = section.clone();
         outside[16..24].copy_from_slice(&(8 * SECTOR_SIZE).to_le_bytes());
         assert!(matches!(
             decode(&outside, &disks),
@@ -547,7 +557,9 @@ mod tests {
         SealedEpoch::seal(&disks).unseal(&disks);
         disks[0].write_at(512, &[2; 512]).unwrap();
         let sealed = SealedEpoch::seal(&disks);
-        let logs = decode(sealed.section(), &disks).unwrap();
+        let section = sealed.section();
+        assert_eq!(section.len() as u64, sealed.section_len());
+        let logs = decode(&section, &disks).unwrap();
         assert_eq!(logs[0].1.extents().len(), 1, "one extent of both epochs");
         apply_sealed(&disks).unwrap();
         assert_eq!(sector(&path, 0), vec![1; 512]);
@@ -578,7 +590,7 @@ mod tests {
                 .write_at(u64::from(byte) * 512, &[byte; 512])
                 .unwrap();
             let sealed = SealedEpoch::seal(&active);
-            kept.keep(seq, decode(sealed.section(), &standby).unwrap(), 0);
+            kept.keep(seq, decode(&sealed.section(), &standby).unwrap(), 0);
         }
         let logs = active[0].sealed();
         active[0].apply(&logs[0]).unwrap();

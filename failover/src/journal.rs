@@ -256,9 +256,32 @@ pub struct EpochRecord<'a> {
     /// The epoch's writes to the guest's disks (`crate::disk_handoff` encodes them),
     /// applied to the images once the epoch commits; empty without any.
     pub disk: &'a [u8],
+    /// With `disk` empty: the length of a disk section written into the record later, with
+    /// the guest running again ([`Journal::write_disk_section`]), before it is sealed.
+    pub disk_after: u64,
 }
 
 impl EpochRecord<'_> {
+    /// The disk section's length.
+    pub fn disk_len(&self) -> u64 {
+        if self.disk.is_empty() {
+            self.disk_after
+        } else {
+            self.disk.len() as u64
+        }
+    }
+
+    /// Where the disk section starts, from the record's start.
+    fn disk_at(&self) -> u64 {
+        RECORD_HEADER as u64
+            + 16 * self.runs.len() as u64
+            + self.state.len() as u64
+            + self.output.len() as u64
+            + self.tail.len() as u64
+            + self.end.map_or(0, |e| e.len() as u64)
+            + DISK_LEN as u64
+    }
+
     /// The bytes the record takes, page data included.
     pub fn size(&self) -> u64 {
         let meta = RECORD_HEADER as u64
@@ -268,7 +291,7 @@ impl EpochRecord<'_> {
             + self.tail.len() as u64
             + self.end.map_or(0, |e| e.len() as u64)
             + DISK_LEN as u64
-            + self.disk.len() as u64;
+            + self.disk_len();
         round_up(meta) + self.runs.iter().map(|r| r.1).sum::<u64>()
     }
 }
@@ -655,7 +678,7 @@ impl Journal {
             + record.tail.len()
             + end.len()
             + DISK_LEN
-            + record.disk.len();
+            + record.disk_len() as usize;
         let meta = self
             .bytes_mut(offset + RECORD_HEADER as u64, meta_len)
             .ok_or_else(|| self.torn("record", offset, "outside the file"))?;
@@ -665,7 +688,7 @@ impl Journal {
             meta[at + 8..at + 16].copy_from_slice(&run_len.to_le_bytes());
             at += 16;
         }
-        let disk_len = (record.disk.len() as u64).to_le_bytes();
+        let disk_len = record.disk_len().to_le_bytes();
         for part in [
             record.state,
             record.output,
@@ -689,6 +712,24 @@ impl Journal {
                 .map_err(|e| self.torn("record", offset, e.to_string()))?;
             page_at += run_len;
         }
+        Ok(())
+    }
+
+    /// Writes the disk section of the record written at `offset` without it (see
+    /// [`EpochRecord::disk_after`]): `section` of that length.
+    pub fn write_disk_section(
+        &self,
+        offset: u64,
+        record: &EpochRecord<'_>,
+        section: &[u8],
+    ) -> Result<(), JournalError> {
+        if section.len() as u64 != record.disk_after || !record.disk.is_empty() {
+            return Err(self.torn("record", offset, "a disk section of another length"));
+        }
+        let area = self
+            .bytes_mut(offset + record.disk_at(), section.len())
+            .ok_or_else(|| self.torn("record", offset, "outside the file"))?;
+        area.copy_from_slice(section);
         Ok(())
     }
 
@@ -944,6 +985,7 @@ mod tests {
             tail: b"cou",
             end: None,
             disk: b"disk section",
+            disk_after: 0,
         };
         let at = writer.records_start();
         writer.write_record(at, &record, Some(&ram)).unwrap();
@@ -963,6 +1005,23 @@ mod tests {
         assert_eq!(got.state, b"{\"state\":1}");
         assert_eq!(got.end, None);
         assert_eq!(got.disk, b"disk section");
+        // A disk section written after the record, before it is sealed.
+        let late = EpochRecord {
+            seq: 2,
+            runs: &[],
+            state: b"{}",
+            output: b"",
+            tail: b"",
+            end: None,
+            disk: b"",
+            disk_after: 4,
+        };
+        let next = writer.next_offset(at, got.len, late.size());
+        writer.write_record(next, &late, None).unwrap();
+        assert!(writer.write_disk_section(next, &late, b"toolong").is_err());
+        writer.write_disk_section(next, &late, b"late").unwrap();
+        writer.seal_record(next, &late).unwrap();
+        assert_eq!(reader.read_record(next, 2).unwrap().disk, b"late");
         // The writer's disk mark, as the reader sees it.
         assert_eq!(reader.disk_applied(), 0);
         writer.set_disk_applied(1);
@@ -978,8 +1037,8 @@ mod tests {
         loaded.copy_out(7 * PAGE, &mut page).unwrap();
         assert_eq!(page, [2; PAGE as usize]);
         // Nothing is at the next place yet.
-        let next = reader.next_offset(at, got.len, PAGE);
-        assert!(reader.read_record(next, 2).is_err());
+        let after = reader.next_offset(next, late.size(), PAGE);
+        assert!(reader.read_record(after, 3).is_err());
     }
 
     #[test]
@@ -995,6 +1054,7 @@ mod tests {
             tail: b"",
             end: None,
             disk: b"",
+            disk_after: 0,
         };
         let at = writer.records_start();
         // Written but never sealed: the writer died before its header.
@@ -1077,6 +1137,7 @@ mod tests {
             tail: &[],
             end: None,
             disk: &[],
+            disk_after: 0,
         };
         assert!(record.size() <= batch);
         // And two records of a batch each fit the area between them.

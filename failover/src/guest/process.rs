@@ -639,7 +639,6 @@ impl StandbyLink {
             let mut output = std::mem::take(&mut session.carry_output);
             output.extend(self.held.take());
             let (output, tail) = split_tail(output, &mut self.tail_since);
-            let mut disks = SealedEpoch::seal(&self.disks);
             let record = EpochRecordOwned {
                 seq: session.seq + 1,
                 runs: active.ram().marked_offsets(&dirty.bitmaps),
@@ -647,13 +646,13 @@ impl StandbyLink {
                 output,
                 tail,
                 end: None,
-                disk: disks.take_section(),
+                disks: SealedEpoch::seal(&self.disks),
             };
             let len = record.borrow().size();
             let Some(offset) = place(&journal, session, len) else {
                 // No room until the standby applies what it has: this epoch's pages, output
                 // and disk writes go with the next one.
-                disks.unseal(&self.disks);
+                record.disks.unseal(&self.disks);
                 session.carry = Some(dirty);
                 session.carry_output = [record.output, record.tail].concat();
                 return Ok(None);
@@ -680,6 +679,10 @@ impl StandbyLink {
             std::thread::sleep(delay);
         }
         let session = self.session.as_mut().ok_or("no session")?;
+        // The disk section is copied in with the guest running again.
+        journal
+            .write_disk_section(offset, &record.borrow(), &record.disks.section())
+            .map_err(|e| e.to_string())?;
         journal
             .seal_record(offset, &record.borrow())
             .map_err(|e: JournalError| e.to_string())?;
@@ -776,7 +779,7 @@ impl StandbyLink {
             output,
             tail: Vec::new(),
             end: Some(end.to_vec()),
-            disk: SealedEpoch::seal(&self.disks).take_section(),
+            disks: SealedEpoch::seal(&self.disks),
         };
         let len = record.borrow().size();
         let Some(offset) = place(&journal, session, len) else {
@@ -785,6 +788,9 @@ impl StandbyLink {
         };
         journal
             .write_record(offset, &record.borrow(), None)
+            .and_then(|()| {
+                journal.write_disk_section(offset, &record.borrow(), &record.disks.section())
+            })
             .and_then(|()| journal.seal_record(offset, &record.borrow()))
             .map_err(|e| e.to_string())?;
         session.seq = record.seq;
@@ -1042,7 +1048,8 @@ struct EpochRecordOwned {
     output: Vec<u8>,
     tail: Vec<u8>,
     end: Option<Vec<u8>>,
-    disk: Vec<u8>,
+    /// Its disk writes, sealed; copied into the record after the pause.
+    disks: SealedEpoch,
 }
 
 impl EpochRecordOwned {
@@ -1054,7 +1061,8 @@ impl EpochRecordOwned {
             output: &self.output,
             tail: &self.tail,
             end: self.end.as_deref(),
-            disk: &self.disk,
+            disk: &[],
+            disk_after: self.disks.section_len(),
         }
     }
 }
