@@ -17,7 +17,9 @@
 //! exited (it is asked every 50 ms, in every understudy configuration alike; the socket goes
 //! away when the guest exits, while a checkpointed guest's last epochs are still applied).
 //!
-//! Run: `cargo bench --bench disk` (optionally `-- ROUNDS`, default 5).
+//! Run: `cargo bench --bench disk` (optionally `-- ROUNDS`, default 5, and the names of the
+//! configurations to run: `unprotected`, `checkpoint`, `separate`, `failed-state`, `qemu`;
+//! all of them by default).
 
 mod common;
 
@@ -58,6 +60,17 @@ impl Config {
         Config::FailedState,
         Config::Qemu,
     ];
+
+    /// Its name on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            Config::Unprotected => "unprotected",
+            Config::Checkpoint => "checkpoint",
+            Config::Separate => "separate",
+            Config::FailedState => "failed-state",
+            Config::Qemu => "qemu",
+        }
+    }
 
     fn label(self) -> &'static str {
         match self {
@@ -309,9 +322,14 @@ fn main() {
         .unwrap_or(5);
     let dir = scratch("disk");
     let qemu = qemu_installed();
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.parse::<usize>().is_err() && !a.starts_with('-'))
+        .collect();
     let configs: Vec<Config> = Config::ALL
         .into_iter()
         .filter(|c| qemu || *c != Config::Qemu)
+        .filter(|c| named.is_empty() || named.iter().any(|n| n == c.name()))
         .collect();
     // One warm-up each, so page cache and KVM module state are alike for all.
     for config in &configs {
@@ -488,5 +506,8 @@ fn main() {
             .collect();
         println!("\nqemu: qemu-system-x86_64 {}", args.join(" "));
     }
-    println!("reproduce: cargo bench --bench disk -- {rounds}");
+    println!(
+        "reproduce: cargo bench --bench disk -- {rounds} {}",
+        named.join(" ")
+    );
 }

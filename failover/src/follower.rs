@@ -537,6 +537,7 @@ pub fn follow(
             identifier: None,
             applied: 0,
             failovers: Vec::new(),
+            held_output: None,
         };
         match session.run(&mut conn, &pidfd, signals.as_ref(), &mut standby)? {
             SessionEnd::Ended(end) => {
@@ -613,6 +614,9 @@ struct Session<'a> {
     applied: u64,
     /// What the active's crash-loop guard counted when this session began.
     failovers: Vec<u64>,
+    /// While records left by a dead active are drained: their output, released only once
+    /// the images hold their disk writes.
+    held_output: Option<Vec<u8>>,
 }
 
 impl Session<'_> {
@@ -955,7 +959,8 @@ impl Session<'_> {
         journal
             .apply_pages(&record, &standby.ram)
             .map_err(|e| self.refused(e.into()))?;
-        if !record.disk.is_empty() {
+        // What the active applied already needs no keeping (nor decoding).
+        if !record.disk.is_empty() && record.seq > journal.disk_applied() {
             let disks = standby
                 .disks
                 .as_ref()
@@ -972,10 +977,11 @@ impl Session<'_> {
             standby.kept.forget_up_to(journal.disk_applied());
         }
         if !record.output.is_empty() {
-            match standby.unreleased.as_mut() {
+            match (standby.unreleased.as_mut(), self.held_output.as_mut()) {
                 // A remote active releases it once this standby acknowledged the record.
-                Some(unreleased) => unreleased.push_back((record.seq, record.output)),
-                None => {
+                (Some(unreleased), _) => unreleased.push_back((record.seq, record.output)),
+                (None, Some(held)) => held.extend_from_slice(&record.output),
+                (None, None) => {
                     let _ = self.console.write_all(&record.output);
                     let _ = self.console.flush();
                 }
@@ -1025,14 +1031,25 @@ impl Session<'_> {
             lifecycle!(warn, "standby-process-not-ready", guest = %guest, "the active's process is gone before this standby had caught up: nothing to take over; waiting for a new active");
             return Ok(SessionEnd::Reconnect);
         };
+        // A record the dead active sealed may hold disk writes it did not apply, a flush
+        // among them: its output waits until the images hold them.
+        self.held_output = Some(Vec::new());
+        let mut ended = None;
         while let Some(record) = next_record(journal, standby) {
             tracing::debug!(guest = %guest, seq = record.seq, "a record the active wrote before it died");
             if let Some(end) = self.apply(journal, standby, record)? {
-                self.catch_up_disks(journal, standby)?;
-                return Ok(SessionEnd::Ended(end));
+                ended = Some(end);
+                break;
             }
         }
         self.catch_up_disks(journal, standby)?;
+        if let Some(held) = self.held_output.take() {
+            let _ = self.console.write_all(&held);
+            let _ = self.console.flush();
+        }
+        if let Some(end) = ended {
+            return Ok(SessionEnd::Ended(end));
+        }
         if let Some(unreleased) = standby.unreleased.as_mut() {
             // What a remote active had not said it released is released here, in order,
             // before the guest runs on.
