@@ -21,11 +21,12 @@ impl Process {
         Process::start(&[OsStr::new("run"), env.as_os_str()], "the active")
     }
 
-    /// A standby whose disk applies, once it is the active, wait `delay_us` between their
-    /// redo journal and the image: a kill often lands inside one.
-    fn standby_slow_apply(env: &Path, n: usize, delay_us: u64) -> Process {
+    /// A standby that, once it is the active, waits `delay_us` at `knob` (a test's delay:
+    /// between a disk apply's redo journal and the image, or before a record is sealed), so
+    /// that a kill often lands there.
+    fn standby_slow(env: &Path, n: usize, knob: &str, delay_us: u64) -> Process {
         let mut command = understudy_command(&[OsStr::new("standby"), env.as_os_str()]);
-        command.env("UNDERSTUDY_DISK_APPLY_DELAY_US", delay_us.to_string());
+        command.env(knob, delay_us.to_string());
         Process::spawn(command, &format!("standby {n}"))
     }
 
@@ -79,9 +80,9 @@ fn zeroed(dir: &Path, name: &str, bytes: usize) -> PathBuf {
 }
 
 /// The process running `blk` is SIGKILLed at a random moment of its run (mid-epoch,
-/// mid-record, mid-apply: anywhere; every other one is slow to apply, so that kills often land
-/// between its redo journal and its image) seven times, a new standby started after each
-/// takeover.
+/// mid-record, mid-apply: anywhere; of every three processes one is slow to apply, so that
+/// kills often land between its redo journal and its image, and one slow to seal its records)
+/// seven times, a new standby started after each takeover.
 /// The consoles of the processes, in the order they ran the guest, show every sector of
 /// every pass once with no failed check; the guest never rebooted; the image holds the last
 /// pass's pattern in every sector it wrote and nothing elsewhere.
@@ -102,10 +103,12 @@ fn a_disk_guest_survives_its_process_being_killed_again_and_again() {
         std::thread::sleep(Duration::from_millis(rng.next() % 400));
         processes[active].kill();
         processes[standby].wait_log("event=\"taken-over\"", 1);
-        // Every other process, once it runs the guest, spends 10 ms of each 20 ms epoch
-        // between the redo journal and the image.
-        processes.push(match kill % 2 {
-            0 => Process::standby_slow_apply(&env, kill + 2, 10_000),
+        // Of every three processes, once they run the guest, one spends 10 ms of each 20 ms
+        // epoch between the redo journal and the image, one 5 ms with the record written
+        // but not sealed.
+        processes.push(match kill % 3 {
+            0 => Process::standby_slow(&env, kill + 2, "UNDERSTUDY_DISK_APPLY_DELAY_US", 10_000),
+            1 => Process::standby_slow(&env, kill + 2, "UNDERSTUDY_JOURNAL_SEAL_DELAY_US", 5_000),
             _ => Process::standby(&env, kill + 2),
         });
     }
