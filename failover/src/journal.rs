@@ -37,8 +37,12 @@ use vm_memory::mmap::MmapRegion;
 pub const PAGE: u64 = 4096;
 /// The file's first bytes.
 pub const MAGIC: &[u8; 8] = b"USJOURNL";
-/// The layout version this build writes and reads.
+/// The layout version this build writes.
 pub const VERSION: u32 = 2;
+/// The oldest layout version this build reads: version 1's records have no disk section.
+/// A standby of this build can so follow an active of the build before, as an upgrade by
+/// switchover needs.
+pub const OLDEST_READ: u32 = 1;
 const BATCH_MAGIC: &[u8; 8] = b"USBATCH\0";
 const RECORD_MAGIC: &[u8; 8] = b"USEPOCH\0";
 /// Bytes of the header the writer checksums.
@@ -167,13 +171,15 @@ pub struct Header {
     pub memory: u64,
     /// The writer's process.
     pub writer_pid: u32,
+    /// The layout version the writer wrote.
+    pub version: u32,
 }
 
 impl Header {
     fn encode(&self) -> [u8; 64] {
         let mut out = [0u8; 64];
         out[0..8].copy_from_slice(MAGIC);
-        out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        out[8..12].copy_from_slice(&self.version.to_le_bytes());
         out[12..16].copy_from_slice(&(PAGE as u32).to_le_bytes());
         out[16..24].copy_from_slice(&self.identifier.to_le_bytes());
         out[24..32].copy_from_slice(&self.batch.to_le_bytes());
@@ -194,9 +200,9 @@ impl Header {
             return Err(foreign("not an understudy journal (bad magic)".into()));
         }
         let version = u32_at(bytes, 8);
-        if version != VERSION {
+        if !(OLDEST_READ..=VERSION).contains(&version) {
             return Err(foreign(format!(
-                "layout version {version}; this build reads version {VERSION}"
+                "layout version {version}; this build reads versions {OLDEST_READ} to {VERSION}"
             )));
         }
         if CRC64.checksum(&bytes[..HEADER_SIGNED]) != u64_at(bytes, 56) {
@@ -211,6 +217,7 @@ impl Header {
             size: u64_at(bytes, 32),
             memory: u64_at(bytes, 40),
             writer_pid: u32_at(bytes, 48),
+            version,
         };
         if !header.batch.is_multiple_of(PAGE)
             || !header.memory.is_multiple_of(PAGE)
@@ -388,6 +395,7 @@ impl Journal {
             size,
             memory,
             writer_pid: std::process::id(),
+            version: VERSION,
         };
         file.write_all_at(&header.encode(), 0)
             .map_err(io("write the header"))?;
@@ -809,7 +817,13 @@ impl Journal {
             u32_at(head, 40) as u64,
             u32_at(head, 44) as u64,
         );
-        let fixed_len = 16 * runs + state_len + output_len + tail_len + end_len + DISK_LEN as u64;
+        // Version 1's records end with the end, without a disk section.
+        let trailer = if self.header.version >= 2 {
+            DISK_LEN as u64
+        } else {
+            0
+        };
+        let fixed_len = 16 * runs + state_len + output_len + tail_len + end_len + trailer;
         if len > self.header.batch
             || offset + len > self.header.size
             || RECORD_HEADER as u64 + fixed_len > len
@@ -826,7 +840,11 @@ impl Journal {
         if CRC64.checksum(body) != u64_at(head, 48) {
             return Err(self.torn("record", offset, "checksum mismatch"));
         }
-        let disk_len = u64_at(body, (fixed_len - DISK_LEN as u64) as usize);
+        let disk_len = if trailer > 0 {
+            u64_at(body, (fixed_len - trailer) as usize)
+        } else {
+            0
+        };
         let meta_len = fixed_len
             .checked_add(disk_len)
             .filter(|all| RECORD_HEADER as u64 + all <= len)
@@ -858,7 +876,7 @@ impl Journal {
         let output = part(output_len);
         let tail = part(tail_len);
         let end = part(end_len);
-        part(DISK_LEN as u64);
+        part(trailer);
         let disk = part(disk_len);
         Ok(ReadRecord {
             seq,
@@ -1039,6 +1057,44 @@ mod tests {
         // Nothing is at the next place yet.
         let after = reader.next_offset(next, late.size(), PAGE);
         assert!(reader.read_record(after, 3).is_err());
+    }
+
+    /// What a standby of this build finds following an active of the build before: a
+    /// version 1 journal, whose records have no disk section.
+    #[test]
+    fn a_version_1_journal_is_read_and_an_unknown_version_refused() {
+        let (writer, p) = journal("v1", 0x77);
+        let mut header = *writer.header();
+        header.version = 1;
+        writer.file().write_all_at(&header.encode(), 0).unwrap();
+        let (state, output) = (&b"{\"v\":1}"[..], &b"out\n"[..]);
+        let mut body = [state, output].concat();
+        body.resize(PAGE as usize - RECORD_HEADER, 0);
+        let mut head = [0u8; RECORD_HEADER];
+        head[0..8].copy_from_slice(RECORD_MAGIC);
+        head[8..16].copy_from_slice(&1u64.to_le_bytes());
+        head[16..24].copy_from_slice(&PAGE.to_le_bytes());
+        head[24..28].copy_from_slice(&KIND_EPOCH.to_le_bytes());
+        head[32..36].copy_from_slice(&(state.len() as u32).to_le_bytes());
+        head[36..40].copy_from_slice(&(output.len() as u32).to_le_bytes());
+        head[48..56].copy_from_slice(&CRC64.checksum(&body).to_le_bytes());
+        let crc = CRC64.checksum(&head[..56]);
+        head[56..64].copy_from_slice(&crc.to_le_bytes());
+        let at = writer.records_start();
+        writer
+            .file()
+            .write_all_at(&body, at + RECORD_HEADER as u64)
+            .unwrap();
+        writer.file().write_all_at(&head, at).unwrap();
+        let reader = Journal::open(&p, 0x77).unwrap();
+        assert_eq!(reader.header().version, 1);
+        let got = reader.read_record(at, 1).unwrap();
+        assert_eq!((&got.state[..], &got.output[..]), (state, output));
+        assert!(got.disk.is_empty());
+        header.version = VERSION + 1;
+        writer.file().write_all_at(&header.encode(), 0).unwrap();
+        let err = Journal::open(&p, 0x77).err().unwrap();
+        assert!(err.to_string().contains("layout version 3"), "{err}");
     }
 
     #[test]
