@@ -92,7 +92,7 @@ fn a_disk_guest_survives_its_process_being_killed_again_and_again() {
     let seed = fault_seed();
     println!("UNDERSTUDY_FAULT_SEED={seed}");
     let mut rng = XorShift(seed);
-    let (passes, sectors, kills) = (40, 64, 7);
+    let (passes, sectors, kills) = (120, 64, 7);
     let env = blk_env("process-disk-kills", "data.img", passes, sectors);
     let dir = env.parent().unwrap().to_owned();
     let data = zeroed(&dir, "data.img", 1 << 20);
