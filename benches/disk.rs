@@ -1,10 +1,13 @@
 //! Disk write throughput and IOPS as the guest measures them: the `blk` kernel's own TSC-timed
 //! result lines for sequential writes (64 MiB in 64 KiB and in 1 MiB requests, then a flush)
 //! and 4 KiB random writes (2 s, then a flush), under understudy unprotected, as a
-//! checkpointed pair (default 20 ms epochs) and as a failed-state pair, next to QEMU
+//! checkpointed pair (default 20 ms epochs) with the standby in the same process and in a
+//! process of its own (`process = "separate"`, `understudy standby` started first), and as a
+//! failed-state pair, next to QEMU
 //! `-M microvm`'s virtio-blk on the same kernel when QEMU is installed. 64 MiB of guest RAM,
 //! a fresh 256 MiB sparse raw image for every run, the configurations interleaved run by run
-//! (each round starting at the next one), medians.
+//! (each round starting at the next one), medians. The guest spins for 1 s before each
+//! benchmark (`bench_delay_ms`), so that a pair is armed when it starts.
 //!
 //! Beside the guest's figures, for each run: the whole process's time, spawn to exit (which
 //! includes what a checkpointed guest's disk still had to apply after its last flush), how
@@ -14,7 +17,9 @@
 //! exited (it is asked every 50 ms, in every understudy configuration alike; the socket goes
 //! away when the guest exits, while a checkpointed guest's last epochs are still applied).
 //!
-//! Run: `cargo bench --bench disk` (optionally `-- ROUNDS`, default 5).
+//! Run: `cargo bench --bench disk` (optionally `-- ROUNDS`, default 5, and the names of the
+//! configurations to run: `unprotected`, `checkpoint`, `separate`, `failed-state`, `qemu`;
+//! all of them by default).
 
 mod common;
 
@@ -42,42 +47,60 @@ const STATUS_EVERY: Duration = Duration::from_millis(50);
 enum Config {
     Unprotected,
     Checkpoint,
+    Separate,
     FailedState,
     Qemu,
 }
 
 impl Config {
-    const ALL: [Config; 4] = [
+    const ALL: [Config; 5] = [
         Config::Unprotected,
         Config::Checkpoint,
+        Config::Separate,
         Config::FailedState,
         Config::Qemu,
     ];
+
+    /// Its name on the command line.
+    fn name(self) -> &'static str {
+        match self {
+            Config::Unprotected => "unprotected",
+            Config::Checkpoint => "checkpoint",
+            Config::Separate => "separate",
+            Config::FailedState => "failed-state",
+            Config::Qemu => "qemu",
+        }
+    }
 
     fn label(self) -> &'static str {
         match self {
             Config::Unprotected => "understudy, unprotected",
             Config::Checkpoint => "understudy, checkpointed pair (20 ms epochs)",
+            Config::Separate => "understudy, checkpointed, standby process (20 ms epochs)",
             Config::FailedState => "understudy, failed-state pair",
             Config::Qemu => "qemu -M microvm, virtio-blk",
         }
     }
 
-    /// The `[guest.standby]` table, for a pair.
-    fn standby(self) -> &'static str {
+    /// The `[guest.standby]` table, for a pair (a standby process's journal in `dir`).
+    fn standby(self, dir: &Path) -> String {
         match self {
-            Config::Checkpoint => "[guest.standby]\nresume = \"checkpoint\"\n",
-            Config::FailedState => "[guest.standby]\nresume = \"failed-state\"\n",
-            Config::Unprotected | Config::Qemu => "",
+            Config::Checkpoint => "[guest.standby]\nresume = \"checkpoint\"\n".into(),
+            Config::Separate => format!(
+                "[guest.standby]\nresume = \"checkpoint\"\nprocess = \"separate\"\njournal = \"{}\"\n",
+                dir.join("blk.journal").display()
+            ),
+            Config::FailedState => "[guest.standby]\nresume = \"failed-state\"\n".into(),
+            Config::Unprotected | Config::Qemu => String::new(),
         }
     }
 }
 
 /// The guest's command lines: two sequential writes and one random.
 const WORKLOADS: [&str; 3] = [
-    "bench=seq bench_mib=64 req_kib=64",
-    "bench=seq bench_mib=64 req_kib=1024",
-    "bench=rand bench_ms=2000",
+    "bench=seq bench_mib=64 req_kib=64 bench_delay_ms=1000",
+    "bench=seq bench_mib=64 req_kib=1024 bench_delay_ms=1000",
+    "bench=rand bench_ms=2000 bench_delay_ms=1000",
 ];
 const RAND: usize = 2;
 
@@ -132,19 +155,12 @@ fn fresh_image(path: &Path) {
         .expect("create the image");
 }
 
-/// Runs `command` to its end, reading its console and log as they come and, with `socket`,
-/// asking it for `status` every [`STATUS_EVERY`].
-fn run(mut command: Command, socket: Option<PathBuf>) -> Run {
-    let start = Instant::now();
-    let mut child = command
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start the command");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut stderr = child.stderr.take().expect("piped stderr");
-    let console = std::thread::spawn(move || {
+/// A console's text, and its result line's figures with when the line came.
+type Console = (String, Option<((f64, f64), SystemTime)>);
+
+/// Reads a console as it comes.
+fn read_console(stdout: std::process::ChildStdout) -> std::thread::JoinHandle<Console> {
+    std::thread::spawn(move || {
         let (mut text, mut result) = (String::new(), None);
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(figures) = result_line(&line) {
@@ -154,7 +170,33 @@ fn run(mut command: Command, socket: Option<PathBuf>) -> Run {
             text.push('\n');
         }
         (text, result)
+    })
+}
+
+/// Runs `command` to its end, reading its console and log as they come and, with `socket`,
+/// asking it for `status` every [`STATUS_EVERY`]. With `standby`, that process is started
+/// first and its console read too (a standby process releases the guest's output).
+fn run(mut command: Command, socket: Option<PathBuf>, standby: Option<Command>) -> Run {
+    let standby = standby.map(|mut standby| {
+        let mut child = standby
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the standby");
+        let console = read_console(child.stdout.take().expect("piped stdout"));
+        (child, console)
     });
+    let start = Instant::now();
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let console = read_console(stdout);
     let log = std::thread::spawn(move || {
         let mut text = String::new();
         let _ = stderr.read_to_string(&mut text);
@@ -177,7 +219,14 @@ fn run(mut command: Command, socket: Option<PathBuf>) -> Run {
     let _ = child.wait();
     let wall = start.elapsed();
     ended.store(true, Ordering::Relaxed);
-    let (text, result) = console.join().expect("console reader");
+    let (mut text, mut result) = console.join().expect("console reader");
+    if let Some((mut child, console)) = standby {
+        // It exits with the guest, once it has released the guest's last output.
+        let _ = child.wait();
+        let (standby_text, standby_result) = console.join().expect("standby console reader");
+        text.push_str(&standby_text);
+        result = result.or(standby_result);
+    }
     let log = log.join().expect("log reader");
     let status = poller.and_then(|p| p.join().expect("status poller"));
     let Some(((count, us), arrived)) = result else {
@@ -222,7 +271,7 @@ fn measure(config: Config, cmdline: &str, dir: &Path) -> Run {
     let image = dir.join("disk.img");
     fresh_image(&image);
     if config == Config::Qemu {
-        return run(qemu_command(&image, cmdline), None);
+        return run(qemu_command(&image, cmdline), None, None);
     }
     let socket = dir.join("ctl.sock");
     let _ = std::fs::remove_file(&socket);
@@ -234,7 +283,7 @@ fn measure(config: Config, cmdline: &str, dir: &Path) -> Run {
              cmdline = \"{cmdline}\"\ncrash_dump = false\n{}[[guest.disk]]\npath = \"{}\"\n",
             socket.display(),
             kernel("blk").display(),
-            config.standby(),
+            config.standby(dir),
             image.display()
         ),
     )
@@ -244,7 +293,12 @@ fn measure(config: Config, cmdline: &str, dir: &Path) -> Run {
         .args(["--log", "info", "run"])
         .arg(&env)
         .env_remove("RUST_LOG");
-    run(command, Some(socket))
+    let standby = (config == Config::Separate).then(|| {
+        let mut standby = Command::new(env!("CARGO_BIN_EXE_understudy"));
+        standby.arg("standby").arg(&env).env_remove("RUST_LOG");
+        standby
+    });
+    run(command, Some(socket), standby)
 }
 
 /// Throughput (MB/s, decimal) of a sequential run, IOPS of a random one.
@@ -268,9 +322,14 @@ fn main() {
         .unwrap_or(5);
     let dir = scratch("disk");
     let qemu = qemu_installed();
+    let named: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.parse::<usize>().is_err() && !a.starts_with('-'))
+        .collect();
     let configs: Vec<Config> = Config::ALL
         .into_iter()
         .filter(|c| qemu || *c != Config::Qemu)
+        .filter(|c| named.is_empty() || named.iter().any(|n| n == c.name()))
         .collect();
     // One warm-up each, so page cache and KVM module state are alike for all.
     for config in &configs {
@@ -341,6 +400,11 @@ fn main() {
         unprotected,
     );
     ratio_row(
+        "standby process / same process (checkpointed)",
+        index(Config::Separate),
+        index(Config::Checkpoint),
+    );
+    ratio_row(
         "failed-state / unprotected",
         index(Config::FailedState),
         unprotected,
@@ -382,10 +446,21 @@ fn main() {
         );
     }
 
-    if let Some(c) = index(Config::Checkpoint) {
+    println!("\nmean 4 KiB random write latency as the guest sees it (1 / IOPS), medians:\n");
+    println!("| configuration | latency |");
+    println!("| --- | --- |");
+    for (c, config) in configs.iter().enumerate() {
+        println!("| {} | {:.1} µs |", config.label(), 1e6 / medians[RAND][c]);
+    }
+
+    for c in [Config::Checkpoint, Config::Separate]
+        .into_iter()
+        .filter_map(index)
+    {
         println!(
-            "\ncheckpointed pair, last status answered before the guest exited (asked every \
-             {} ms), medians:\n",
+            "\n{}, last status answered before the guest exited (asked every {} ms), \
+             medians:\n",
+            configs[c].label(),
             STATUS_EVERY.as_millis()
         );
         println!(
@@ -431,5 +506,8 @@ fn main() {
             .collect();
         println!("\nqemu: qemu-system-x86_64 {}", args.join(" "));
     }
-    println!("reproduce: cargo bench --bench disk -- {rounds}");
+    println!(
+        "reproduce: cargo bench --bench disk -- {rounds} {}",
+        named.join(" ")
+    );
 }

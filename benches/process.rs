@@ -3,7 +3,8 @@
 //! one run:
 //! - takeover downtime after the active's process is SIGKILLed: from the kill to the guest
 //!   running in the standby's process (`resumed_unix_us` of its `taken-over` event), and
-//!   the part of it after the standby saw the process gone, at 64 MiB and 1 GiB; for the
+//!   the part of it after the standby saw the process gone, at 64 MiB and 1 GiB, and for a
+//!   64 MiB guest writing its disk (`blk`, the image shared by both processes); for the
 //!   remote standby, with the promote sent as soon as the kill is done (the cluster
 //!   manager's detection delay left out) and its own part, from the promote to running;
 //! - the pause of an epoch and the pages it wrote, with the journal and with the TCP
@@ -314,18 +315,29 @@ fn first_sync(hosts: &[Netns; 2], mode: Mode) -> (Duration, f64) {
     (Duration::from_micros(sync as u64), resident)
 }
 
-/// One takeover at `memory_mib`: (kill to resumed, waiting for the active lock after the
-/// connection closed, the standby's own part: the rest from the connection closing to
-/// resumed).
-fn takeover(memory_mib: u64, round: usize) -> (Duration, Duration, Duration) {
-    let dir = scratch(&format!("process-takeover-{memory_mib}-{round}"));
+/// One takeover at `memory_mib` (with `disk`: of the `blk` kernel writing a disk, else of
+/// `dirty`): (kill to resumed, waiting for the active lock after the connection closed, the
+/// standby's own part: the rest from the connection closing to resumed).
+fn takeover(memory_mib: u64, disk: bool, round: usize) -> (Duration, Duration, Duration) {
+    let dir = scratch(&format!("process-takeover-{memory_mib}-{disk}-{round}"));
+    let (kernel_name, cmdline) = match disk {
+        true => ("blk", "passes=1000000 sectors=64 flush_every=16"),
+        false => ("dirty", "dirty_mib_per_s=64 interval_ms=50"),
+    };
     let env = env(
         &dir,
         memory_mib,
-        "dirty",
-        "dirty_mib_per_s=64 interval_ms=50",
+        kernel_name,
+        cmdline,
         "process = \"separate\"\n",
     );
+    if disk {
+        let image = dir.join("data.img");
+        std::fs::write(&image, vec![0u8; 1 << 20]).expect("write the image");
+        let mut text = std::fs::read_to_string(&env).expect("read env");
+        text.push_str(&format!("[[guest.disk]]\npath = \"{}\"\n", image.display()));
+        std::fs::write(&env, text).expect("write env");
+    }
     let env = env.to_str().expect("path");
     let mut active = Process::spawn(&dir, "active", &["run", env]);
     let standby = Process::spawn(&dir, "standby", &["standby", env]);
@@ -439,18 +451,19 @@ fn takeovers(rounds: usize) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     println!("takeover after SIGKILL of the active's process (medians of {rounds} rounds):");
     let mut totals = Vec::new();
-    for memory_mib in [64, 1024] {
+    for (memory_mib, disk) in [(64, false), (1024, false), (64, true)] {
         let (mut kill, mut lock, mut own) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
-            let (k, l, o) = takeover(memory_mib, round);
+            let (k, l, o) = takeover(memory_mib, disk, round);
             kill.push(ms(k));
             lock.push(ms(l));
             own.push(ms(o));
         }
         let total = median(kill.clone());
         totals.push(total);
+        let what = if disk { " writing its disk" } else { "" };
         println!(
-            "  {memory_mib:>5} MiB: kill to running {} ms; of it, the active lock coming to the \
+            "  {memory_mib:>5} MiB{what}: kill to running {} ms; of it, the active lock coming to the \
              standby after it noticed the active's death {} ms, and the standby's own part \
              (journal drained, state loaded, guest resumed) {} ms",
             spread(kill, 2),
@@ -459,8 +472,9 @@ fn takeovers(rounds: usize) {
         );
     }
     println!(
-        "  1 GiB / 64 MiB: {:.2}",
-        totals[1] / totals[0].max(f64::MIN_POSITIVE)
+        "  1 GiB / 64 MiB: {:.2}; 64 MiB with a disk / without: {:.2}",
+        totals[1] / totals[0].max(f64::MIN_POSITIVE),
+        totals[2] / totals[0].max(f64::MIN_POSITIVE)
     );
 }
 

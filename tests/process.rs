@@ -644,6 +644,8 @@ fn write_record(
         output,
         tail: b"",
         end: None,
+        disk: b"",
+        disk_after: 0,
     };
     let at = after.map_or(file.records_start(), |(o, l)| {
         file.next_offset(o, l, record.size())

@@ -520,11 +520,13 @@ impl Environment {
             }
             let mut hide = g.cpu.map(|c| c.hide).unwrap_or_default();
             hide.dedup();
-            let has_devices = g.disk.as_ref().is_some_and(|d| !d.is_empty())
-                || g.net.as_ref().is_some_and(|n| !n.is_empty());
+            let devices = standby::Devices {
+                disks: g.disk.as_ref().is_some_and(|d| !d.is_empty()),
+                nics: g.net.as_ref().is_some_and(|n| !n.is_empty()),
+            };
             let standby = match g.standby {
                 Some(table) => Some(
-                    standby::resolve(table, &g.name, memory_mib, has_devices, base)
+                    standby::resolve(table, &g.name, memory_mib, devices, base)
                         .map_err(|(field, why)| invalid(key(field), why))?,
                 ),
                 None => None,
@@ -818,7 +820,7 @@ mod tests {
     }
 
     #[test]
-    fn a_separate_standby_process_needs_checkpoints_no_devices_and_a_large_enough_journal() {
+    fn a_separate_standby_process_needs_checkpoints_no_nics_and_a_large_enough_journal() {
         let separate = |extra: &str, standby: &str| {
             parse(&format!(
                 "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nmemory_mib = 64\n{extra}\
@@ -836,16 +838,27 @@ mod tests {
         assert!(err.contains("guest[0].standby.journal_size_mib"), "{err}");
         assert!(err.contains("3 x batch + 1 page = 199 MiB"), "{err}");
         let disk = "[[guest.disk]]\npath = \"KERNEL\"\n";
-        let err = parse(&format!(
-            "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n\
-             [guest.standby]\nresume = \"checkpoint\"\nprocess = \"separate\"\n{disk}"
-        ))
-        .unwrap_err()
-        .to_string();
+        let with = |process: &str, device: &str| {
+            parse(&format!(
+                "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\n\
+                 [guest.standby]\nresume = \"checkpoint\"\nprocess = \"{process}\"\n\
+                 listen = \"10.0.0.1:7770\"\npeer = \"10.0.0.2:7770\"\n{device}"
+            ))
+        };
+        // A disk goes with a standby process on the same host, not yet to another host.
+        let separate_disk = separate(disk, "resume = \"checkpoint\"\n").unwrap();
+        assert_eq!(separate_disk.guest[0].disks.len(), 1);
+        let err = with("remote", disk).unwrap_err().to_string();
         assert!(
-            err.contains("does not take over disks or NICs yet"),
+            err.contains("guest[0].standby.process")
+                && err.contains("on another host does not take over disks yet"),
             "{err}"
         );
+        let nic = "[[guest.net]]\ntap = \"tap0\"\n";
+        let err = separate(nic, "resume = \"checkpoint\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("does not take over NICs yet"), "{err}");
         let env = separate("", "resume = \"checkpoint\"\n").unwrap();
         let standby = env.guest[0].standby.as_ref().unwrap();
         let Placement::Separate(journal) = &standby.placement else {

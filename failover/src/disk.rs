@@ -51,6 +51,9 @@ pub struct GuestDisk {
     pub disk: Arc<Disk>,
     /// Its epoch log, for a checkpointed guest.
     pub epoch: Option<Arc<EpochDisk>>,
+    /// The image file (the same open file, and so the same lock, as the disk's): what a
+    /// standby process of the guest is given.
+    pub image: Arc<File>,
 }
 
 /// Every disk of a guest, opened and locked.
@@ -61,18 +64,42 @@ impl GuestDisks {
     /// Opens and locks every disk of `config`; a journal left by an interrupted commit is
     /// completed or discarded first.
     pub fn open(config: &GuestConfig) -> Result<GuestDisks, DiskOpenError> {
+        let images = config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, disk)| {
+                open_image(&disk.path, disk.read_only).map_err(|source| DiskOpenError {
+                    guest: config.name.clone(),
+                    index,
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        GuestDisks::over(config, images)
+    }
+
+    /// The disks of `config` over `images`, opened and locked already (one per disk, in
+    /// order): for a standby process, the images its active passed on. A journal beside them
+    /// is left for whoever holds the guest's active lock to complete.
+    pub fn over(config: &GuestConfig, images: Vec<RawImage>) -> Result<GuestDisks, DiskOpenError> {
         let checkpointed = config
             .standby
             .as_ref()
             .is_some_and(|s| s.resume == ResumeFrom::Checkpoint);
         let mut disks = Vec::with_capacity(config.disks.len());
-        for (index, disk_config) in config.disks.iter().enumerate() {
+        for ((index, disk_config), image) in config.disks.iter().enumerate().zip(images) {
             let error = |source| DiskOpenError {
                 guest: config.name.clone(),
                 index,
                 source,
             };
-            let image = open_image(&disk_config.path, disk_config.read_only).map_err(error)?;
+            let handle = image.file().try_clone().map_err(|source| {
+                error(ImageError::Open {
+                    path: disk_config.path.clone(),
+                    source,
+                })
+            })?;
             let id = format!("{}-disk{index}", config.name);
             let (disk, epoch) = if checkpointed && !disk_config.read_only {
                 let epoch = Arc::new(EpochDisk::new(image).map_err(error)?);
@@ -85,6 +112,7 @@ impl GuestDisks {
                 config: disk_config.clone(),
                 disk: Arc::new(disk),
                 epoch,
+                image: Arc::new(handle),
             });
         }
         Ok(GuestDisks(disks))
@@ -218,6 +246,27 @@ impl EpochLog {
         self.extents.is_empty() && !self.flush
     }
 
+    /// A log of `extents` (`(offset, bytes)`, later ones over earlier ones), with a flush if
+    /// `flush`: one that travelled in a take-over journal record.
+    pub fn from_extents(extents: Vec<(u64, Vec<u8>)>, flush: bool) -> EpochLog {
+        let mut log = EpochLog::default();
+        for (offset, data) in extents {
+            log.write(offset, &data);
+        }
+        log.flush = flush;
+        log
+    }
+
+    /// Its extents, `(offset, bytes)`, by offset, none overlapping.
+    pub fn extents(&self) -> impl ExactSizeIterator<Item = (u64, &[u8])> {
+        self.extents.iter().map(|(o, d)| (*o, d.as_slice()))
+    }
+
+    /// Whether the guest asked for a flush in its epoch.
+    pub fn flush(&self) -> bool {
+        self.flush
+    }
+
     /// Records `data` written at `offset`, over whatever this log held there.
     fn write(&mut self, offset: u64, data: &[u8]) {
         let end = offset + data.len() as u64;
@@ -287,6 +336,18 @@ impl EpochLog {
     }
 }
 
+/// `UNDERSTUDY_DISK_APPLY_DELAY_US`: for tests, how long an apply waits between writing its
+/// redo journal and writing the image (docs/failover.md).
+fn apply_delay() -> Option<std::time::Duration> {
+    static DELAY: std::sync::OnceLock<Option<std::time::Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("UNDERSTUDY_DISK_APPLY_DELAY_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_micros)
+    })
+}
+
 /// Counters of an epoch-logged disk.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EpochDiskStats {
@@ -316,14 +377,17 @@ pub struct EpochDisk {
     journal_path: PathBuf,
     journal: Mutex<Option<File>>,
     layers: Mutex<Layers>,
+    /// Set once this process has let another take the guest over ([`EpochDisk::give_up`]).
+    given_up: std::sync::atomic::AtomicBool,
 }
 
 impl EpochDisk {
-    fn new(image: RawImage) -> Result<EpochDisk, ImageError> {
+    pub(crate) fn new(image: RawImage) -> Result<EpochDisk, ImageError> {
         Ok(EpochDisk {
             journal_path: journal_path(image.path()),
             image,
             journal: Mutex::new(None),
+            given_up: std::sync::atomic::AtomicBool::new(false),
             layers: Mutex::new(Layers {
                 current: EpochLog::default(),
                 sealed: VecDeque::new(),
@@ -349,6 +413,59 @@ impl EpochDisk {
         Some(log)
     }
 
+    /// Gives back `log`, just sealed and the last sealed, as the running epoch's log: its epoch
+    /// did not commit after all and goes on into the next one (a take-over journal without
+    /// room for its record). Called with the guest still paused, so nothing was written since.
+    pub fn unseal(&self, log: Arc<EpochLog>) {
+        let mut layers = self.layers();
+        if layers.sealed.back().is_some_and(|l| Arc::ptr_eq(l, &log)) && layers.current.is_empty() {
+            // The caller's handle goes first, so that the log is moved back, not copied.
+            drop(log);
+            if let Some(log) = layers.sealed.pop_back() {
+                layers.current = Arc::try_unwrap(log).unwrap_or_else(|shared| EpochLog {
+                    extents: shared.extents.clone(),
+                    bytes: shared.bytes,
+                    flush: shared.flush,
+                });
+            }
+        }
+    }
+
+    /// The sealed logs not yet applied, oldest first.
+    pub fn sealed(&self) -> Vec<Arc<EpochLog>> {
+        self.layers().sealed.iter().cloned().collect()
+    }
+
+    /// The image's path.
+    pub fn image_path(&self) -> &Path {
+        self.image.path()
+    }
+
+    /// The disk's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    /// Completes or discards the journal a commit left beside the image when the process
+    /// that made it died: only by the holder of the guest's active lock, before it applies
+    /// anything itself.
+    pub fn recover(&self) -> io::Result<()> {
+        let found = std::fs::metadata(&self.journal_path).is_ok_and(|m| m.len() > 0);
+        if found {
+            recover_journal(&self.image, &self.journal_path)?;
+        }
+        Ok(())
+    }
+
+    /// This process no longer holds the guest's active lock: it never writes the image or its
+    /// journal again (the journal's path is another process's from now on).
+    pub fn give_up(&self) {
+        self.given_up
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        journal.take();
+    }
+
     /// Drops the running epoch's writes: its epoch will never commit. The machine that made
     /// them must no longer hold the disk.
     pub fn abandon(&self) {
@@ -363,8 +480,18 @@ impl EpochDisk {
     /// Applies `log`, the oldest sealed one, to the image through the journal, syncing if
     /// the guest flushed in its epoch; then reads no longer need it.
     pub fn apply(&self, log: &Arc<EpochLog>) -> io::Result<()> {
+        if self.given_up.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(io::Error::other(
+                "the guest's disk belongs to another process now",
+            ));
+        }
         if !log.extents.is_empty() {
             self.write_journal(log)?;
+            if let Some(delay) = apply_delay() {
+                // A test's way to widen the window in which the journal is whole and the
+                // image not yet written, to kill the process inside it.
+                std::thread::sleep(delay);
+            }
             for (offset, data) in &log.extents {
                 self.image.file().write_all_at(data, *offset)?;
             }
@@ -449,6 +576,9 @@ impl EpochDisk {
     /// commits.
     pub fn close_journal(&self) {
         let mut journal = self.journal.lock().unwrap_or_else(|e| e.into_inner());
+        if self.given_up.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let idle = self.layers().sealed.is_empty();
         if idle && journal.take().is_some() {
             let empty = std::fs::metadata(&self.journal_path).is_ok_and(|m| m.len() == 0);

@@ -18,6 +18,11 @@
 //! died before its announcement arrived is still there;
 //! one cut short fails its checksum and is not loaded). From then on this process is the
 //! active, with the attach socket of its own for the next standby.
+//!
+//! A guest's disks come with the journal's announcement: the active passes its images' open
+//! files on, and this process keeps each record's disk writes until the active says it
+//! applied them; on a takeover it applies those the active had not
+//! ([`crate::disk_handoff`]).
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -37,6 +42,8 @@ use crate::control::protocol::{
     MachineStatus, PromoteDone, Request, Role, RunState, StandbyProcessStatus, Status,
 };
 use crate::control::{ControlSocket, PendingRequest, Reply, RequestQueue, Serving};
+use crate::disk::GuestDisks;
+use crate::disk_handoff::{ImageRefusal, KeptLogs, SectionError};
 use crate::guest::{GuestEnd, TakenOver};
 use crate::journal::{Journal, ReadRecord};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
@@ -160,6 +167,18 @@ pub enum Refusal {
     /// The active refused this standby.
     #[error("the active refused this standby: {0}")]
     ByActive(String),
+    /// The disk images the active passed on are not this standby's guest's.
+    #[error(transparent)]
+    Image(#[from] ImageRefusal),
+    /// A record's disk writes do not fit the guest's disks.
+    #[error("epoch {epoch}: {source}")]
+    DiskSection {
+        /// The record's epoch.
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: SectionError,
+    },
 }
 
 /// How long a follower whose connection closed waits for the active's process to exit
@@ -404,6 +423,11 @@ struct Standby {
     /// With a remote active: the output of the epochs applied that the active has not said
     /// it released, released here only if this process takes the guest over.
     unreleased: Option<VecDeque<(u64, Vec<u8>)>>,
+    /// The guest's disks, over the images the active passed on (none before a journal is
+    /// announced, or for a guest without disks).
+    disks: Option<GuestDisks>,
+    /// The disk writes of the records applied that the active may not have applied yet.
+    kept: KeptLogs,
 }
 
 /// The last epoch applied: its number, its state, and where its record lies (none for the
@@ -453,6 +477,8 @@ pub fn follow(
         committed: None,
         tail: Vec::new(),
         unreleased: placement.remote().is_some().then(VecDeque::new),
+        disks: None,
+        kept: KeptLogs::default(),
     };
     // A remote active is followed through a relay, which this process's follower attaches
     // to as it would to a local active.
@@ -511,6 +537,7 @@ pub fn follow(
             identifier: None,
             applied: 0,
             failovers: Vec::new(),
+            held_output: None,
         };
         match session.run(&mut conn, &pidfd, signals.as_ref(), &mut standby)? {
             SessionEnd::Ended(end) => {
@@ -548,6 +575,7 @@ pub fn follow(
             }
             SessionEnd::Reconnect => {
                 standby.committed = None;
+                standby.kept.clear();
                 std::thread::sleep(CONNECT_RETRY);
             }
         }
@@ -586,6 +614,9 @@ struct Session<'a> {
     applied: u64,
     /// What the active's crash-loop guard counted when this session began.
     failovers: Vec<u64>,
+    /// While records left by a dead active are drained: their output, released only once
+    /// the images hold their disk writes.
+    held_output: Option<Vec<u8>>,
 }
 
 impl Session<'_> {
@@ -731,6 +762,12 @@ impl Session<'_> {
                             tracing::warn!(guest = %guest, identifier, "the active started a new journal: what was loaded is dropped");
                             standby.committed = None;
                         }
+                        standby.kept.clear();
+                        let images = lines.take_fds();
+                        self.adopt_images(standby, images).inspect_err(|err| {
+                            let why = err.to_string();
+                            let _ = send(conn, &ToActive::Refused { why });
+                        })?;
                         let opened = self.open(&path, identifier).inspect_err(|err| {
                             let why = err.to_string();
                             let _ = send(conn, &ToActive::Refused { why });
@@ -769,14 +806,14 @@ impl Session<'_> {
                                 })
                             })?;
                             if let Some(end) = self.apply(j, standby, record)? {
-                                return Ok(SessionEnd::Ended(end));
+                                return self.ended(j, standby, &mut lock, end);
                             }
                         }
                         let record = j
                             .read_record(offset, seq)
                             .map_err(|e| self.refused(e.into()))?;
                         if let Some(end) = self.apply(j, standby, record)? {
-                            return Ok(SessionEnd::Ended(end));
+                            return self.ended(j, standby, &mut lock, end);
                         }
                         let _ = send(conn, &ToActive::Applied { seq });
                     }
@@ -801,6 +838,78 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Takes the images the active passed on with its journal, checked against this
+    /// standby's disks, and builds the standby's machine over them (the state it resumes
+    /// includes their devices).
+    fn adopt_images(&self, standby: &mut Standby, images: Vec<OwnedFd>) -> Result<(), FollowError> {
+        if self.config.disks.is_empty() && images.is_empty() {
+            return Ok(());
+        }
+        let disks = crate::disk_handoff::adopt_images(self.config, images)
+            .map_err(|e| self.refused(e.into()))?;
+        // The machine built before has no disks, or the previous session's.
+        standby.vm = Vm::create_with(
+            &self.config.machine_spec(),
+            standby.ram.clone(),
+            Box::new(std::io::sink()),
+            &vmm_core::Peripherals {
+                disks: disks.disks(),
+                nics: Vec::new(),
+            },
+        )
+        .map_err(|e| FollowError::Host {
+            guest: self.config.name.clone(),
+            step: "create the standby's machine with its disks",
+            source: Box::new(e),
+        })?;
+        tracing::info!(guest = %self.config.name, disks = self.config.disks.len(), "the guest's disk images are shared with the active");
+        standby.disks = Some(disks);
+        Ok(())
+    }
+
+    /// The guest ended on the active's side. With disks: once the active lets go of the
+    /// guest's active lock (having applied its last writes) or dies, the images get whatever
+    /// it had not applied.
+    fn ended(
+        &self,
+        journal: &Journal,
+        standby: &mut Standby,
+        lock: &mut LockWait,
+        end: GuestEnd,
+    ) -> Result<SessionEnd, FollowError> {
+        if standby.disks.is_some() {
+            match lock.take(&self.journal_config.path) {
+                Some(held) => {
+                    self.catch_up_disks(journal, standby)?;
+                    drop(held);
+                }
+                None => {
+                    tracing::warn!(guest = %self.config.name, "the active still holds the guest's active lock after the guest ended: its last disk writes are its own to apply")
+                }
+            }
+        }
+        Ok(SessionEnd::Ended(end))
+    }
+
+    /// Holding the guest's active lock: the images get the disk writes of every record
+    /// applied here that the active had not applied (see [`crate::disk_handoff`]).
+    fn catch_up_disks(&self, journal: &Journal, standby: &mut Standby) -> Result<(), FollowError> {
+        let Some(disks) = standby.disks.as_ref() else {
+            return Ok(());
+        };
+        let applied = journal.disk_applied();
+        let kept = std::mem::take(&mut standby.kept);
+        let epochs =
+            kept.catch_up(&disks.epoch_disks(), applied)
+                .map_err(|e| FollowError::Host {
+                    guest: self.config.name.clone(),
+                    step: "apply the committed disk writes to the images",
+                    source: Box::new(e),
+                })?;
+        tracing::info!(guest = %self.config.name, active_applied = applied, epochs, "the images hold every committed epoch's disk writes");
+        Ok(())
     }
 
     fn open(&self, path: &std::path::Path, identifier: u64) -> Result<Journal, FollowError> {
@@ -850,11 +959,29 @@ impl Session<'_> {
         journal
             .apply_pages(&record, &standby.ram)
             .map_err(|e| self.refused(e.into()))?;
+        // What the active applied already needs no keeping (nor decoding).
+        if !record.disk.is_empty() && record.seq > journal.disk_applied() {
+            let disks = standby
+                .disks
+                .as_ref()
+                .map(GuestDisks::epoch_disks)
+                .unwrap_or_default();
+            let logs = crate::disk_handoff::decode(&record.disk, &disks).map_err(|source| {
+                self.refused(Refusal::DiskSection {
+                    epoch: record.seq,
+                    source,
+                })
+            })?;
+            standby.kept.keep(record.seq, logs, journal.disk_applied());
+        } else {
+            standby.kept.forget_up_to(journal.disk_applied());
+        }
         if !record.output.is_empty() {
-            match standby.unreleased.as_mut() {
+            match (standby.unreleased.as_mut(), self.held_output.as_mut()) {
                 // A remote active releases it once this standby acknowledged the record.
-                Some(unreleased) => unreleased.push_back((record.seq, record.output)),
-                None => {
+                (Some(unreleased), _) => unreleased.push_back((record.seq, record.output)),
+                (None, Some(held)) => held.extend_from_slice(&record.output),
+                (None, None) => {
                     let _ = self.console.write_all(&record.output);
                     let _ = self.console.flush();
                 }
@@ -904,11 +1031,24 @@ impl Session<'_> {
             lifecycle!(warn, "standby-process-not-ready", guest = %guest, "the active's process is gone before this standby had caught up: nothing to take over; waiting for a new active");
             return Ok(SessionEnd::Reconnect);
         };
+        // A record the dead active sealed may hold disk writes it did not apply, a flush
+        // among them: its output waits until the images hold them.
+        self.held_output = Some(Vec::new());
+        let mut ended = None;
         while let Some(record) = next_record(journal, standby) {
             tracing::debug!(guest = %guest, seq = record.seq, "a record the active wrote before it died");
             if let Some(end) = self.apply(journal, standby, record)? {
-                return Ok(SessionEnd::Ended(end));
+                ended = Some(end);
+                break;
             }
+        }
+        self.catch_up_disks(journal, standby)?;
+        if let Some(held) = self.held_output.take() {
+            let _ = self.console.write_all(&held);
+            let _ = self.console.flush();
+        }
+        if let Some(end) = ended {
+            return Ok(SessionEnd::Ended(end));
         }
         if let Some(unreleased) = standby.unreleased.as_mut() {
             // What a remote active had not said it released is released here, in order,
@@ -977,6 +1117,7 @@ fn take_over(
         vm,
         committed,
         tail,
+        disks,
         ..
     } = standby;
     let host =
@@ -1002,6 +1143,7 @@ fn take_over(
         unfinished_line: tail,
         lock: Some(lock),
         failovers,
+        disks,
     };
     crate::supervisor::run_taken_over(&single, taken, control, signals)
         .map_err(|e| host("run the guest taken over", Box::new(e)))

@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! offset 0            header page: magic, version, writer identifier, batch size, file size,
-//!                     RAM size, writer pid, checksum; then the fields the reader writes
+//!                     RAM size, writer pid, checksum; then the field the writer updates (the
+//!                     last epoch whose disk writes it applied to the images), and the fields
+//!                     the reader writes
 //! 4096                batch area (batch size bytes): a full state image, written once per
 //!                     session: its header (sequence, state length, checksums), the state,
 //!                     and the RAM image at the end of the area (memfd offsets, holes kept)
@@ -12,8 +14,9 @@
 //!                     page boundary, each with a sequence number and a checksum
 //! ```
 //!
-//! A record holds the pages one epoch dirtied, the machine's state at its end and the
-//! console output it produced. No record is larger than the batch size, so an empty
+//! A record holds the pages one epoch dirtied, the machine's state at its end, the
+//! console output it produced and the writes it made to the guest's disks (its disk section:
+//! layout version 2; the record's checksum covers it). No record is larger than the batch size, so an empty
 //! wrap-around area always has room for the next one: a file of at least
 //! 3 x batch + 1 page (the header) can always make progress, and a smaller one is refused.
 //!
@@ -34,14 +37,21 @@ use vm_memory::mmap::MmapRegion;
 pub const PAGE: u64 = 4096;
 /// The file's first bytes.
 pub const MAGIC: &[u8; 8] = b"USJOURNL";
-/// The layout version this build writes and reads.
-pub const VERSION: u32 = 1;
+/// The layout version this build writes.
+pub const VERSION: u32 = 2;
+/// The oldest layout version this build reads: version 1's records have no disk section.
+/// A standby of this build can so follow an active of the build before, as an upgrade by
+/// switchover needs.
+pub const OLDEST_READ: u32 = 1;
 const BATCH_MAGIC: &[u8; 8] = b"USBATCH\0";
 const RECORD_MAGIC: &[u8; 8] = b"USEPOCH\0";
 /// Bytes of the header the writer checksums.
 const HEADER_SIGNED: usize = 56;
+/// Where the writer's field is in the header page: the last epoch whose disk writes it has
+/// applied to the guest's images.
+const WRITER_FIELDS: usize = 256;
 /// Where the reader's fields start in the header page: the last epoch whose output it has
-/// released, and the last it has applied.
+/// released.
 const READER_FIELDS: usize = 512;
 /// Bytes of a record's or the batch's own header.
 const RECORD_HEADER: usize = 64;
@@ -161,13 +171,15 @@ pub struct Header {
     pub memory: u64,
     /// The writer's process.
     pub writer_pid: u32,
+    /// The layout version the writer wrote.
+    pub version: u32,
 }
 
 impl Header {
     fn encode(&self) -> [u8; 64] {
         let mut out = [0u8; 64];
         out[0..8].copy_from_slice(MAGIC);
-        out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        out[8..12].copy_from_slice(&self.version.to_le_bytes());
         out[12..16].copy_from_slice(&(PAGE as u32).to_le_bytes());
         out[16..24].copy_from_slice(&self.identifier.to_le_bytes());
         out[24..32].copy_from_slice(&self.batch.to_le_bytes());
@@ -188,9 +200,9 @@ impl Header {
             return Err(foreign("not an understudy journal (bad magic)".into()));
         }
         let version = u32_at(bytes, 8);
-        if version != VERSION {
+        if !(OLDEST_READ..=VERSION).contains(&version) {
             return Err(foreign(format!(
-                "layout version {version}; this build reads version {VERSION}"
+                "layout version {version}; this build reads versions {OLDEST_READ} to {VERSION}"
             )));
         }
         if CRC64.checksum(&bytes[..HEADER_SIGNED]) != u64_at(bytes, 56) {
@@ -205,6 +217,7 @@ impl Header {
             size: u64_at(bytes, 32),
             memory: u64_at(bytes, 40),
             writer_pid: u32_at(bytes, 48),
+            version,
         };
         if !header.batch.is_multiple_of(PAGE)
             || !header.memory.is_multiple_of(PAGE)
@@ -247,9 +260,35 @@ pub struct EpochRecord<'a> {
     pub tail: &'a [u8],
     /// For the last record of a guest that ended: how it ended (JSON); the state is empty.
     pub end: Option<&'a [u8]>,
+    /// The epoch's writes to the guest's disks (`crate::disk_handoff` encodes them),
+    /// applied to the images once the epoch commits; empty without any.
+    pub disk: &'a [u8],
+    /// With `disk` empty: the length of a disk section written into the record later, with
+    /// the guest running again ([`Journal::write_disk_section`]), before it is sealed.
+    pub disk_after: u64,
 }
 
 impl EpochRecord<'_> {
+    /// The disk section's length.
+    pub fn disk_len(&self) -> u64 {
+        if self.disk.is_empty() {
+            self.disk_after
+        } else {
+            self.disk.len() as u64
+        }
+    }
+
+    /// Where the disk section starts, from the record's start.
+    fn disk_at(&self) -> u64 {
+        RECORD_HEADER as u64
+            + 16 * self.runs.len() as u64
+            + self.state.len() as u64
+            + self.output.len() as u64
+            + self.tail.len() as u64
+            + self.end.map_or(0, |e| e.len() as u64)
+            + DISK_LEN as u64
+    }
+
     /// The bytes the record takes, page data included.
     pub fn size(&self) -> u64 {
         let meta = RECORD_HEADER as u64
@@ -257,7 +296,9 @@ impl EpochRecord<'_> {
             + self.state.len() as u64
             + self.output.len() as u64
             + self.tail.len() as u64
-            + self.end.map_or(0, |e| e.len() as u64);
+            + self.end.map_or(0, |e| e.len() as u64)
+            + DISK_LEN as u64
+            + self.disk_len();
         round_up(meta) + self.runs.iter().map(|r| r.1).sum::<u64>()
     }
 }
@@ -282,7 +323,12 @@ pub struct ReadRecord {
     pub tail: Vec<u8>,
     /// How the guest ended, for an end record (JSON).
     pub end: Option<Vec<u8>>,
+    /// Its disk section (see [`EpochRecord::disk`]).
+    pub disk: Vec<u8>,
 }
+
+/// Bytes of the disk section's length, which follows the end in a record's metadata.
+const DISK_LEN: usize = 8;
 
 const KIND_EPOCH: u32 = 1;
 const KIND_END: u32 = 2;
@@ -349,6 +395,7 @@ impl Journal {
             size,
             memory,
             writer_pid: std::process::id(),
+            version: VERSION,
         };
         file.write_all_at(&header.encode(), 0)
             .map_err(io("write the header"))?;
@@ -637,7 +684,9 @@ impl Journal {
             + record.state.len()
             + record.output.len()
             + record.tail.len()
-            + end.len();
+            + end.len()
+            + DISK_LEN
+            + record.disk_len() as usize;
         let meta = self
             .bytes_mut(offset + RECORD_HEADER as u64, meta_len)
             .ok_or_else(|| self.torn("record", offset, "outside the file"))?;
@@ -647,7 +696,15 @@ impl Journal {
             meta[at + 8..at + 16].copy_from_slice(&run_len.to_le_bytes());
             at += 16;
         }
-        for part in [record.state, record.output, record.tail, end] {
+        let disk_len = record.disk_len().to_le_bytes();
+        for part in [
+            record.state,
+            record.output,
+            record.tail,
+            end,
+            &disk_len,
+            record.disk,
+        ] {
             meta[at..at + part.len()].copy_from_slice(part);
             at += part.len();
         }
@@ -663,6 +720,24 @@ impl Journal {
                 .map_err(|e| self.torn("record", offset, e.to_string()))?;
             page_at += run_len;
         }
+        Ok(())
+    }
+
+    /// Writes the disk section of the record written at `offset` without it (see
+    /// [`EpochRecord::disk_after`]): `section` of that length.
+    pub fn write_disk_section(
+        &self,
+        offset: u64,
+        record: &EpochRecord<'_>,
+        section: &[u8],
+    ) -> Result<(), JournalError> {
+        if section.len() as u64 != record.disk_after || !record.disk.is_empty() {
+            return Err(self.torn("record", offset, "a disk section of another length"));
+        }
+        let area = self
+            .bytes_mut(offset + record.disk_at(), section.len())
+            .ok_or_else(|| self.torn("record", offset, "outside the file"))?;
+        area.copy_from_slice(section);
         Ok(())
     }
 
@@ -742,10 +817,16 @@ impl Journal {
             u32_at(head, 40) as u64,
             u32_at(head, 44) as u64,
         );
-        let meta_len = 16 * runs + state_len + output_len + tail_len + end_len;
+        // Version 1's records end with the end, without a disk section.
+        let trailer = if self.header.version >= 2 {
+            DISK_LEN as u64
+        } else {
+            0
+        };
+        let fixed_len = 16 * runs + state_len + output_len + tail_len + end_len + trailer;
         if len > self.header.batch
             || offset + len > self.header.size
-            || RECORD_HEADER as u64 + meta_len > len
+            || RECORD_HEADER as u64 + fixed_len > len
             || !(kind == KIND_EPOCH || kind == KIND_END)
         {
             return Err(self.torn("record", offset, "lengths out of range"));
@@ -759,6 +840,15 @@ impl Journal {
         if CRC64.checksum(body) != u64_at(head, 48) {
             return Err(self.torn("record", offset, "checksum mismatch"));
         }
+        let disk_len = if trailer > 0 {
+            u64_at(body, (fixed_len - trailer) as usize)
+        } else {
+            0
+        };
+        let meta_len = fixed_len
+            .checked_add(disk_len)
+            .filter(|all| RECORD_HEADER as u64 + all <= len)
+            .ok_or_else(|| self.torn("record", offset, "disk section out of range"))?;
         let mut table = Vec::with_capacity(runs as usize);
         let mut pages = 0u64;
         for i in 0..runs as usize {
@@ -786,6 +876,8 @@ impl Journal {
         let output = part(output_len);
         let tail = part(tail_len);
         let end = part(end_len);
+        part(trailer);
+        let disk = part(disk_len);
         Ok(ReadRecord {
             seq,
             offset,
@@ -796,6 +888,7 @@ impl Journal {
             output,
             tail,
             end: (kind == KIND_END).then_some(end),
+            disk,
         })
     }
 
@@ -837,6 +930,20 @@ impl Journal {
     /// Sets the reader's mark.
     pub fn set_released(&self, seq: u64) {
         if let Some(field) = self.bytes_mut(READER_FIELDS as u64, 8) {
+            field.copy_from_slice(&seq.to_le_bytes());
+        }
+    }
+
+    /// The writer's mark: the last epoch whose disk writes it has applied to the guest's
+    /// images (0 for the batch: everything before the batch is in them).
+    pub fn disk_applied(&self) -> u64 {
+        self.bytes(WRITER_FIELDS as u64, 8)
+            .map_or(0, |b| u64_at(b, 0))
+    }
+
+    /// Sets the writer's mark, once the images hold every disk write up to epoch `seq`.
+    pub fn set_disk_applied(&self, seq: u64) {
+        if let Some(field) = self.bytes_mut(WRITER_FIELDS as u64, 8) {
             field.copy_from_slice(&seq.to_le_bytes());
         }
     }
@@ -895,6 +1002,8 @@ mod tests {
             output: b"count 1\n",
             tail: b"cou",
             end: None,
+            disk: b"disk section",
+            disk_after: 0,
         };
         let at = writer.records_start();
         writer.write_record(at, &record, Some(&ram)).unwrap();
@@ -913,6 +1022,28 @@ mod tests {
         assert_eq!(got.tail, b"cou");
         assert_eq!(got.state, b"{\"state\":1}");
         assert_eq!(got.end, None);
+        assert_eq!(got.disk, b"disk section");
+        // A disk section written after the record, before it is sealed.
+        let late = EpochRecord {
+            seq: 2,
+            runs: &[],
+            state: b"{}",
+            output: b"",
+            tail: b"",
+            end: None,
+            disk: b"",
+            disk_after: 4,
+        };
+        let next = writer.next_offset(at, got.len, late.size());
+        writer.write_record(next, &late, None).unwrap();
+        assert!(writer.write_disk_section(next, &late, b"toolong").is_err());
+        writer.write_disk_section(next, &late, b"late").unwrap();
+        writer.seal_record(next, &late).unwrap();
+        assert_eq!(reader.read_record(next, 2).unwrap().disk, b"late");
+        // The writer's disk mark, as the reader sees it.
+        assert_eq!(reader.disk_applied(), 0);
+        writer.set_disk_applied(1);
+        assert_eq!(reader.disk_applied(), 1);
         ram.copy_in(7 * PAGE, &[9; PAGE as usize]).unwrap();
         reader.apply_pages(&got, &loaded).unwrap();
         let mut page = [0u8; PAGE as usize];
@@ -924,8 +1055,46 @@ mod tests {
         loaded.copy_out(7 * PAGE, &mut page).unwrap();
         assert_eq!(page, [2; PAGE as usize]);
         // Nothing is at the next place yet.
-        let next = reader.next_offset(at, got.len, PAGE);
-        assert!(reader.read_record(next, 2).is_err());
+        let after = reader.next_offset(next, late.size(), PAGE);
+        assert!(reader.read_record(after, 3).is_err());
+    }
+
+    /// What a standby of this build finds following an active of the build before: a
+    /// version 1 journal, whose records have no disk section.
+    #[test]
+    fn a_version_1_journal_is_read_and_an_unknown_version_refused() {
+        let (writer, p) = journal("v1", 0x77);
+        let mut header = *writer.header();
+        header.version = 1;
+        writer.file().write_all_at(&header.encode(), 0).unwrap();
+        let (state, output) = (&b"{\"v\":1}"[..], &b"out\n"[..]);
+        let mut body = [state, output].concat();
+        body.resize(PAGE as usize - RECORD_HEADER, 0);
+        let mut head = [0u8; RECORD_HEADER];
+        head[0..8].copy_from_slice(RECORD_MAGIC);
+        head[8..16].copy_from_slice(&1u64.to_le_bytes());
+        head[16..24].copy_from_slice(&PAGE.to_le_bytes());
+        head[24..28].copy_from_slice(&KIND_EPOCH.to_le_bytes());
+        head[32..36].copy_from_slice(&(state.len() as u32).to_le_bytes());
+        head[36..40].copy_from_slice(&(output.len() as u32).to_le_bytes());
+        head[48..56].copy_from_slice(&CRC64.checksum(&body).to_le_bytes());
+        let crc = CRC64.checksum(&head[..56]);
+        head[56..64].copy_from_slice(&crc.to_le_bytes());
+        let at = writer.records_start();
+        writer
+            .file()
+            .write_all_at(&body, at + RECORD_HEADER as u64)
+            .unwrap();
+        writer.file().write_all_at(&head, at).unwrap();
+        let reader = Journal::open(&p, 0x77).unwrap();
+        assert_eq!(reader.header().version, 1);
+        let got = reader.read_record(at, 1).unwrap();
+        assert_eq!((&got.state[..], &got.output[..]), (state, output));
+        assert!(got.disk.is_empty());
+        header.version = VERSION + 1;
+        writer.file().write_all_at(&header.encode(), 0).unwrap();
+        let err = Journal::open(&p, 0x77).err().unwrap();
+        assert!(err.to_string().contains("layout version 3"), "{err}");
     }
 
     #[test]
@@ -940,6 +1109,8 @@ mod tests {
             output: b"",
             tail: b"",
             end: None,
+            disk: b"",
+            disk_after: 0,
         };
         let at = writer.records_start();
         // Written but never sealed: the writer died before its header.
@@ -1021,6 +1192,8 @@ mod tests {
             output: &output,
             tail: &[],
             end: None,
+            disk: &[],
+            disk_after: 0,
         };
         assert!(record.size() <= batch);
         // And two records of a batch each fit the area between them.

@@ -6,7 +6,8 @@
 //! and its precopy; `liveness` judges heartbeats; `background` runs the jobs no event loop
 //! waits for; `console` holds the console sinks (including output held until its epoch
 //! commits); `disk` opens a guest's disk images and keeps a checkpointed guest's image as of
-//! its last committed epoch; `supervisor` is the top-level event loop and the loop each guest runs on;
+//! its last committed epoch; `disk_handoff` carries a checkpointed guest's disk writes to a
+//! standby process and its images with them; `supervisor` is the top-level event loop and the loop each guest runs on;
 //! `fault` is the plan of injected failures; `restore` matches `--restore` snapshots to
 //! their guests and checks them before anything starts; `dump` writes crash dumps while the
 //! guest runs on; `control` is the control socket and its protocol; `metrics` renders counters as
@@ -33,6 +34,7 @@ pub mod config;
 pub mod console;
 pub mod control;
 pub mod disk;
+pub mod disk_handoff;
 pub mod dump;
 pub mod fault;
 pub mod follower;

@@ -14,13 +14,18 @@
 //!                                 <-        record {seq, offset}   every epoch
 //!   applied {seq}                 ->
 //! ```
+//! The `journal` message of a guest with disks carries the descriptors of its images
+//! (`SCM_RIGHTS`, in the disks' order): the standby holds the same open files, and so the same
+//! image locks, as the active.
+//!
 //! `take_over {why}`: the active's machine failed (or a switchover was asked for) and is
 //! fenced; the standby resumes the guest from its last record. Either side may send
 //! `refused {why}` and close. A `journal` message with a new identifier means the writer
 //! started afresh: the standby drops what it had. Who may run the guest is decided by the
 //! guest's [`ActiveLock`], not by these messages.
 
-use std::io::{Read, Write};
+use std::io::Write;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
@@ -132,13 +137,22 @@ pub enum LinkError {
     Garbled(String),
 }
 
-/// Lines off a stream, blocking or not.
+/// The most descriptors one message carries.
+const MAX_FDS: usize = 16;
+
+/// Lines off a stream, blocking or not, and the descriptors that came with them.
 #[derive(Default)]
 pub struct Lines {
     buf: Vec<u8>,
+    fds: Vec<OwnedFd>,
 }
 
 impl Lines {
+    /// The descriptors received so far, in the order they came; taken once.
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        std::mem::take(&mut self.fds)
+    }
+
     /// Reads what `stream` has (all of it, for a non-blocking stream; at least something, for
     /// a blocking one) and returns the complete messages. `Closed` once the peer has closed
     /// and every message before that was returned.
@@ -149,7 +163,7 @@ impl Lines {
         let mut chunk = [0u8; 4096];
         let mut closed = false;
         loop {
-            match stream.read(&mut chunk) {
+            match recv_with_fds(stream, &mut chunk, &mut self.fds) {
                 Ok(0) => {
                     closed = true;
                     break;
@@ -198,6 +212,104 @@ fn stream_nonblocking(stream: &UnixStream) -> bool {
     flags >= 0 && flags & libc::O_NONBLOCK != 0
 }
 
+/// Reads into `buf` like `read`, keeping the descriptors that came with the bytes in `fds`.
+fn recv_with_fds(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> std::io::Result<usize> {
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<libc::c_int>()) as u32) };
+    let mut control = vec![0u64; (space as usize).div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() * 8;
+    // SAFETY: `msg` points at `buf` and `control`, both live and as large as it says.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: walking the control messages the kernel just wrote into `control`, within
+    // `msg_controllen`.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<libc::c_int>();
+                let bytes = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..bytes / std::mem::size_of::<libc::c_int>() {
+                    // The kernel made each of these descriptors for this process.
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    Ok(n as usize)
+}
+
+/// Writes what `stream` takes of `bytes` (at least one byte, or an error), with `fds` passed
+/// along with the first of them; returns how many bytes went.
+pub fn send_with_fds(
+    stream: &UnixStream,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> std::io::Result<usize> {
+    if fds.len() > MAX_FDS {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "too many descriptors for one message",
+        ));
+    }
+    let raw: Vec<libc::c_int> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let data_len = std::mem::size_of_val(raw.as_slice()) as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(data_len) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !raw.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: `control` has room for one control message of `data_len` bytes.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(data_len) as usize;
+            std::ptr::copy_nonoverlapping(
+                raw.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                data_len as usize,
+            );
+        }
+    }
+    loop {
+        // SAFETY: `msg` points at `bytes` and `control`, both live and as large as it says.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+}
+
 /// Sends one message as a line. A non-blocking stream whose buffer is full counts as
 /// failed: these lines are small, and a peer that leaves them unread is not following.
 pub fn send<M: Serialize>(stream: &mut UnixStream, message: &M) -> Result<(), LinkError> {
@@ -235,6 +347,7 @@ pub fn peer_pid(stream: &UnixStream) -> std::io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
 
     #[test]
     fn messages_read_back_as_sent_and_garbage_is_an_error() {
@@ -273,5 +386,29 @@ mod tests {
             Err(LinkError::Closed)
         ));
         assert_eq!(peer_pid(&b).unwrap(), std::process::id());
+    }
+
+    #[test]
+    fn descriptors_sent_with_a_message_are_received_with_it() {
+        use std::io::{Read as _, Seek as _};
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let path = std::env::temp_dir().join(format!("understudy-link-fd-{}", std::process::id()));
+        std::fs::write(&path, b"passed on").unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let line = b"{\"batch\":{\"seq\":0}}\n";
+        let sent = send_with_fds(&a, line, &[file.as_fd()]).unwrap();
+        assert_eq!(sent, line.len());
+        let mut lines = Lines::default();
+        let got: Vec<ToStandby> = lines.read(&mut b).unwrap();
+        assert_eq!(got, [ToStandby::Batch { seq: 0 }]);
+        let fds = lines.take_fds();
+        assert_eq!(fds.len(), 1);
+        let mut received = std::fs::File::from(fds.into_iter().next().unwrap());
+        received.rewind().unwrap();
+        let mut text = String::new();
+        received.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "passed on");
+        assert!(lines.take_fds().is_empty());
     }
 }

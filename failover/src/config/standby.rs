@@ -261,13 +261,22 @@ const MAX_ACK_TIMEOUT_MS: u64 = 60_000;
 /// A key of the table at fault (`standby.…`), and why.
 type Invalid = (&'static str, String);
 
-/// Validates the `[guest.standby]` table of guest `guest` (`memory_mib` of RAM, with disks
-/// or NICs if `has_devices`), relative paths resolved against `base`.
+/// Which devices a guest has, for the placements that cannot take them over yet.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Devices {
+    /// It has disks.
+    pub disks: bool,
+    /// It has NICs.
+    pub nics: bool,
+}
+
+/// Validates the `[guest.standby]` table of guest `guest` (`memory_mib` of RAM, with the
+/// `devices` it has), relative paths resolved against `base`.
 pub(super) fn resolve(
     table: StandbyFile,
     guest: &str,
     memory_mib: u64,
-    has_devices: bool,
+    devices: Devices,
     base: &Path,
 ) -> Result<StandbyConfig, Invalid> {
     let resume = table.resume.unwrap_or(ResumeFrom::FailedState);
@@ -295,7 +304,7 @@ pub(super) fn resolve(
     if failover_window_s == 0 {
         return Err(("standby.failover_window_s", "must be at least 1".into()));
     }
-    let placement = placement(&table, guest, memory_mib, has_devices, resume, base)?;
+    let placement = placement(&table, guest, memory_mib, devices, resume, base)?;
     Ok(StandbyConfig {
         heartbeat_timeout_ms: table
             .heartbeat_timeout_ms
@@ -315,7 +324,7 @@ fn placement(
     table: &StandbyFile,
     guest: &str,
     memory_mib: u64,
-    has_devices: bool,
+    devices: Devices,
     resume: ResumeFrom,
     base: &Path,
 ) -> Result<Placement, Invalid> {
@@ -355,10 +364,16 @@ fn placement(
             "a standby in a process of its own resumes from checkpoints: set resume = \"checkpoint\"".into(),
         ));
     }
-    if has_devices {
+    if devices.nics {
         return Err((
             "standby.process",
-            "a standby in a process of its own does not take over disks or NICs yet; use process = \"same\" for this guest".into(),
+            "a standby in a process of its own does not take over NICs yet; use process = \"same\" for this guest".into(),
+        ));
+    }
+    if devices.disks && process == StandbyProcess::Remote {
+        return Err((
+            "standby.process",
+            "a standby on another host does not take over disks yet; use process = \"separate\" or \"same\" for this guest".into(),
         ));
     }
     let journal = journal_config(table, guest, memory_mib, base)?;

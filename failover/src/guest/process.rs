@@ -36,6 +36,7 @@ use crate::checkpoint::EpochStats;
 use crate::config::JournalConfig;
 use crate::console::HeldOutput;
 use crate::control::protocol::StandbyProcessStatus;
+use crate::disk::EpochDisk;
 use crate::link::ActiveLock;
 use crate::remote::ActiveSide;
 use session::{Phase, Session};
@@ -85,6 +86,9 @@ pub(crate) struct StandbyLink {
     deferred: u64,
     /// What the guest's crash-loop guard counts, told to each standby that attaches.
     failovers: Vec<u64>,
+    /// The guest's checkpointed disks: their epoch logs go with the records
+    /// ([`crate::disk_handoff`]).
+    disks: Vec<Arc<EpochDisk>>,
 }
 
 /// Why no standby link could be made for a guest, with the console it was given.
@@ -238,6 +242,7 @@ impl StandbyLink {
             sessions: 0,
             deferred: 0,
             failovers: Vec::new(),
+            disks: ctx.disks.epoch_disks(),
         };
         Ok((link, Box::new(held)))
     }

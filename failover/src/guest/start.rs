@@ -55,6 +55,9 @@ pub struct TakenOver {
     /// When the guest failed over or restarted recently (this takeover included), in
     /// milliseconds since the Unix epoch: the crash-loop guard carries on from these.
     pub failovers: Vec<u64>,
+    /// The guest's disks, over the images the old active passed on (the machine has them
+    /// already): used instead of opening the images again.
+    pub disks: Option<crate::disk::GuestDisks>,
 }
 
 impl std::fmt::Debug for TakenOver {

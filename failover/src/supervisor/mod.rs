@@ -488,10 +488,19 @@ fn run_guests(
         .count();
     let (ended_tx, ended) = std::sync::mpsc::channel();
     let ended_wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(setup_error("eventfd"))?);
+    let mut starts = starts;
+    // A guest taken over brings its disks, over the images its old active passed on.
     let disks = env
         .guest
         .iter()
-        .map(GuestDisks::open)
+        .zip(starts.iter_mut())
+        .map(|(config, from)| match from {
+            StartFrom::TakenOver(taken) => match taken.disks.take() {
+                Some(disks) => Ok(disks),
+                None => GuestDisks::open(config),
+            },
+            _ => GuestDisks::open(config),
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let nics = env
         .guest

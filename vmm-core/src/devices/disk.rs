@@ -83,6 +83,17 @@ impl RawImage {
             .write(!read_only)
             .open(path)
             .map_err(open_err)?;
+        RawImage::from_file(file, path, read_only)
+    }
+
+    /// Takes `file`, the image at `path` opened by this process or received from another,
+    /// and locks it. A file whose open file description already holds the lock (one passed
+    /// on by the process that opened it) is locked at once, whoever else shares it.
+    pub fn from_file(file: File, path: &Path, read_only: bool) -> Result<RawImage, ImageError> {
+        let open_err = |source| ImageError::Open {
+            path: path.to_owned(),
+            source,
+        };
         let meta = file.metadata().map_err(open_err)?;
         let unusable = |why: String| ImageError::Unusable {
             path: path.to_owned(),

@@ -12,6 +12,7 @@ use super::batch::copy_batch;
 use super::output::release;
 use super::session::{Phase, Session};
 use super::{StandbyLink, HANDOVER_PATIENCE};
+use crate::disk_handoff;
 use crate::guest::{us, Context, Finished};
 use crate::journal::Journal;
 use crate::link::{send, Lines, LinkError, ToActive, ToStandby};
@@ -112,7 +113,10 @@ impl StandbyLink {
                 session.phase = Phase::Opened;
                 self.sessions += 1;
                 lifecycle!(info, "standby-process-attached", guest = %self.guest, standby_pid = session.pid, identifier, journal = %self.config.path.display(), "a standby process attached; writing the journal");
-                session.tell(&announce).map_err(|e| e.to_string())
+                // The images go with the announcement: the standby shares their locks.
+                session
+                    .tell_with_fds(&announce, &disk_handoff::image_fds(&ctx.disks))
+                    .map_err(|e| e.to_string())
             }
             (Phase::Opened, ToActive::Opened {}) => {
                 let Some(active) = active else {
@@ -156,8 +160,11 @@ impl StandbyLink {
         // given up first (the listener stays open, unreachable, until the loop lets it go).
         let _ = std::fs::remove_file(&self.config.socket);
         self.owns_socket = false;
-        // The machine is fenced: this process never runs the guest again, and the standby
-        // takes the lock before it resumes it.
+        // The machine is fenced: this process never runs the guest again (nor writes its
+        // images), and the standby takes the lock before it resumes it.
+        for disk in &self.disks {
+            disk.give_up();
+        }
         self.lock = None;
         let told = session.tell(&ToStandby::TakeOver {
             why: why.to_owned(),
@@ -212,6 +219,10 @@ impl StandbyLink {
             .as_ref()
             .map_or(0, |j| j.released())
             .max(shipped);
+        // Every sealed record's disk writes are in the images before any of its output goes.
+        if let Err(err) = disk_handoff::apply_sealed(&self.disks) {
+            tracing::error!(guest = %self.guest, %err, "disk writes could not be applied to the image");
+        }
         for record in &session.unapplied {
             if record.seq > released {
                 release(&self.console, &record.output);

@@ -11,6 +11,7 @@ use super::session::Phase;
 use super::{own_stops, LinkTick, StandbyLink};
 use crate::background::JobId;
 use crate::checkpoint::Precopied;
+use crate::disk_handoff::{self, SealedEpoch};
 use crate::guest::{us, Context};
 use crate::journal::Journal;
 use crate::link::ToStandby;
@@ -57,6 +58,8 @@ impl StandbyLink {
         if let Some(events) = own_stops(active) {
             return LinkTick::ActiveStopped(events);
         }
+        // The images are to hold every write up to the batch before the standby loads it.
+        drop(SealedEpoch::seal(&self.disks));
         let sealed = (|| -> Result<(Vec<u8>, u64), String> {
             let dirty = active.take_dirty_pages().map_err(|e| e.to_string())?;
             let runs = active.ram().marked_offsets(&dirty.bitmaps);
@@ -84,6 +87,13 @@ impl StandbyLink {
                 return LinkTick::Done;
             }
         };
+        if let Err(err) = disk_handoff::apply_sealed(&self.disks) {
+            self.pending = tail;
+            self.refuse(&format!(
+                "the disk writes before the batch could not be applied: {err}"
+            ));
+            return LinkTick::Done;
+        }
         if let Err(err) = journal.commit_batch(0, &state, &tail) {
             self.pending = tail;
             self.refuse(&err.to_string());

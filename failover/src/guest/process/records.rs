@@ -9,6 +9,7 @@ use vmm_core::{Vm, VmError};
 use super::output::{release, split_tail};
 use super::session::{place, prepare_record, Phase, Unapplied};
 use super::{own_stops, LinkTick, StandbyLink, HANDOVER_PATIENCE};
+use crate::disk_handoff::{self, SealedEpoch};
 use crate::guest::{us, Context};
 use crate::journal::{EpochRecord, JournalError};
 use crate::link::ToStandby;
@@ -23,6 +24,11 @@ impl StandbyLink {
             .is_some_and(|s| matches!(s.phase, Phase::Loading | Phase::Following));
         if !writing {
             self.pending.extend(self.held.take());
+            // The output is released only once the images hold the writes made before it.
+            if let Err(err) = disk_handoff::commit_unprotected(&self.disks) {
+                tracing::error!(guest = %self.guest, %err, "disk writes could not be applied to the image; the output that follows them is held");
+                return LinkTick::Done;
+            }
             let pending = std::mem::take(&mut self.pending);
             let (output, tail) = split_tail(pending, &mut self.tail_since);
             release(&self.console, &output);
@@ -78,11 +84,13 @@ impl StandbyLink {
                 output,
                 tail,
                 end: None,
+                disks: SealedEpoch::seal(&self.disks),
             };
             let len = record.borrow().size();
             let Some(offset) = place(&journal, session, len) else {
-                // No room until the standby applies what it has: this epoch's pages and
-                // output go with the next one.
+                // No room until the standby applies what it has: this epoch's pages, output
+                // and disk writes go with the next one.
+                record.disks.unseal(&self.disks);
                 session.carry = Some(dirty);
                 session.carry_output = [record.output, record.tail].concat();
                 return Ok(None);
@@ -109,6 +117,10 @@ impl StandbyLink {
             std::thread::sleep(delay);
         }
         let session = self.session.as_mut().ok_or("no session")?;
+        // The disk section is copied in with the guest running again.
+        journal
+            .write_disk_section(offset, &record.borrow(), &record.disks.section())
+            .map_err(|e| e.to_string())?;
         journal
             .seal_record(offset, &record.borrow())
             .map_err(|e: JournalError| e.to_string())?;
@@ -123,6 +135,10 @@ impl StandbyLink {
         });
         let pages = record.runs.iter().map(|r| r.1).sum::<u64>() / crate::journal::PAGE;
         self.stats.record(pause, pages);
+        // The epoch has committed: its disk writes go to the images, then the mark says so.
+        disk_handoff::apply_sealed(&self.disks)
+            .map_err(|e| format!("the epoch's disk writes could not be applied: {e}"))?;
+        journal.set_disk_applied(record.seq);
         let notice = ToStandby::Record {
             seq: record.seq,
             offset,
@@ -178,6 +194,9 @@ impl StandbyLink {
             self.lose("the guest ended");
         }
         self.pending.extend(self.held.take());
+        if let Err(err) = disk_handoff::commit_unprotected(&self.disks) {
+            tracing::error!(guest = %self.guest, %err, "the guest's last disk writes could not be applied to the image");
+        }
         let output = std::mem::take(&mut self.pending);
         release(&self.console, &output);
     }
@@ -198,6 +217,7 @@ impl StandbyLink {
             output,
             tail: Vec::new(),
             end: Some(end.to_vec()),
+            disks: SealedEpoch::seal(&self.disks),
         };
         let len = record.borrow().size();
         let Some(offset) = place(&journal, session, len) else {
@@ -206,9 +226,14 @@ impl StandbyLink {
         };
         journal
             .write_record(offset, &record.borrow(), None)
+            .and_then(|()| {
+                journal.write_disk_section(offset, &record.borrow(), &record.disks.section())
+            })
             .and_then(|()| journal.seal_record(offset, &record.borrow()))
             .map_err(|e| e.to_string())?;
         session.seq = record.seq;
+        disk_handoff::apply_sealed(&self.disks).map_err(|e| e.to_string())?;
+        journal.set_disk_applied(record.seq);
         let notice = ToStandby::Record {
             seq: record.seq,
             offset,
@@ -252,6 +277,8 @@ struct EpochRecordOwned {
     output: Vec<u8>,
     tail: Vec<u8>,
     end: Option<Vec<u8>>,
+    /// Its disk writes, sealed; copied into the record after the pause.
+    disks: SealedEpoch,
 }
 
 impl EpochRecordOwned {
@@ -263,6 +290,8 @@ impl EpochRecordOwned {
             output: &self.output,
             tail: &self.tail,
             end: self.end.as_deref(),
+            disk: &[],
+            disk_after: self.disks.section_len(),
         }
     }
 }

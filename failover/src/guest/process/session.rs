@@ -72,6 +72,23 @@ pub(super) struct Session {
 const MAX_UNREAD: usize = 1 << 20;
 
 impl Session {
+    /// Sends `message` with `fds` (the first message of a session: nothing waits before it).
+    pub(super) fn tell_with_fds(
+        &mut self,
+        message: &ToStandby,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<(), LinkError> {
+        if fds.is_empty() || !self.out.is_empty() {
+            return self.tell(message);
+        }
+        let mut line =
+            serde_json::to_vec(message).map_err(|e| LinkError::Garbled(e.to_string()))?;
+        line.push(b'\n');
+        let sent = crate::link::send_with_fds(&self.conn, &line, fds)?;
+        self.out.extend_from_slice(&line[sent..]);
+        self.flush()
+    }
+
     /// Sends `message`, after whatever is still waiting: whole lines, in order, whatever the
     /// connection takes at a time.
     pub(super) fn tell(&mut self, message: &ToStandby) -> Result<(), LinkError> {
