@@ -1,6 +1,7 @@
 //! ACPI tables: how a guest that ignores the MP table finds its CPUs and IOAPIC, powers off,
-//! and finds the pvpanic device and COM1's interrupt. Distribution kernels are such guests: Debian's cloud kernel
-//! is built without `CONFIG_X86_MPPARSE`, so without ACPI it sees one CPU and no IOAPIC.
+//! and finds the pvpanic device and COM1's interrupt. Distribution kernels are such guests:
+//! Debian's cloud kernel is built without `CONFIG_X86_MPPARSE`, so without ACPI it sees one
+//! CPU and no IOAPIC.
 //!
 //! The machine is *hardware-reduced* ACPI (no SCI, no PM timer, no fixed events): a FADT that
 //! says so and names the sleep control port, a DSDT with the `_S5` sleep type, the pvpanic
