@@ -13,6 +13,7 @@ fn main() {
         println!("cargo:rerun-if-changed=kernels/{kernel}.c");
     }
     println!("cargo:rerun-if-changed=kernels/hostile_entry.S");
+    println!("cargo:rerun-if-changed=kernels/com1_irq.S");
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)

@@ -53,7 +53,7 @@ fn setup() -> Option<LinuxSetup> {
         return None;
     };
     let initrd = match std::env::var_os("UNDERSTUDY_LINUX_INITRD") {
-        Some(path) => PathBuf::from(path),
+        Some(path) => absolute(path),
         None => build_initramfs(),
     };
     let number = |name: &str, default: u64| {
@@ -67,7 +67,7 @@ fn setup() -> Option<LinuxSetup> {
     };
     let extra = std::env::var("UNDERSTUDY_LINUX_CMDLINE").unwrap_or_default();
     Some(LinuxSetup {
-        kernel: PathBuf::from(kernel),
+        kernel: absolute(kernel),
         initrd,
         vcpus: number("UNDERSTUDY_LINUX_VCPUS", 1) as u8,
         cmdline: format!("console=ttyS0 interval_s=1 beat_ms=500 {extra}")
@@ -75,6 +75,12 @@ fn setup() -> Option<LinuxSetup> {
             .to_owned(),
         patience: Duration::from_secs(60 * number("UNDERSTUDY_LINUX_PATIENCE_MIN", 120)),
     })
+}
+
+/// `path` from the test's working directory: the environment file the runs get lives
+/// elsewhere, and understudy reads its paths relative to that file.
+fn absolute(path: std::ffi::OsString) -> PathBuf {
+    std::path::absolute(&path).unwrap_or_else(|e| panic!("{}: {e}", Path::new(&path).display()))
 }
 
 fn build_initramfs() -> PathBuf {
@@ -145,10 +151,9 @@ impl Run {
         }
     }
 
-    /// The console, each line without the kernel's `[ seconds]` timestamp: `/init` writes
-    /// through the kernel's log.
+    /// The console: the kernel's messages and what `/init` writes to its tty.
     fn console(&self) -> String {
-        without_timestamps(&self.console.text())
+        self.console.text()
     }
 
     /// Waits until `done(console, log)` holds, failing with `what` after the run's patience
@@ -217,8 +222,7 @@ impl Run {
         }
     }
 
-    /// Ends understudy if it still runs, and returns everything it wrote (the console
-    /// without the kernel's timestamps).
+    /// Ends understudy if it still runs, and returns everything it wrote (console, log).
     fn stop(mut self) -> (String, String) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -227,18 +231,6 @@ impl Run {
         }
         (self.console(), self.log.text())
     }
-}
-
-/// `text` with the kernel's `[   41.100000] ` taken off the start of each line that has it.
-fn without_timestamps(text: &str) -> String {
-    text.split_inclusive('\n')
-        .map(|line| {
-            line.strip_prefix('[')
-                .and_then(|rest| rest.split_once("] "))
-                .filter(|(stamp, _)| stamp.trim().parse::<f64>().is_ok())
-                .map_or(line, |(_, rest)| rest)
-        })
-        .collect()
 }
 
 /// How a run's guest starts.

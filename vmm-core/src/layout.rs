@@ -3,6 +3,7 @@
 //! Everything the VMM writes into a guest before its first instruction lives here, below 1 MiB,
 //! at the places a Linux kernel expects when booted through the 64-bit boot protocol. The
 //! addresses are part of the guest interface and are documented in `docs/guest-interface.md`.
+//! So are COM1's ports and interrupt line, which the ACPI tables describe to the guest.
 
 /// Flat boot GDT (null, code, data, TSS descriptors).
 pub const BOOT_GDT_START: u64 = 0x500;
@@ -44,6 +45,13 @@ pub const IDENTITY_MAPPED: u64 = 4 << 30;
 pub const PAGE_SIZE: u64 = 4096;
 /// Address KVM needs for its three-page TSS region on Intel hosts (just below the BIOS ROM).
 pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
+
+/// First I/O port of COM1.
+pub const COM1_BASE: u16 = 0x3f8;
+/// Number of COM1 registers.
+pub const COM1_PORTS: u16 = 8;
+/// The interrupt line of COM1: IOAPIC pin 4 (GSI 4), as on a PC.
+pub const COM1_IRQ: u32 = 4;
 
 /// Guest RAM ranges `(start, length)` for a machine of `size` bytes: one range below the MMIO
 /// hole and, for large guests, one above 4 GiB.

@@ -1,16 +1,18 @@
 //! ACPI tables: how a guest that ignores the MP table finds its CPUs and IOAPIC, powers off,
-//! and finds the pvpanic device. Distribution kernels are such guests: Debian's cloud kernel
-//! is built without `CONFIG_X86_MPPARSE`, so without ACPI it sees one CPU and no IOAPIC.
+//! and finds the pvpanic device and COM1's interrupt. Distribution kernels are such guests:
+//! Debian's cloud kernel is built without `CONFIG_X86_MPPARSE`, so without ACPI it sees one
+//! CPU and no IOAPIC.
 //!
 //! The machine is *hardware-reduced* ACPI (no SCI, no PM timer, no fixed events): a FADT that
-//! says so and names the sleep control port, a DSDT with the `_S5` sleep type and the pvpanic
-//! device (`QEMU0001` at port 0x505), and a MADT with one local APIC per vCPU and the IOAPIC.
+//! says so and names the sleep control port, a DSDT with the `_S5` sleep type, the pvpanic
+//! device (`QEMU0001` at port 0x505) and COM1 (`PNP0501` at port 0x3f8, interrupt 4), and a
+//! MADT with one local APIC per vCPU and the IOAPIC.
 //! A guest powers off by writing `SLP_EN` to the sleep control port ([`SLEEP_CONTROL_PORT`]).
 //!
 //! Written once into the BIOS area below 1 MiB before the first instruction, where Linux scans
 //! for the RSDP (it is also handed to Linux in the zero page).
 
-use crate::layout::{ACPI_START, APIC_START, IOAPIC_START};
+use crate::layout::{ACPI_START, APIC_START, COM1_BASE, COM1_IRQ, COM1_PORTS, IOAPIC_START};
 use crate::memory::{GuestRam, MemoryError};
 
 /// The port a guest writes to enter a sleep state; bit 5 (`SLP_EN`) set means "now". The
@@ -52,23 +54,76 @@ const AML_S5: &[u8] = &[
     0x08, b'_', b'S', b'5', b'_', 0x12, 0x06, 0x02, 0x0a, 0x05, 0x0a, 0x05,
 ];
 
-/// `Scope (\_SB) { Device (PEVT) { Name (_HID, "QEMU0001") Name (_CRS, ResourceTemplate () {
-/// IO (Decode16, 0x505, 0x505, 1, 1) }) } }`: the pvpanic device as QEMU declares it, which
-/// Linux's `pvpanic-mmio` driver binds to.
-fn aml_pvpanic() -> Vec<u8> {
-    let mut crs = vec![0x08, b'_', b'C', b'R', b'S', 0x11, 0x0d, 0x0a, 0x0a];
-    crs.extend_from_slice(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]); // IO descriptor
-    crs.extend_from_slice(&[0x79, 0x00]); // end tag
-    let mut hid = vec![0x08, b'_', b'H', b'I', b'D', 0x0d];
-    hid.extend_from_slice(b"QEMU0001\0");
-    let mut device_body = b"PEVT".to_vec();
-    device_body.extend(hid);
-    device_body.extend(crs);
+/// `Name (_CRS, ResourceTemplate () { RESOURCES })`: `resources` are resource descriptors,
+/// the end tag is added.
+fn aml_crs(resources: &[u8]) -> Vec<u8> {
+    let mut buffer = vec![0x0a, (resources.len() + 2) as u8]; // BufferSize, a byte constant
+    buffer.extend_from_slice(resources);
+    buffer.extend_from_slice(&[0x79, 0x00]); // end tag, no checksum
+    let mut crs = vec![0x08, b'_', b'C', b'R', b'S', 0x11];
+    crs.extend(pkg_length(buffer.len()));
+    crs.extend(buffer);
+    crs
+}
+
+/// `Device (NAME) { BODY }`.
+fn aml_device(name: &[u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut device_body = name.to_vec();
+    device_body.extend_from_slice(body);
     let mut device = vec![0x5b, 0x82];
     device.extend(pkg_length(device_body.len()));
     device.extend(device_body);
+    device
+}
+
+/// `Device (PEVT) { Name (_HID, "QEMU0001") Name (_CRS, ResourceTemplate () { IO (Decode16,
+/// 0x505, 0x505, 1, 1) }) }`: the pvpanic device as QEMU declares it, which Linux's
+/// `pvpanic-mmio` driver binds to.
+fn aml_pvpanic() -> Vec<u8> {
+    let mut body = vec![0x08, b'_', b'H', b'I', b'D', 0x0d];
+    body.extend_from_slice(b"QEMU0001\0");
+    body.extend(aml_crs(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
+    aml_device(b"PEVT", &body)
+}
+
+/// `Device (COM1) { Name (_HID, EisaId ("PNP0501")) Name (_UID, Zero) Name (_CRS,
+/// ResourceTemplate () { IO (Decode16, 0x3f8, 0x3f8, 1, 8) Interrupt (ResourceConsumer, Edge,
+/// ActiveHigh, Exclusive) { 4 } }) }`: the UART and its interrupt line.
+///
+/// A hardware-reduced machine has no legacy interrupts: Linux then maps none of the ISA IRQs
+/// to IOAPIC pins by itself, so the 8250 driver's built-in COM1 (IRQ 4) cannot request its
+/// interrupt. The port still works for the kernel's console, which polls, but a tty on it
+/// (user space writing to `/dev/console`) fails with EIO. Declared here, the UART is taken
+/// over by the driver's ACPI (PNP) side, which maps GSI 4 first.
+fn aml_com1() -> Vec<u8> {
+    let mut body = vec![0x08, b'_', b'H', b'I', b'D', 0x0c];
+    body.extend_from_slice(&eisa_id(*b"PNP", 0x0501));
+    body.extend_from_slice(&[0x08, b'_', b'U', b'I', b'D', 0x00]);
+    let [base_low, base_high] = COM1_BASE.to_le_bytes();
+    let mut resources = vec![0x47, 0x01, base_low, base_high, base_low, base_high, 0x01];
+    resources.push(COM1_PORTS as u8);
+    // Extended interrupt descriptor: 6 bytes follow the length; flags: consumer, edge,
+    // active high, exclusive; one interrupt number.
+    resources.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01]);
+    resources.extend_from_slice(&COM1_IRQ.to_le_bytes());
+    body.extend(aml_crs(&resources));
+    aml_device(b"COM1", &body)
+}
+
+/// A compressed EISA id (`EisaId ("PNP0501")`): three letters of five bits each, then the
+/// product number, most significant byte first.
+fn eisa_id(vendor: [u8; 3], product: u16) -> [u8; 4] {
+    let letter = |c: u8| u16::from(c.wrapping_sub(b'@') & 0x1f);
+    let packed = (letter(vendor[0]) << 10) | (letter(vendor[1]) << 5) | letter(vendor[2]);
+    let [p0, p1] = packed.to_be_bytes();
+    let [q0, q1] = product.to_be_bytes();
+    [p0, p1, q0, q1]
+}
+
+/// `Scope (\_SB) { DEVICES }`.
+fn aml_system_bus(devices: &[u8]) -> Vec<u8> {
     let mut scope_body = vec![b'\\', b'_', b'S', b'B', b'_'];
-    scope_body.extend(device);
+    scope_body.extend_from_slice(devices);
     let mut scope = vec![0x10];
     scope.extend(pkg_length(scope_body.len()));
     scope.extend(scope_body);
@@ -141,8 +196,10 @@ fn fadt(dsdt: u64) -> Vec<u8> {
 }
 
 fn dsdt() -> Vec<u8> {
+    let mut devices = aml_pvpanic();
+    devices.extend(aml_com1());
     let mut aml = AML_S5.to_vec();
-    aml.extend(aml_pvpanic());
+    aml.extend(aml_system_bus(&devices));
     table(b"DSDT", 2, &aml)
 }
 
@@ -226,9 +283,30 @@ mod tests {
 
     #[test]
     fn aml_package_lengths_cover_their_bodies() {
-        let scope = aml_pvpanic();
-        // One-byte PkgLength: the scope's length byte counts everything after the opcode.
-        assert_eq!(usize::from(scope[1]), scope.len() - 1);
+        let device = aml_pvpanic();
+        // One-byte PkgLength after `DeviceOp` (0x5b 0x82): it counts everything after the op.
+        assert_eq!(usize::from(device[2]), device.len() - 2);
         assert_eq!(pkg_length(0x50), vec![0x42, 0x05]);
+        let scope = aml_system_bus(&[aml_pvpanic(), aml_com1()].concat());
+        // Two-byte PkgLength: low nibble in the first byte, the rest in the second.
+        let length = usize::from(scope[1] & 0xf) | usize::from(scope[2]) << 4;
+        assert_eq!(length, scope.len() - 1);
+    }
+
+    #[test]
+    fn com1_is_declared_as_a_pc_uart_at_0x3f8_with_interrupt_4() {
+        assert_eq!(eisa_id(*b"PNP", 0x0501), [0x41, 0xd0, 0x05, 0x01]);
+        let com1 = aml_com1();
+        let hid = [&b"_HID"[..], &[0x0c, 0x41, 0xd0, 0x05, 0x01]].concat();
+        assert!(com1.windows(hid.len()).any(|w| w == hid));
+        let io = [0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08];
+        let interrupt = [
+            0x89, 0x06, 0x00, 0x03, 0x01, 0x04, 0x00, 0x00, 0x00, 0x79, 0x00,
+        ];
+        let resources = [&io[..], &interrupt].concat();
+        assert!(com1.ends_with(&resources));
+        // The resource template's buffer: BufferSize counts the descriptors and the end tag.
+        let size_at = com1.len() - resources.len() - 1;
+        assert_eq!(usize::from(com1[size_at]), resources.len());
     }
 }

@@ -11,12 +11,7 @@ use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
-/// First I/O port of COM1.
-pub const COM1_BASE: u16 = 0x3f8;
-/// Number of COM1 registers.
-pub const COM1_PORTS: u16 = 8;
-/// The legacy interrupt line of COM1.
-pub const COM1_IRQ: u32 = 4;
+pub use crate::layout::{COM1_BASE, COM1_IRQ, COM1_PORTS};
 
 /// Where guest console output goes.
 pub type SerialSink = Box<dyn Write + Send>;
