@@ -571,7 +571,7 @@ mod tests {
              listen = \"10.0.0.1:7770\"\npeer = \"10.0.0.2:7770\"\n{extra}"
         ))
         .unwrap();
-        resolve(table, "g", 64, false, Path::new("/"))
+        resolve(table, "g", 64, Devices::default(), Path::new("/"))
     }
 
     #[test]
