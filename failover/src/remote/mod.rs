@@ -52,6 +52,8 @@
 //! released), `relay` (the standby's side: started, its state, its role), `relay_session`
 //! (the relay's sessions with the active: what arrives written into this host's journal and
 //! told to the follower, the follower's answers sent back) and `promote`.
+//! Each part's doc says which of the link's threads runs it; the helpers here (`within`,
+//! `locked`) run on their caller's.
 
 mod acks;
 mod active;
