@@ -1,0 +1,166 @@
+//! The remote standby's acknowledgements, on the active's host: each epoch's output is
+//! written to the active's console once the standby says it applied that epoch (Remus's
+//! rule), the standby is told so (`released`), and the guest's loop hears of it. A standby
+//! that loads no batch within `LOAD_PATIENCE`, or leaves an epoch unacknowledged for
+//! `ack_timeout_ms`, ends the session. `Shipped` is the session's record of what was sent
+//! and released, shared with the shipper and the guest's loop.
+//!
+//! Runs on the session's `remote-acks` thread. It writes the guest's console (shared with the
+//! guest's loop, behind a lock) and the session's connection between the shipper's frames
+//! (behind the connection's lock).
+
+use std::collections::VecDeque;
+use std::io::{BufReader, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm_core::SerialSink;
+
+use super::frame::{read_line, timed_out, write_line};
+use super::{locked, ToRemote, LOAD_PATIENCE};
+use crate::journal::Journal;
+use crate::link::{send, ToActive};
+use crate::tls::PeerStream;
+
+/// How often the shipper looks at the oldest unacknowledged epoch.
+const ACK_CHECK: Duration = Duration::from_millis(20);
+
+/// What one shipping session has sent and released.
+pub(super) struct Shipped {
+    pub(super) journal: Option<Arc<Journal>>,
+    pub(super) unacked: VecDeque<Unacked>,
+    /// The last epoch whose output the shipper released.
+    pub(super) released: u64,
+    /// Set once the shipper must release nothing more (the session ended, or the guest's
+    /// loop took the release over).
+    pub(super) halted: bool,
+    /// Whether `take_over` went out whole.
+    pub(super) told: bool,
+    /// The last epoch whose record went out whole.
+    pub(super) sent: u64,
+    /// Whether the session is over (nothing more will be sent).
+    pub(super) over: bool,
+    /// When the whole batch had gone out, and when the standby said it had loaded it: the
+    /// standby acknowledges nothing while it loads, so epochs count as unacknowledged only
+    /// from then.
+    pub(super) batch_sent: Option<Instant>,
+    pub(super) ready: Option<Instant>,
+}
+
+pub(super) struct Unacked {
+    pub(super) seq: u64,
+    pub(super) offset: u64,
+    pub(super) len: u64,
+    pub(super) output: Vec<u8>,
+    pub(super) sent: Instant,
+}
+
+/// The remote standby's answers: each acknowledged epoch's output is released here and the
+/// standby told so; the guest's loop hears of it. An epoch left unacknowledged for
+/// `ack_timeout` ends the session.
+pub(super) fn acknowledgements(
+    mut reader: BufReader<PeerStream>,
+    tcp: PeerStream,
+    mut local: UnixStream,
+    writer: Arc<Mutex<PeerStream>>,
+    shipped: Arc<Mutex<Shipped>>,
+    console: Arc<Mutex<SerialSink>>,
+    ack_timeout: Duration,
+) {
+    let _ = tcp.set_read_timeout(Some(ACK_CHECK));
+    let peer = tcp.peer_addr().map_or("?".into(), |a| a.to_string());
+    let mut buf = Vec::new();
+    let why = loop {
+        let message = match read_line::<ToActive>(&mut reader, &mut buf) {
+            Ok(Some(message)) => message,
+            Ok(None) => break "the remote standby closed the connection".to_owned(),
+            Err(err) if timed_out(&err) => {
+                let shipped = locked(&shipped);
+                match (shipped.batch_sent, shipped.ready) {
+                    (Some(sent), None) if sent.elapsed() >= LOAD_PATIENCE => {
+                        break format!(
+                            "the remote standby at {peer} did not load the batch in {} s",
+                            LOAD_PATIENCE.as_secs()
+                        );
+                    }
+                    (_, Some(ready)) => {
+                        // An epoch sent while the standby loaded counts from its ready.
+                        let late = shipped
+                            .unacked
+                            .front()
+                            .is_some_and(|u| u.sent.max(ready).elapsed() >= ack_timeout);
+                        if late {
+                            break format!(
+                                "the remote standby at {peer} acknowledged no epoch for {} ms",
+                                ack_timeout.as_millis()
+                            );
+                        }
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            Err(err) => break format!("the remote standby's connection: {err}"),
+        };
+        match message {
+            ToActive::Applied { seq } => {
+                {
+                    // The epochs' output is written and the standby told so back to back,
+                    // the connection taken first: a death of this process between the two
+                    // is the one case where the standby releases an epoch's output again.
+                    // (The connection is taken before the session's record, as the
+                    // forwarding side takes them.)
+                    let mut out = locked(&writer);
+                    let mut shipped = locked(&shipped);
+                    if shipped.halted {
+                        continue;
+                    }
+                    let mut console = locked(&console);
+                    let mut done = Vec::new();
+                    while shipped.unacked.front().is_some_and(|u| u.seq <= seq) {
+                        let Some(acked) = shipped.unacked.pop_front() else {
+                            break;
+                        };
+                        // A console that cannot be written must not stop the guest.
+                        let _ = console.write_all(&acked.output);
+                        done.push((acked.offset, acked.len));
+                    }
+                    let _ = console.flush();
+                    let _ = write_line(&mut *out, &ToRemote::Released { seq });
+                    drop((console, out));
+                    shipped.released = seq;
+                    if let Some(journal) = &shipped.journal {
+                        journal.set_released(seq);
+                        for (offset, len) in done {
+                            journal.release_range(offset, len);
+                        }
+                    }
+                }
+                if send(&mut local, &ToActive::Applied { seq }).is_err() {
+                    break "the guest's loop closed the session".into();
+                }
+            }
+            ToActive::Hello { .. } => {}
+            ToActive::Ready { seq } => {
+                locked(&shipped).ready = Some(Instant::now());
+                if send(&mut local, &ToActive::Ready { seq }).is_err() {
+                    break "the guest's loop closed the session".into();
+                }
+            }
+            other => {
+                if send(&mut local, &other).is_err() {
+                    break "the guest's loop closed the session".into();
+                }
+            }
+        }
+    };
+    // Nothing is released here from now on: the guest's loop releases the rest.
+    // The guest's loop hears why before the session's connections close.
+    let halted = std::mem::replace(&mut locked(&shipped).halted, true);
+    if !halted {
+        let _ = send(&mut local, &ToActive::Refused { why });
+    }
+    let _ = tcp.shutdown(Shutdown::Both);
+}

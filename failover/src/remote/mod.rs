@@ -1,0 +1,197 @@
+//! `[guest.standby] process = "remote"`: the standby runs in a process on another host and
+//! follows the active over TCP.
+//!
+//! Both sides keep the take-over journal of `process = "separate"` ([`crate::journal`]) on
+//! their own host, and the journal's bytes travel between them: the batch's data (its holes
+//! stay holes: only the pages the guest touched are sent), then each epoch's record, as
+//! written, sequence number and checksums included. On the active's host a *shipper*
+//! attaches to the guest's attach socket as a local standby would, and sends what the
+//! journal gets; on the standby's host a *relay* writes what arrives into a journal of its
+//! own and announces it to the follower ([`crate::follower`]) as a local active would. The
+//! follower and the active's journal writer are those of the separate standby process.
+//!
+//! What differs is who releases the console output and who decides to take over:
+//! - **Output is released by the active, after the standby acknowledged its epoch**
+//!   (Remus's rule): the shipper writes an epoch's output to the active's console once the
+//!   standby says it applied that epoch, then tells the standby it did (`released`). A
+//!   standby that acknowledges nothing for `ack_timeout_ms` is dropped: the held output is
+//!   released and the guest runs on unprotected. The guest never waits for the network.
+//! - **The standby never takes over on its own.** There is no lock across hosts: which host
+//!   runs the guest is the cluster manager's call (`understudy ctl SOCKET promote`, driven by
+//!   the OCF agent `ocf/understudy`). A promote is refused while the peer answers as the
+//!   guest's active, or does not answer and is not known to be fenced. A promoted standby
+//!   releases the output of the epochs it applied and the active had not said it released,
+//!   and resumes from its last whole epoch; one promoted before it ever loaded a batch
+//!   boots the guest.
+//!
+//! Each process of a remote guest listens on its `listen` address (the *peer port*): an
+//! active takes its standby's connection there, and either side answers a `role` query.
+//! Every connection, both ways, is mutual TLS ([`crate::tls`]) unless `insecure = true`:
+//! one that does not authenticate is closed before its first line is read, and a role
+//! answer that does not authenticate is not believed.
+//!
+//! ```text
+//! standby (relay)                              active (shipper)
+//!   hello {pid, guest}                ->
+//!                                     <-       journal {identifier, guest, memory, size, pid}
+//!   opened {}                         ->
+//!                                     <-       bytes {offset, len} + len bytes ...   (the batch's data)
+//!                                     <-       batch {seq}
+//!   ready {seq}                       ->
+//!                                     <-       bytes {offset, len} + len bytes, record {seq, offset}
+//!   applied {seq}                     ->       (the epoch's output is released on the active's console)
+//!                                     <-       released {seq}
+//!                                     <-       take_over {why, released}   (the active is fenced)
+//! ```
+//!
+//! Its parts: `frame` (one control line of the link, written and read), `role` (asking the
+//! peer what it is), `port` (the peer port: its listener, what it answers for each guest,
+//! the connections it hands to the shipper), `active` (the active's side as the guest's
+//! process sees it), `shipper` (one session with a remote standby: the journal's bytes
+//! sent), `acks` (that session's acknowledgements: each acknowledged epoch's output
+//! released), `relay` (the standby's side: started, its state, its role), `relay_session`
+//! (the relay's sessions with the active: what arrives written into this host's journal and
+//! told to the follower, the follower's answers sent back) and `promote`.
+//! Each part's doc says which of the link's threads runs it; the helpers here (`within`,
+//! `locked`) run on their caller's.
+
+mod acks;
+mod active;
+mod frame;
+mod port;
+mod promote;
+mod relay;
+mod relay_session;
+mod role;
+mod shipper;
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+pub(crate) use active::serve_active;
+pub use promote::Promoted;
+pub use relay::{Relay, RelayRole};
+pub use role::query_role;
+pub(crate) use shipper::ActiveSide;
+
+/// From the active's host to the standby's. `bytes` is followed by `len` raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToRemote {
+    /// A journal for writer `identifier`: the standby makes one of its own like it.
+    Journal {
+        /// The writer's identifier.
+        identifier: u64,
+        /// The guest.
+        guest: String,
+        /// The guest's RAM, in bytes.
+        memory: u64,
+        /// The journal's size, in bytes.
+        size: u64,
+        /// The active's process.
+        pid: u32,
+    },
+    /// The next `len` bytes on the connection go at `offset` in the journal.
+    Bytes {
+        /// Where, in the journal.
+        offset: u64,
+        /// How many.
+        len: u64,
+    },
+    /// The batch of epoch `seq` is whole.
+    Batch {
+        /// Its epoch.
+        seq: u64,
+    },
+    /// Epoch `seq`'s record is whole, at `offset`.
+    Record {
+        /// Its epoch.
+        seq: u64,
+        /// Where it starts.
+        offset: u64,
+    },
+    /// The output of every epoch up to `seq` is released on the active's console.
+    Released {
+        /// The last released epoch.
+        seq: u64,
+    },
+    /// The active's machine is fenced for good (it failed, or a switchover was asked for):
+    /// the standby may be promoted without waiting for the active's process to go. Nothing
+    /// after epoch `released` was released by the active.
+    TakeOver {
+        /// Why.
+        why: String,
+        /// The last epoch whose output the active released.
+        released: u64,
+    },
+    /// The active will not go on with this standby.
+    Refused {
+        /// Why.
+        why: String,
+    },
+}
+
+/// The first line of a connection to the peer port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Opening {
+    /// A standby announces itself (as [`crate::link::ToActive::Hello`]).
+    Hello {
+        /// The standby's process.
+        pid: u32,
+        /// The guest it stands by for.
+        guest: String,
+    },
+    /// Who runs `guest` here? Answered with one [`PeerRole`] line. Without a guest (as
+    /// processes of one remote guest each asked), the port's only guest is meant.
+    Role {
+        /// The guest asked about.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        guest: Option<String>,
+    },
+}
+
+/// What a process says it is for its guest, to a `role` query on its peer port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerRole {
+    /// `active` (the guest runs here), `handed-over` (it ran here and is fenced), or
+    /// `standby`.
+    pub role: String,
+    /// The guest.
+    pub guest: String,
+}
+
+/// How long a `role` query or a connection attempt waits for the peer.
+pub const PEER_PATIENCE: Duration = Duration::from_secs(1);
+/// How often the relay tries to reach an active that does not answer.
+const CONNECT_RETRY: Duration = Duration::from_millis(200);
+/// How long a remote standby may take to load a batch once it has all of it.
+const LOAD_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a starting process waits for what a previous process of the guest on this host
+/// still holds as it ends: its lock, its socket, its port.
+const RESTART_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Whether a failed attempt is worth another.
+enum Retry {
+    Again(String),
+    Fail(String),
+}
+
+/// `attempt` until it succeeds, fails for good, or `patience` has passed (every 20 ms).
+fn within<T>(patience: Duration, attempt: impl Fn() -> Result<T, Retry>) -> Result<T, String> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match attempt() {
+            Ok(done) => return Ok(done),
+            Err(Retry::Fail(why)) => return Err(why),
+            Err(Retry::Again(why)) if Instant::now() >= deadline => return Err(why),
+            Err(Retry::Again(_)) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

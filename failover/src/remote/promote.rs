@@ -1,0 +1,118 @@
+//! Promoting a remote standby: from the start this process answers as the guest's active
+//! (so that two standbys promoted at once both refuse), asks the peer what it is, and goes
+//! on only if the peer does not run the guest (or does not answer and is known to be
+//! fenced). The session with the old active is then read to its end or cut, the relay lets
+//! go of the guest's active lock and attach socket, and the follower is told to take the
+//! guest over from its last whole epoch, or to boot it.
+//!
+//! Runs on the `promote` thread the follower starts per request; it takes the relay's frame
+//! lock, and writes its state and its connection to the follower.
+
+use std::net::Shutdown;
+use std::time::{Duration, Instant};
+
+use super::locked;
+use super::port::{port_at, PortRole};
+use super::relay::Relay;
+use super::role::query_peer;
+use crate::link::{send, ToStandby};
+
+/// How long a promote waits for the session with the old active to end on its own.
+const SESSION_DRAIN: Duration = Duration::from_millis(500);
+
+/// What a promote did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promoted {
+    /// This process runs the guest already.
+    Already,
+    /// The follower resumes the guest from this epoch.
+    Resuming(u64),
+    /// Nothing was loaded: the guest boots.
+    Booting,
+}
+
+impl Relay {
+    /// Makes this standby the guest's active: refused while the peer answers as the
+    /// guest's active, or does not answer and `peer_fenced` is not given. Otherwise the
+    /// session with the old active is cut and the follower told to resume the guest from its
+    /// last whole epoch (or to boot it, if it never loaded one).
+    pub fn promote(&self, peer_fenced: bool) -> Result<Promoted, String> {
+        if locked(&self.state).promoted {
+            return Ok(Promoted::Already);
+        }
+        let peer = self.remote.peer.clone();
+        let port = port_at(self.remote.listen);
+        let set_port = |role: PortRole| {
+            if let Some(port) = &port {
+                port.set(&self.guest, role);
+            }
+        };
+        // From here this process answers as the active: a peer promoted at the same time
+        // finds it so and refuses.
+        set_port(PortRole::Promoting(self.guest.clone()));
+        let refused = match query_peer(&peer, &self.guest, &self.remote.security) {
+            Ok(role) if role.role == "active" => Some(format!(
+                "the peer {peer} answers as the active of guest {}: not promoting (demote it first, or fence its host)",
+                role.guest
+            )),
+            Ok(_) => None,
+            Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused => None,
+            Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied && !peer_fenced => {
+                Some(format!(
+                    "the peer {peer} did not authenticate ({err}): what it answers is not believed; not promoting (it may still run the guest)"
+                ))
+            }
+            Err(err) if !peer_fenced => Some(format!(
+                "the peer {peer} does not answer ({err}) and is not known to be fenced: not promoting (it may still run the guest)"
+            )),
+            Err(err) => {
+                tracing::warn!(guest = %self.guest, %peer, %err, "the peer does not answer; it is fenced, as the caller says: promoting");
+                None
+            }
+        };
+        if let Some(why) = refused {
+            set_port(PortRole::Standby(self.guest.clone()));
+            tracing::warn!(guest = %self.guest, %peer, %why, "promote refused");
+            return Err(why);
+        }
+        // What the old active sent before it went is read to the end first (its last
+        // records, what it said it released): the session ends on its own once the
+        // connection's end arrives. One still open after a while (a fenced peer whose
+        // connection never closed) is cut.
+        let deadline = Instant::now() + SESSION_DRAIN;
+        while locked(&self.session).is_some() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if let Some(session) = locked(&self.session).take() {
+            tracing::debug!(guest = %self.guest, "the session with the old active is still open: cut");
+            let _ = session.shutdown(Shutdown::Both);
+        }
+        // No frame is half-written from here on.
+        let _frame = locked(&self.frame);
+        let loaded = {
+            let mut state = locked(&self.state);
+            state.promoted = true;
+            state.connected = false;
+            state.loaded.then_some(state.epoch).flatten()
+        };
+        // The follower takes the lock and binds the attach socket as the guest's active.
+        drop(locked(&self.listener).take());
+        let _ = std::fs::remove_file(&self.journal.socket);
+        drop(locked(&self.lock).take());
+        let mut follower = locked(&self.follower);
+        let follower = follower.as_mut().ok_or("the follower is not attached")?;
+        let (message, promoted) = match loaded {
+            Some(epoch) => (
+                ToStandby::TakeOver {
+                    why: "promoted".into(),
+                    failovers: Vec::new(),
+                },
+                Promoted::Resuming(epoch),
+            ),
+            None => (ToStandby::Boot {}, Promoted::Booting),
+        };
+        send(follower, &message).map_err(|e| e.to_string())?;
+        lifecycle!(warn, "promoted", guest = %self.guest, %peer, peer_fenced, resume_epoch = ?loaded, "promoted: this host runs the guest from now on");
+        Ok(promoted)
+    }
+}

@@ -1,0 +1,154 @@
+//! The relay: the standby's side of a remote guest. `Relay::start` takes the guest's active
+//! lock on this host, binds the attach socket its follower connects to, and has the peer
+//! port answer as the guest's standby; its sessions with the active are `relay_session`'s,
+//! its promote `promote`'s. `RelayState` is what the relay knows of the guest, and
+//! `Relay::role` what the cluster is told of it (`understudy ctl SOCKET role`).
+//!
+//! `start` and `role` run on the follower's thread (the standby process's thread until it
+//! takes over); the relay's state is shared with its `relay`, `relay-answers` and `promote`
+//! threads, behind locks.
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::port::{port, PortRole};
+use super::{locked, within, Retry, RESTART_PATIENCE};
+use crate::config::{GuestConfig, JournalConfig, RemoteConfig};
+use crate::control::protocol::GuestRole;
+use crate::link::ActiveLock;
+use crate::tls::PeerStream;
+
+/// What a relay knows of the guest it follows, for `role` and `promote`.
+#[derive(Debug, Default)]
+pub(super) struct RelayState {
+    /// The follower loaded a batch of the current journal.
+    pub(super) loaded: bool,
+    /// A journal is announced and its batch not loaded yet.
+    pub(super) syncing: bool,
+    /// The last epoch the follower applied.
+    pub(super) epoch: Option<u64>,
+    /// When the active last sent anything.
+    pub(super) heard: Option<Instant>,
+    pub(super) connected: bool,
+    /// The active said its machine is fenced.
+    pub(super) handed_over: bool,
+    pub(super) promoted: bool,
+    /// Journals told to the follower that it has not said `opened` to yet: until it has
+    /// opened the last, what it says is about an earlier one, and goes nowhere.
+    pub(super) opening: u32,
+}
+
+/// The standby's side of a remote guest: follows the active over TCP and feeds the
+/// follower through a journal of its own.
+pub struct Relay {
+    pub(super) guest: String,
+    pub(super) memory: u64,
+    pub(super) remote: RemoteConfig,
+    pub(super) journal: JournalConfig,
+    pub(super) state: Mutex<RelayState>,
+    /// The session's connection, for promote to cut.
+    pub(super) session: Mutex<Option<PeerStream>>,
+    /// Held while a frame is being written to the journal or told to the follower.
+    pub(super) frame: Mutex<()>,
+    /// The connection to the follower (all writes to it).
+    pub(super) follower: Mutex<Option<UnixStream>>,
+    /// The guest's active lock on this host, held until a promote.
+    pub(super) lock: Mutex<Option<ActiveLock>>,
+    pub(super) listener: Mutex<Option<UnixListener>>,
+}
+
+/// A relay's answer to `role`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayRole {
+    /// `following`, `holding`, `handed-over`, `syncing` or `empty`.
+    pub state: &'static str,
+    /// The last epoch applied.
+    pub epoch: Option<u64>,
+    /// The promotion score.
+    pub score: i64,
+}
+
+impl Relay {
+    /// Starts following `config`'s active at its `peer`: takes the guest's active lock on
+    /// this host, binds the attach socket the follower connects to, and answers `role` on
+    /// `listen`.
+    pub fn start(
+        config: &GuestConfig,
+        journal: &JournalConfig,
+        remote: &RemoteConfig,
+    ) -> Result<Arc<Relay>, String> {
+        let remote = remote.clone();
+        // A process of this guest that is ending (a demoted active, a standby restarted)
+        // holds the lock, the socket and the port until its last thread is gone: they are
+        // waited for, a while.
+        let lock = ActiveLock::take_within(&journal.path, RESTART_PATIENCE)
+            .map_err(|e| format!("{}: {e}", ActiveLock::path(&journal.path).display()))?
+            .ok_or_else(|| {
+                format!(
+                    "another process runs or follows this guest on this host: it holds {}",
+                    ActiveLock::path(&journal.path).display()
+                )
+            })?;
+        let listener = within(RESTART_PATIENCE, || {
+            crate::control::bind_owner_only(&journal.socket).map_err(|e| match e {
+                crate::control::ControlError::InUse(_) => Retry::Again(e.to_string()),
+                other => Retry::Fail(other.to_string()),
+            })
+        })
+        .map_err(|e| format!("{}: {e}", journal.socket.display()))?;
+        let accepting = listener.try_clone().map_err(|e| e.to_string())?;
+        let port = port(&config.name, remote.listen, &remote.security)?;
+        port.set(&config.name, PortRole::Standby(config.name.clone()));
+        let relay = Arc::new(Relay {
+            guest: config.name.clone(),
+            memory: config.memory_mib << 20,
+            remote,
+            journal: journal.clone(),
+            state: Mutex::new(RelayState::default()),
+            session: Mutex::new(None),
+            frame: Mutex::new(()),
+            follower: Mutex::new(None),
+            lock: Mutex::new(Some(lock)),
+            listener: Mutex::new(Some(listener)),
+        });
+        let running = relay.clone();
+        std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
+                running.run(accepting)
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(relay)
+    }
+
+    /// What this standby holds, and how much the cluster should want it promoted.
+    pub fn role(&self) -> RelayRole {
+        let state = locked(&self.state);
+        let silent = state.heard.is_none_or(|t| t.elapsed() > self.silence());
+        let (name, score) = if state.loaded && state.handed_over {
+            ("handed-over", GuestRole::SCORE_CURRENT)
+        } else if state.loaded && state.connected && !silent {
+            ("following", GuestRole::SCORE_CURRENT)
+        } else if state.loaded {
+            ("holding", GuestRole::SCORE_HOLDING)
+        } else if state.syncing {
+            ("syncing", GuestRole::SCORE_SYNCING)
+        } else {
+            ("empty", GuestRole::SCORE_EMPTY)
+        };
+        RelayRole {
+            state: name,
+            epoch: state.loaded.then_some(state.epoch).flatten(),
+            score,
+        }
+    }
+
+    /// How long the active may say nothing before this standby stops counting itself as
+    /// following (the active drops a standby silent for `ack_timeout_ms`).
+    pub(super) fn silence(&self) -> Duration {
+        Duration::from_millis(self.remote.ack_timeout_ms.saturating_mul(2))
+            .max(Duration::from_secs(2))
+    }
+}

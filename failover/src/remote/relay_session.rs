@@ -1,0 +1,296 @@
+//! The relay's sessions with the active, on the standby's host: it connects to the peer
+//! (again and again, until promoted), says `hello`, writes the journal's bytes that arrive
+//! into a journal of its own, and announces each journal, batch and record to the follower
+//! as a local active would; the follower's answers go back to the active. A journal the
+//! active describes unlike this host's configuration is refused.
+//!
+//! Runs on the `relay` thread (connecting, reading, writing this host's journal), at lowered
+//! priority, and on the `relay-answers` thread (the follower's answers to the active). Each
+//! frame is written and told under the relay's frame lock, which a promote takes so that it
+//! finds none half-done.
+
+use std::io::{BufReader, Read};
+use std::net::TcpStream;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::frame::{read_line, timed_out, write_line};
+use super::relay::Relay;
+use super::{locked, Opening, ToRemote, CONNECT_RETRY, LOAD_PATIENCE, PEER_PATIENCE};
+use crate::journal::{Journal, PAGE};
+use crate::link::{send, Lines, LinkError, ToActive, ToStandby};
+use crate::tls::PeerStream;
+
+/// How a relay's session starts to say that the peer refused this host in the TLS handshake
+/// (the listener's verdict reaches the connecting side with its first read).
+const REFUSED_BY_PEER: &str = "the peer refused this host's certificate";
+
+impl Relay {
+    pub(super) fn run(self: Arc<Self>, listener: UnixListener) {
+        // Bulk work, below the follower and, on a shared host, below the guests.
+        crate::background::lower_priority();
+        let follower = match listener.accept() {
+            Ok((conn, _)) => conn,
+            Err(err) => {
+                tracing::error!(guest = %self.guest, %err, "the follower could not attach to the relay");
+                return;
+            }
+        };
+        drop(listener);
+        let Ok(reading) = follower.try_clone() else {
+            return;
+        };
+        *locked(&self.follower) = Some(follower);
+        let answers = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("relay-answers".into())
+            .spawn(move || {
+                vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
+                answers.answers(reading)
+            });
+        let peer = self.remote.peer.clone();
+        let (mut waiting_said, mut unauthenticated_said) = (false, false);
+        while !locked(&self.state).promoted {
+            let tcp = match peer
+                .resolve()
+                .and_then(|addr| TcpStream::connect_timeout(&addr, PEER_PATIENCE))
+            {
+                Ok(tcp) => tcp,
+                Err(err) => {
+                    if !waiting_said {
+                        tracing::info!(guest = %self.guest, %peer, %err, "waiting for the guest's active on the peer");
+                        waiting_said = true;
+                    }
+                    std::thread::sleep(CONNECT_RETRY);
+                    continue;
+                }
+            };
+            waiting_said = false;
+            let tcp = match self.remote.security.connect(tcp, PEER_PATIENCE) {
+                Ok(tcp) => tcp,
+                Err(err) => {
+                    if !unauthenticated_said {
+                        tracing::warn!(guest = %self.guest, %peer, %err, "the peer did not authenticate: no session (its certificate must be signed by tls_ca)");
+                        unauthenticated_said = true;
+                    }
+                    std::thread::sleep(CONNECT_RETRY);
+                    continue;
+                }
+            };
+            let why = self.session(tcp);
+            let was = std::mem::replace(&mut locked(&self.state).connected, false);
+            locked(&self.session).take();
+            if locked(&self.state).promoted {
+                return;
+            }
+            if was {
+                unauthenticated_said = false;
+                lifecycle!(warn, "remote-active-lost", guest = %self.guest, %peer, %why, "the session with the active ended; holding the last epoch until promoted or a new session starts");
+            } else if why.starts_with(REFUSED_BY_PEER) {
+                if !unauthenticated_said {
+                    tracing::warn!(guest = %self.guest, %peer, %why, "the peer did not accept this host's certificate: no session (it must be signed by the peer's tls_ca)");
+                    unauthenticated_said = true;
+                }
+            } else {
+                tracing::debug!(guest = %self.guest, %peer, %why, "no session with the peer");
+            }
+            std::thread::sleep(CONNECT_RETRY);
+        }
+    }
+
+    /// One session with the active at the peer; returns why it ended.
+    fn session(&self, tcp: PeerStream) -> String {
+        let _ = tcp.set_nodelay(true);
+        // Until this standby has loaded a batch, the active may be building one (a 1 GiB
+        // guest's takes seconds on a busy host) and sends nothing meanwhile: it is given as
+        // long as it gives a standby to load one. Once following, a silence is judged by
+        // `silence()`.
+        let _ = tcp.set_read_timeout(Some(LOAD_PATIENCE));
+        let (mut batch_seen, mut following) = (false, false);
+        let Ok(mut writer) = tcp.try_clone() else {
+            return "cannot use the connection".into();
+        };
+        let hello = Opening::Hello {
+            pid: std::process::id(),
+            guest: self.guest.clone(),
+        };
+        if let Err(err) = write_line(&mut writer, &hello) {
+            return err.to_string();
+        }
+        *locked(&self.session) = Some(writer);
+        let mut reader = BufReader::new(tcp);
+        let mut buf = Vec::new();
+        let mut journal: Option<Journal> = None;
+        loop {
+            let message = match read_line::<ToRemote>(&mut reader, &mut buf) {
+                Ok(Some(message)) => message,
+                Ok(None) => return "the active closed the connection".into(),
+                Err(LinkError::Io(err))
+                    if reader.get_ref().is_tls()
+                        && err.kind() == std::io::ErrorKind::InvalidData
+                        && !locked(&self.state).connected =>
+                {
+                    return format!("{REFUSED_BY_PEER}: {err}");
+                }
+                Err(err) if timed_out(&err) => {
+                    let patience = if following {
+                        self.silence()
+                    } else {
+                        LOAD_PATIENCE
+                    };
+                    return format!("the active sent nothing for {} ms", patience.as_millis());
+                }
+                Err(err) => return err.to_string(),
+            };
+            let _frame = locked(&self.frame);
+            if locked(&self.state).promoted {
+                return "promoted".into();
+            }
+            batch_seen |= matches!(message, ToRemote::Batch { .. });
+            if !following && batch_seen && locked(&self.state).loaded {
+                following = true;
+                let _ = reader.get_ref().set_read_timeout(Some(self.silence()));
+            }
+            if let ToRemote::Refused { why } = &message {
+                // A peer that stands by itself answers so: no session was had.
+                return format!("the peer refused: {why}");
+            }
+            {
+                let mut state = locked(&self.state);
+                state.heard = Some(Instant::now());
+                state.connected = true;
+            }
+            let told = match message {
+                ToRemote::Journal {
+                    identifier,
+                    guest,
+                    memory,
+                    size,
+                    pid,
+                } => {
+                    if guest != self.guest || memory != self.memory || size != self.journal.size {
+                        let why = format!(
+                            "the active runs guest {guest} with {} MiB of RAM and a journal of {} MiB; this standby is for guest {} with {} MiB and a journal of {} MiB (both hosts must describe the guest alike)",
+                            memory >> 20,
+                            size >> 20,
+                            self.guest,
+                            self.memory >> 20,
+                            self.journal.size >> 20
+                        );
+                        self.tell(&ToStandby::Refused { why: why.clone() });
+                        return why;
+                    }
+                    match Journal::create(&self.journal.path, identifier, memory, size) {
+                        Ok(made) => journal = Some(made),
+                        Err(err) => return err.to_string(),
+                    }
+                    {
+                        let mut state = locked(&self.state);
+                        state.loaded = false;
+                        state.syncing = true;
+                        state.handed_over = false;
+                        state.epoch = None;
+                        state.opening += 1;
+                    }
+                    lifecycle!(info, "remote-journal", guest = %self.guest, identifier, active_pid = pid, "the active started a journal for this standby");
+                    self.tell(&ToStandby::Journal {
+                        identifier,
+                        path: self.journal.path.clone(),
+                        pid,
+                        failovers: Vec::new(),
+                    })
+                }
+                ToRemote::Bytes { offset, len } => {
+                    let Some(journal) = journal.as_ref() else {
+                        return "bytes before a journal".into();
+                    };
+                    let size = journal.header().size;
+                    if offset < PAGE || offset.checked_add(len).is_none_or(|end| end > size) {
+                        return format!(
+                            "{len} bytes at {offset} do not fit a journal of {size} bytes past its header"
+                        );
+                    }
+                    if let Err(err) = receive(&mut reader, journal, offset, len) {
+                        return format!("the journal's bytes: {err}");
+                    }
+                    true
+                }
+                ToRemote::Batch { seq } => self.tell(&ToStandby::Batch { seq }),
+                ToRemote::Record { seq, offset } => self.tell(&ToStandby::Record { seq, offset }),
+                ToRemote::Released { seq } => self.tell(&ToStandby::Released { seq }),
+                ToRemote::TakeOver { why, released } => {
+                    locked(&self.state).handed_over = true;
+                    lifecycle!(warn, "remote-handed-over", guest = %self.guest, %why, released, "the active is fenced and handed the guest over: promote this standby to resume it");
+                    self.tell(&ToStandby::Released { seq: released })
+                }
+                ToRemote::Refused { .. } => true,
+            };
+            if !told {
+                return "the follower is gone".into();
+            }
+        }
+    }
+
+    /// Tells the follower `message`; false if it is gone.
+    fn tell(&self, message: &ToStandby) -> bool {
+        match locked(&self.follower).as_mut() {
+            Some(follower) => send(follower, message).is_ok(),
+            None => false,
+        }
+    }
+
+    /// The follower's answers go to the active of the current session.
+    fn answers(&self, mut reading: UnixStream) {
+        let mut lines = Lines::default();
+        loop {
+            let messages = match lines.read::<ToActive>(&mut reading) {
+                Ok(messages) => messages,
+                Err(_) => return,
+            };
+            for message in messages {
+                {
+                    let mut state = locked(&self.state);
+                    match &message {
+                        ToActive::Opened {} => {
+                            state.opening = state.opening.saturating_sub(1);
+                            if state.opening > 0 {
+                                continue;
+                            }
+                        }
+                        ToActive::Refused { .. } => {}
+                        _ if state.opening > 0 => continue,
+                        ToActive::Ready { seq } | ToActive::Applied { seq } => {
+                            state.loaded = true;
+                            state.syncing = false;
+                            state.epoch = Some(*seq);
+                        }
+                        ToActive::Hello { .. } => continue,
+                    }
+                }
+                if let Some(session) = locked(&self.session).as_mut() {
+                    let _ = write_line(session, &message);
+                }
+            }
+        }
+    }
+}
+
+/// Reads `len` bytes off the connection into `journal` at `offset`.
+fn receive(
+    reader: &mut BufReader<PeerStream>,
+    journal: &Journal,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    let mut chunk = vec![0u8; (1 << 20).min(len as usize)];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(chunk.len() as u64) as usize;
+        reader.read_exact(&mut chunk[..want])?;
+        journal.file().write_all_at(&chunk[..want], offset + done)?;
+        done += want as u64;
+    }
+    Ok(())
+}

@@ -1,0 +1,261 @@
+//! The shipper: one session with a remote standby, on the active's host. It attaches to the
+//! guest's attach socket as a local standby would and forwards what the guest's loop
+//! announces there (a journal, its batch, each epoch's record, a take-over) to the remote
+//! standby, with the journal's bytes: the batch's data without its holes, each record as
+//! written. The remote standby's answers are the `acks` thread's.
+//!
+//! Runs on the `peer-conn` thread that took the standby's connection, at lowered priority
+//! (bulk work: the guest's own threads come first); its writes block, bounded by
+//! `ack_timeout_ms`. It reads the journal and owns its TCP connection and its connection to
+//! the attach socket.
+
+use std::collections::VecDeque;
+use std::io::{BufReader, Write};
+use std::net::{Shutdown, SocketAddr};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm_core::SerialSink;
+
+use super::acks::{acknowledgements, Shipped, Unacked};
+use super::frame::write_line;
+use super::{locked, ToRemote};
+use crate::journal::{Journal, PAGE};
+use crate::link::{send, Lines, LinkError, ToActive, ToStandby};
+use crate::tls::PeerStream;
+
+/// The active's side of a remote guest: the shipper's settings.
+pub(crate) struct ActiveSide {
+    pub(super) guest: String,
+    /// Its peer port's address.
+    pub(super) listen: SocketAddr,
+    /// The guest's attach socket, which the shipper connects to.
+    pub(super) socket: PathBuf,
+    /// The active's console, shared with the guest's loop.
+    pub(super) console: Arc<Mutex<SerialSink>>,
+    pub(super) ack_timeout: Duration,
+    /// The session being shipped, if any.
+    pub(super) current: Mutex<Option<Arc<Mutex<Shipped>>>>,
+}
+
+impl ActiveSide {
+    /// Ships the journal to the remote standby on `tcp` (whose hello was read off
+    /// `reader`) until the session ends.
+    pub(super) fn ship(
+        &self,
+        tcp: PeerStream,
+        reader: BufReader<PeerStream>,
+        pid: u32,
+    ) -> Result<(), String> {
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+        // Shipping is bulk work: the guest's own threads come first (the acknowledgements'
+        // thread, started from here, inherits this).
+        crate::background::lower_priority();
+        let _ = tcp.set_nodelay(true);
+        // A write that makes no progress for this long (the link is down) ends the session,
+        // as an epoch left unacknowledged does.
+        let _ = tcp.set_write_timeout(Some(self.ack_timeout));
+        let busy = locked(&self.current)
+            .as_ref()
+            .is_some_and(|s| !locked(s).halted);
+        if busy {
+            let why = "another standby follows this guest".to_owned();
+            let mut tcp = tcp;
+            let _ = write_line(&mut tcp, &ToRemote::Refused { why: why.clone() });
+            return Err(why);
+        }
+        let mut local = UnixStream::connect(&self.socket)
+            .map_err(|e| format!("attach socket {}: {e}", self.socket.display()))?;
+        let hello = ToActive::Hello {
+            pid,
+            guest: self.guest.clone(),
+        };
+        send(&mut local, &hello).map_err(|e| err(&e))?;
+        let shipped = Arc::new(Mutex::new(Shipped {
+            journal: None,
+            unacked: VecDeque::new(),
+            released: 0,
+            halted: false,
+            told: false,
+            sent: 0,
+            over: false,
+            batch_sent: None,
+            ready: None,
+        }));
+        *locked(&self.current) = Some(shipped.clone());
+        let writer = Arc::new(Mutex::new(tcp.try_clone().map_err(|e| err(&e))?));
+        let acks = {
+            let (local, writer, shipped) = (
+                local.try_clone().map_err(|e| err(&e))?,
+                writer.clone(),
+                shipped.clone(),
+            );
+            let (console, ack_timeout, tcp) = (
+                self.console.clone(),
+                self.ack_timeout,
+                tcp.try_clone().map_err(|e| err(&e))?,
+            );
+            std::thread::Builder::new()
+                .name("remote-acks".into())
+                .spawn(move || {
+                    vmm_core::jail::enter(vmm_core::jail::ThreadKind::Link);
+                    acknowledgements(reader, tcp, local, writer, shipped, console, ack_timeout)
+                })
+                .map_err(|e| err(&e))?
+        };
+        let result = self.forward(&mut local, &writer, &shipped);
+        if let Err(why) = &result {
+            // The guest's loop hears why, unless the acknowledgements' side told it first.
+            let halted = std::mem::replace(&mut locked(&shipped).halted, true);
+            if !halted {
+                let why = format!(
+                    "the remote standby at {}: {why}",
+                    tcp.peer_addr().map_or("?".into(), |a| a.to_string())
+                );
+                let _ = send(&mut local, &ToActive::Refused { why });
+            }
+        }
+        let _ = tcp.shutdown(Shutdown::Both);
+        let _ = local.shutdown(Shutdown::Both);
+        let _ = acks.join();
+        let mut ended = locked(&shipped);
+        ended.halted = true;
+        ended.over = true;
+        result
+    }
+
+    /// What the guest's loop says to its standby goes to the remote one, with the journal
+    /// bytes it names.
+    fn forward(
+        &self,
+        local: &mut UnixStream,
+        writer: &Mutex<PeerStream>,
+        shipped: &Mutex<Shipped>,
+    ) -> Result<(), String> {
+        let err = |e: &dyn std::fmt::Display| e.to_string();
+        // A write the link did not take within the timeout reads as what it is.
+        let wrote = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                format!("it took no data for {} ms", self.ack_timeout.as_millis())
+            }
+            _ => e.to_string(),
+        };
+        let mut lines = Lines::default();
+        loop {
+            let messages = match lines.read::<ToStandby>(local) {
+                Ok(messages) => messages,
+                Err(LinkError::Closed) => return Ok(()),
+                Err(e) => return Err(err(&e)),
+            };
+            for message in messages {
+                let journal = locked(shipped).journal.clone();
+                let mut out = locked(writer);
+                match message {
+                    ToStandby::Journal {
+                        identifier,
+                        path,
+                        pid,
+                        ..
+                    } => {
+                        let opened =
+                            Arc::new(Journal::open(&path, identifier).map_err(|e| err(&e))?);
+                        let header = *opened.header();
+                        locked(shipped).journal = Some(opened);
+                        let journal = ToRemote::Journal {
+                            identifier,
+                            guest: self.guest.clone(),
+                            memory: header.memory,
+                            size: header.size,
+                            pid,
+                        };
+                        write_line(&mut *out, &journal).map_err(wrote)?;
+                    }
+                    ToStandby::Batch { seq } => {
+                        let journal = journal.ok_or("a batch before a journal")?;
+                        send_data(&mut out, &journal, PAGE, journal.records_start())
+                            .map_err(wrote)?;
+                        write_line(&mut *out, &ToRemote::Batch { seq }).map_err(wrote)?;
+                        locked(shipped).batch_sent = Some(Instant::now());
+                        // The remote has the image; this host's copy is given back.
+                        journal.release_batch_ram();
+                    }
+                    ToStandby::Record { seq, offset } => {
+                        let journal = journal.ok_or("a record before a journal")?;
+                        let record = journal.read_record(offset, seq).map_err(|e| err(&e))?;
+                        locked(shipped).unacked.push_back(Unacked {
+                            seq,
+                            offset,
+                            len: record.len,
+                            output: record.output,
+                            sent: Instant::now(),
+                        });
+                        send_range(&mut out, &journal, offset, record.len).map_err(wrote)?;
+                        write_line(&mut *out, &ToRemote::Record { seq, offset }).map_err(wrote)?;
+                        locked(shipped).sent = seq;
+                    }
+                    ToStandby::TakeOver { why, .. } => {
+                        let released = {
+                            let mut shipped = locked(shipped);
+                            shipped.halted = true;
+                            shipped.released
+                        };
+                        self.handed_over();
+                        write_line(&mut *out, &ToRemote::TakeOver { why, released })
+                            .map_err(wrote)?;
+                        let _ = out.flush();
+                        locked(shipped).told = true;
+                        return Ok(());
+                    }
+                    ToStandby::Refused { why } => {
+                        let _ = write_line(&mut *out, &ToRemote::Refused { why: why.clone() });
+                        return Err(format!("the guest's loop ended the session: {why}"));
+                    }
+                    // Only a relay says these, to its follower.
+                    ToStandby::Released { .. } | ToStandby::Boot {} => {}
+                }
+            }
+        }
+    }
+}
+
+/// Sends the data of `journal` between `from` and `to` (holes are skipped) as `bytes`
+/// frames.
+fn send_data(out: &mut PeerStream, journal: &Journal, from: u64, to: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = journal.file().as_raw_fd();
+    let mut at = from;
+    while at < to {
+        // SAFETY: lseek on a descriptor the journal owns; no memory is passed.
+        let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ENXIO) {
+                return Ok(());
+            }
+            return Err(err);
+        }
+        let data = data as u64;
+        if data >= to {
+            return Ok(());
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as libc::off_t, libc::SEEK_HOLE) };
+        let end = if hole < 0 { to } else { (hole as u64).min(to) };
+        send_range(out, journal, data, end - data)?;
+        at = end;
+    }
+    Ok(())
+}
+
+/// Sends `len` bytes of `journal` at `offset` as one `bytes` frame.
+fn send_range(
+    out: &mut PeerStream,
+    journal: &Journal,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    write_line(out, &ToRemote::Bytes { offset, len })?;
+    out.send_file(journal.file(), offset, len)
+}
