@@ -395,14 +395,26 @@ fn a_killed_active_is_promoted_on_the_other_host_with_the_console_exactly_once()
 /// report of the guest once across the two hosts.
 #[test]
 fn a_1_gib_guest_writing_fast_survives_its_active_host_being_lost() {
-    const LAST: u64 = 80;
+    // Enough reports (50 ms each) that the guest is still running once the first sync of
+    // its RAM is done, however long that takes on a busy host.
+    const LAST: u64 = 160;
     let cmdline = format!("dirty_mib_per_s=256 interval_ms=50 stop_after={LAST}");
     let [a, b] = hosts_of("remote-1g", 4, "dirty", 1024, &cmdline);
     let mut active = a.run("the active on host a");
     let (code, said) = b.agent("start");
     assert_eq!(code, OCF_SUCCESS, "start: {said}");
     b.wait_role("state=following", || report(&active, &b));
-    std::thread::sleep(Duration::from_millis(1500));
+    // Killed at a random point once the standby has applied 20 more epochs.
+    let following_from = b
+        .role()
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("epoch="))
+        .and_then(|e| e.parse::<u64>().ok())
+        .unwrap_or(0);
+    b.wait_role_epoch(following_from + 20, || report(&active, &b));
+    let seed = fault_seed();
+    println!("UNDERSTUDY_FAULT_SEED={seed}");
+    std::thread::sleep(Duration::from_millis(XorShift(seed).next() % 100));
     active.kill();
     let (code, said) = b.agent("promote");
     assert_eq!(
