@@ -644,6 +644,7 @@ fn write_record(
         output,
         tail: b"",
         end: None,
+        net: b"",
         disk: b"",
         disk_after: 0,
     };

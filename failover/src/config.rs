@@ -820,7 +820,7 @@ mod tests {
     }
 
     #[test]
-    fn a_separate_standby_process_needs_checkpoints_no_nics_and_a_large_enough_journal() {
+    fn a_separate_standby_process_needs_checkpoints_and_a_large_enough_journal() {
         let separate = |extra: &str, standby: &str| {
             parse(&format!(
                 "[[guest]]\nname = \"a\"\nkernel = \"KERNEL\"\nmemory_mib = 64\n{extra}\
@@ -854,11 +854,16 @@ mod tests {
                 && err.contains("on another host does not take over disks yet"),
             "{err}"
         );
+        // A NIC too, not yet to another host.
         let nic = "[[guest.net]]\ntap = \"tap0\"\n";
-        let err = separate(nic, "resume = \"checkpoint\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("does not take over NICs yet"), "{err}");
+        let separate_nic = separate(nic, "resume = \"checkpoint\"\n").unwrap();
+        assert_eq!(separate_nic.guest[0].nets.len(), 1);
+        let err = with("remote", nic).unwrap_err().to_string();
+        assert!(
+            err.contains("guest[0].standby.process")
+                && err.contains("on another host does not take over NICs yet"),
+            "{err}"
+        );
         let env = separate("", "resume = \"checkpoint\"\n").unwrap();
         let standby = env.guest[0].standby.as_ref().unwrap();
         let Placement::Separate(journal) = &standby.placement else {

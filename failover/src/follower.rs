@@ -22,7 +22,9 @@
 //! A guest's disks come with the journal's announcement: the active passes its images' open
 //! files on, and this process keeps each record's disk writes until the active says it
 //! applied them; on a takeover it applies those the active had not
-//! ([`crate::disk_handoff`]).
+//! ([`crate::disk_handoff`]). Its TAPs come the same way: this process sends each record's
+//! frames with its output, straight onto the TAP, and reads nothing from it until it runs
+//! the guest ([`crate::net_handoff`]).
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -47,6 +49,8 @@ use crate::disk_handoff::{ImageRefusal, KeptLogs, SectionError};
 use crate::guest::{GuestEnd, TakenOver};
 use crate::journal::{Journal, ReadRecord};
 use crate::link::{send, ActiveLock, Lines, LinkError, ToActive, ToStandby};
+use crate::net::GuestNics;
+use crate::net_handoff::{NetSectionError, TapRefusal};
 use crate::remote::{Promoted, Relay};
 use crate::supervisor::{ControlOptions, GuestOutcome};
 
@@ -178,6 +182,18 @@ pub enum Refusal {
         /// Why.
         #[source]
         source: SectionError,
+    },
+    /// The TAPs the active passed on are not this standby's guest's.
+    #[error(transparent)]
+    Tap(#[from] TapRefusal),
+    /// A record's frames do not fit the guest's NICs.
+    #[error("epoch {epoch}: {source}")]
+    NetSection {
+        /// The record's epoch.
+        epoch: u64,
+        /// Why.
+        #[source]
+        source: NetSectionError,
     },
 }
 
@@ -428,6 +444,10 @@ struct Standby {
     disks: Option<GuestDisks>,
     /// The disk writes of the records applied that the active may not have applied yet.
     kept: KeptLogs,
+    /// The guest's NICs, over the TAPs the active passed on (none before a journal is
+    /// announced, or for a guest without NICs). Only committed frames are written to them
+    /// until this process runs the guest.
+    nics: Option<GuestNics>,
 }
 
 /// The last epoch applied: its number, its state, and where its record lies (none for the
@@ -479,6 +499,7 @@ pub fn follow(
         unreleased: placement.remote().is_some().then(VecDeque::new),
         disks: None,
         kept: KeptLogs::default(),
+        nics: None,
     };
     // A remote active is followed through a relay, which this process's follower attaches
     // to as it would to a local active.
@@ -538,6 +559,7 @@ pub fn follow(
             applied: 0,
             failovers: Vec::new(),
             held_output: None,
+            held_frames: Vec::new(),
         };
         match session.run(&mut conn, &pidfd, signals.as_ref(), &mut standby)? {
             SessionEnd::Ended(end) => {
@@ -617,6 +639,8 @@ struct Session<'a> {
     /// While records left by a dead active are drained: their output, released only once
     /// the images hold their disk writes.
     held_output: Option<Vec<u8>>,
+    /// Their frames, sent with that output.
+    held_frames: Vec<(usize, Vec<u8>)>,
 }
 
 impl Session<'_> {
@@ -763,15 +787,18 @@ impl Session<'_> {
                             standby.committed = None;
                         }
                         standby.kept.clear();
-                        let images = lines.take_fds();
-                        self.adopt_images(standby, images).inspect_err(|err| {
-                            let why = err.to_string();
-                            let _ = send(conn, &ToActive::Refused { why });
-                        })?;
+                        // The images come first, then the TAPs.
+                        let mut images = lines.take_fds();
+                        let taps = images.split_off(self.config.disks.len().min(images.len()));
                         let opened = self.open(&path, identifier).inspect_err(|err| {
                             let why = err.to_string();
                             let _ = send(conn, &ToActive::Refused { why });
                         })?;
+                        self.adopt_devices(standby, images, taps, &opened.nic_macs())
+                            .inspect_err(|err| {
+                                let why = err.to_string();
+                                let _ = send(conn, &ToActive::Refused { why });
+                            })?;
                         tracing::info!(guest = %guest, active_pid = pid, identifier, journal = %path.display(), "journal opened");
                         journal = Some(opened);
                         self.identifier = Some(identifier);
@@ -840,23 +867,35 @@ impl Session<'_> {
         }
     }
 
-    /// Takes the images the active passed on with its journal, checked against this
-    /// standby's disks, and builds the standby's machine over them (the state it resumes
-    /// includes their devices).
-    fn adopt_images(&self, standby: &mut Standby, images: Vec<OwnedFd>) -> Result<(), FollowError> {
-        if self.config.disks.is_empty() && images.is_empty() {
+    /// Takes the images and TAPs the active passed on with its journal, checked against
+    /// this standby's disks and NICs (`macs`, the active's addresses, as its journal names
+    /// them), and builds the standby's machine over them (the state it resumes includes
+    /// their devices).
+    fn adopt_devices(
+        &self,
+        standby: &mut Standby,
+        images: Vec<OwnedFd>,
+        taps: Vec<OwnedFd>,
+        macs: &[[u8; 6]],
+    ) -> Result<(), FollowError> {
+        let no_disks = self.config.disks.is_empty() && images.is_empty();
+        let no_nics = self.config.nets.is_empty() && taps.is_empty();
+        if no_disks && no_nics {
             return Ok(());
         }
         let disks = crate::disk_handoff::adopt_images(self.config, images)
             .map_err(|e| self.refused(e.into()))?;
-        // The machine built before has no disks, or the previous session's.
+        let nics = crate::net_handoff::adopt_taps(self.config, taps, macs)
+            .map_err(|e| self.refused(e.into()))?;
+        // The machine built before has no devices, or the previous session's. Its NICs are
+        // held by no machine until the guest runs here: it reads nothing from the TAPs.
         standby.vm = Vm::create_with(
             &self.config.machine_spec(),
             standby.ram.clone(),
             Box::new(std::io::sink()),
             &vmm_core::Peripherals {
                 disks: disks.disks(),
-                nics: Vec::new(),
+                nics: nics.nics(),
             },
         )
         .map_err(|e| FollowError::Host {
@@ -864,8 +903,9 @@ impl Session<'_> {
             step: "create the standby's machine with its disks",
             source: Box::new(e),
         })?;
-        tracing::info!(guest = %self.config.name, disks = self.config.disks.len(), "the guest's disk images are shared with the active");
+        tracing::info!(guest = %self.config.name, disks = self.config.disks.len(), nics = self.config.nets.len(), "the guest's disk images and TAPs are shared with the active");
         standby.disks = Some(disks);
+        standby.nics = Some(nics);
         Ok(())
     }
 
@@ -976,6 +1016,13 @@ impl Session<'_> {
         } else {
             standby.kept.forget_up_to(journal.disk_applied());
         }
+        let frames =
+            crate::net_handoff::decode(&record.net, self.config.nets.len()).map_err(|source| {
+                self.refused(Refusal::NetSection {
+                    epoch: record.seq,
+                    source,
+                })
+            })?;
         if !record.output.is_empty() {
             match (standby.unreleased.as_mut(), self.held_output.as_mut()) {
                 // A remote active releases it once this standby acknowledged the record.
@@ -985,6 +1032,14 @@ impl Session<'_> {
                     let _ = self.console.write_all(&record.output);
                     let _ = self.console.flush();
                 }
+            }
+        }
+        // The frames go with the output, by the same process, at the same moment.
+        if !frames.is_empty() {
+            match (&standby.nics, self.held_output.is_some()) {
+                (Some(_), true) => self.held_frames.extend(frames),
+                (Some(nics), false) => crate::net_handoff::send_from_standby(nics, &frames),
+                (None, _) => {}
             }
         }
         journal.set_released(record.seq);
@@ -1046,6 +1101,13 @@ impl Session<'_> {
         if let Some(held) = self.held_output.take() {
             let _ = self.console.write_all(&held);
             let _ = self.console.flush();
+        }
+        let frames = std::mem::take(&mut self.held_frames);
+        if let Some(nics) = &standby.nics {
+            if !frames.is_empty() {
+                tracing::info!(guest = %guest, frames = frames.len(), "sending the frames of the epochs the active had not released");
+            }
+            crate::net_handoff::send_from_standby(nics, &frames);
         }
         if let Some(end) = ended {
             return Ok(SessionEnd::Ended(end));
@@ -1118,6 +1180,7 @@ fn take_over(
         committed,
         tail,
         disks,
+        nics,
         ..
     } = standby;
     let host =
@@ -1144,6 +1207,7 @@ fn take_over(
         lock: Some(lock),
         failovers,
         disks,
+        nics,
     };
     crate::supervisor::run_taken_over(&single, taken, control, signals)
         .map_err(|e| host("run the guest taken over", Box::new(e)))

@@ -15,8 +15,9 @@
 //! ```
 //!
 //! A record holds the pages one epoch dirtied, the machine's state at its end, the
-//! console output it produced and the writes it made to the guest's disks (its disk section:
-//! layout version 2; the record's checksum covers it). No record is larger than the batch size, so an empty
+//! console output it produced, the frames its NICs sent (its net section: layout version 3)
+//! and the writes it made to the guest's disks (its disk section: layout version 2); the
+//! record's checksum covers both. No record is larger than the batch size, so an empty
 //! wrap-around area always has room for the next one: a file of at least
 //! 3 x batch + 1 page (the header) can always make progress, and a smaller one is refused.
 //!
@@ -38,8 +39,9 @@ pub const PAGE: u64 = 4096;
 /// The file's first bytes.
 pub const MAGIC: &[u8; 8] = b"USJOURNL";
 /// The layout version this build writes.
-pub const VERSION: u32 = 2;
-/// The oldest layout version this build reads: version 1's records have no disk section.
+pub const VERSION: u32 = 3;
+/// The oldest layout version this build reads: version 1's records have no disk section,
+/// version 2's no net section.
 /// A standby of this build can so follow an active of the build before, as an upgrade by
 /// switchover needs.
 pub const OLDEST_READ: u32 = 1;
@@ -50,6 +52,11 @@ const HEADER_SIGNED: usize = 56;
 /// Where the writer's field is in the header page: the last epoch whose disk writes it has
 /// applied to the guest's images.
 const WRITER_FIELDS: usize = 256;
+/// Where the writer names the guest's NICs' MAC addresses in the header page (layout version
+/// 3): their count (u32), then 6 bytes each.
+const NIC_FIELDS: usize = 264;
+/// Most NICs the header names.
+pub const MAX_NICS: usize = 32;
 /// Where the reader's fields start in the header page: the last epoch whose output it has
 /// released.
 const READER_FIELDS: usize = 512;
@@ -260,6 +267,9 @@ pub struct EpochRecord<'a> {
     pub tail: &'a [u8],
     /// For the last record of a guest that ended: how it ended (JSON); the state is empty.
     pub end: Option<&'a [u8]>,
+    /// The frames the guest's NICs sent in the epoch (`crate::net_handoff` encodes them),
+    /// sent by whichever process releases the record's output; empty without any.
+    pub net: &'a [u8],
     /// The epoch's writes to the guest's disks (`crate::disk_handoff` encodes them),
     /// applied to the images once the epoch commits; empty without any.
     pub disk: &'a [u8],
@@ -286,6 +296,8 @@ impl EpochRecord<'_> {
             + self.output.len() as u64
             + self.tail.len() as u64
             + self.end.map_or(0, |e| e.len() as u64)
+            + NET_LEN as u64
+            + self.net.len() as u64
             + DISK_LEN as u64
     }
 
@@ -297,6 +309,8 @@ impl EpochRecord<'_> {
             + self.output.len() as u64
             + self.tail.len() as u64
             + self.end.map_or(0, |e| e.len() as u64)
+            + NET_LEN as u64
+            + self.net.len() as u64
             + DISK_LEN as u64
             + self.disk_len();
         round_up(meta) + self.runs.iter().map(|r| r.1).sum::<u64>()
@@ -323,9 +337,15 @@ pub struct ReadRecord {
     pub tail: Vec<u8>,
     /// How the guest ended, for an end record (JSON).
     pub end: Option<Vec<u8>>,
+    /// Its net section (see [`EpochRecord::net`]).
+    pub net: Vec<u8>,
     /// Its disk section (see [`EpochRecord::disk`]).
     pub disk: Vec<u8>,
 }
+
+/// Bytes of the net section's length, which follows the end in a record's metadata (layout
+/// version 3).
+const NET_LEN: usize = 8;
 
 /// Bytes of the disk section's length, which follows the end in a record's metadata.
 const DISK_LEN: usize = 8;
@@ -685,6 +705,8 @@ impl Journal {
             + record.output.len()
             + record.tail.len()
             + end.len()
+            + NET_LEN
+            + record.net.len()
             + DISK_LEN
             + record.disk_len() as usize;
         let meta = self
@@ -697,11 +719,14 @@ impl Journal {
             at += 16;
         }
         let disk_len = record.disk_len().to_le_bytes();
+        let net_len = (record.net.len() as u64).to_le_bytes();
         for part in [
             record.state,
             record.output,
             record.tail,
             end,
+            &net_len,
+            record.net,
             &disk_len,
             record.disk,
         ] {
@@ -817,13 +842,20 @@ impl Journal {
             u32_at(head, 40) as u64,
             u32_at(head, 44) as u64,
         );
-        // Version 1's records end with the end, without a disk section.
+        // Version 1's records end with the end, without a disk section; version 2's have no
+        // net section.
         let trailer = if self.header.version >= 2 {
             DISK_LEN as u64
         } else {
             0
         };
-        let fixed_len = 16 * runs + state_len + output_len + tail_len + end_len + trailer;
+        let net_trailer = if self.header.version >= 3 {
+            NET_LEN as u64
+        } else {
+            0
+        };
+        let fixed_len =
+            16 * runs + state_len + output_len + tail_len + end_len + net_trailer + trailer;
         if len > self.header.batch
             || offset + len > self.header.size
             || RECORD_HEADER as u64 + fixed_len > len
@@ -840,6 +872,16 @@ impl Journal {
         if CRC64.checksum(body) != u64_at(head, 48) {
             return Err(self.torn("record", offset, "checksum mismatch"));
         }
+        let net_at = fixed_len - trailer - net_trailer;
+        let net_len = if net_trailer > 0 {
+            u64_at(body, net_at as usize)
+        } else {
+            0
+        };
+        let fixed_len = fixed_len
+            .checked_add(net_len)
+            .filter(|all| RECORD_HEADER as u64 + all <= len)
+            .ok_or_else(|| self.torn("record", offset, "net section out of range"))?;
         let disk_len = if trailer > 0 {
             u64_at(body, (fixed_len - trailer) as usize)
         } else {
@@ -876,6 +918,8 @@ impl Journal {
         let output = part(output_len);
         let tail = part(tail_len);
         let end = part(end_len);
+        part(net_trailer);
+        let net = part(net_len);
         part(trailer);
         let disk = part(disk_len);
         Ok(ReadRecord {
@@ -888,6 +932,7 @@ impl Journal {
             output,
             tail,
             end: (kind == KIND_END).then_some(end),
+            net,
             disk,
         })
     }
@@ -932,6 +977,39 @@ impl Journal {
         if let Some(field) = self.bytes_mut(READER_FIELDS as u64, 8) {
             field.copy_from_slice(&seq.to_le_bytes());
         }
+    }
+
+    /// Names the guest's NICs' MAC addresses in the header page, for the reader to check
+    /// against its own (the writer, before it announces the journal). At most
+    /// [`MAX_NICS`] are named.
+    pub fn set_nic_macs(&self, macs: &[[u8; 6]]) {
+        let count = macs.len().min(MAX_NICS);
+        if let Some(field) = self.bytes_mut(NIC_FIELDS as u64, 4 + 6 * MAX_NICS) {
+            field[..4].copy_from_slice(&(count as u32).to_le_bytes());
+            for (slot, mac) in field[4..].chunks_exact_mut(6).zip(&macs[..count]) {
+                slot.copy_from_slice(mac);
+            }
+        }
+    }
+
+    /// The MAC addresses the writer named (none in a journal of layout version 2 or older).
+    pub fn nic_macs(&self) -> Vec<[u8; 6]> {
+        if self.header.version < 3 {
+            return Vec::new();
+        }
+        let Some(field) = self.bytes(NIC_FIELDS as u64, 4 + 6 * MAX_NICS) else {
+            return Vec::new();
+        };
+        let count = (u32_at(field, 0) as usize).min(MAX_NICS);
+        field[4..]
+            .chunks_exact(6)
+            .take(count)
+            .map(|c| {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(c);
+                mac
+            })
+            .collect()
     }
 
     /// The writer's mark: the last epoch whose disk writes it has applied to the guest's
@@ -1002,6 +1080,7 @@ mod tests {
             output: b"count 1\n",
             tail: b"cou",
             end: None,
+            net: b"net section",
             disk: b"disk section",
             disk_after: 0,
         };
@@ -1023,6 +1102,7 @@ mod tests {
         assert_eq!(got.state, b"{\"state\":1}");
         assert_eq!(got.end, None);
         assert_eq!(got.disk, b"disk section");
+        assert_eq!(got.net, b"net section");
         // A disk section written after the record, before it is sealed.
         let late = EpochRecord {
             seq: 2,
@@ -1031,6 +1111,7 @@ mod tests {
             output: b"",
             tail: b"",
             end: None,
+            net: b"",
             disk: b"",
             disk_after: 4,
         };
@@ -1044,6 +1125,10 @@ mod tests {
         assert_eq!(reader.disk_applied(), 0);
         writer.set_disk_applied(1);
         assert_eq!(reader.disk_applied(), 1);
+        // The NICs' addresses the writer names, as the reader sees them.
+        let macs = [[0x52, 0x54, 0, 1, 2, 3], [0x52, 0x54, 0, 4, 5, 6]];
+        writer.set_nic_macs(&macs);
+        assert_eq!(reader.nic_macs(), macs);
         ram.copy_in(7 * PAGE, &[9; PAGE as usize]).unwrap();
         reader.apply_pages(&got, &loaded).unwrap();
         let mut page = [0u8; PAGE as usize];
@@ -1091,10 +1176,20 @@ mod tests {
         let got = reader.read_record(at, 1).unwrap();
         assert_eq!((&got.state[..], &got.output[..]), (state, output));
         assert!(got.disk.is_empty());
+        // Version 2: the same record with an empty disk section (the zeros after the
+        // output are its length), and no net section.
+        header.version = 2;
+        writer.file().write_all_at(&header.encode(), 0).unwrap();
+        let reader = Journal::open(&p, 0x77).unwrap();
+        let got = reader.read_record(at, 1).unwrap();
+        assert_eq!((&got.state[..], &got.output[..]), (state, output));
+        assert!(got.disk.is_empty() && got.net.is_empty());
+        assert!(reader.nic_macs().is_empty());
         header.version = VERSION + 1;
         writer.file().write_all_at(&header.encode(), 0).unwrap();
         let err = Journal::open(&p, 0x77).err().unwrap();
-        assert!(err.to_string().contains("layout version 3"), "{err}");
+        let unknown = format!("layout version {}", VERSION + 1);
+        assert!(err.to_string().contains(&unknown), "{err}");
     }
 
     #[test]
@@ -1109,6 +1204,7 @@ mod tests {
             output: b"",
             tail: b"",
             end: None,
+            net: b"",
             disk: b"",
             disk_after: 0,
         };
@@ -1192,6 +1288,7 @@ mod tests {
             output: &output,
             tail: &[],
             end: None,
+            net: &[],
             disk: &[],
             disk_after: 0,
         };

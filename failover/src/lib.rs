@@ -44,6 +44,7 @@ pub mod link;
 pub mod liveness;
 pub mod metrics;
 pub mod net;
+pub mod net_handoff;
 pub mod remote;
 pub mod restore;
 pub mod supervisor;

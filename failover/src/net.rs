@@ -48,6 +48,8 @@ pub struct GuestNic {
     pub config: NetConfig,
     /// The NIC the guest's machines share, one at a time.
     pub nic: Arc<Nic>,
+    /// The TAP it carries frames on (passed on to a standby process with the journal).
+    pub tap: Arc<Tap>,
     /// Its transmit hold, for a checkpointed guest.
     pub epoch: Option<Arc<EpochNet>>,
 }
@@ -59,30 +61,45 @@ pub struct GuestNics(pub Vec<GuestNic>);
 impl GuestNics {
     /// Opens (or creates) the TAP of every NIC of `config`.
     pub fn open(config: &GuestConfig) -> Result<GuestNics, NicOpenError> {
+        let mut taps = Vec::with_capacity(config.nets.len());
+        for (index, net) in config.nets.iter().enumerate() {
+            taps.push(Tap::open(&net.tap).map_err(|source| NicOpenError {
+                guest: config.name.clone(),
+                index,
+                source,
+            })?);
+        }
+        Ok(GuestNics::over(config, taps))
+    }
+
+    /// The NICs of `config` over `taps` (opened already, one per NIC, in order: here, or by
+    /// the process that ran the guest before and passed them on).
+    pub fn over(config: &GuestConfig, taps: Vec<Tap>) -> GuestNics {
         let checkpointed = config
             .standby
             .as_ref()
             .is_some_and(|s| s.resume == ResumeFrom::Checkpoint);
-        let mut nics = Vec::with_capacity(config.nets.len());
-        for (index, net) in config.nets.iter().enumerate() {
-            let tap = Tap::open(&net.tap).map_err(|source| NicOpenError {
-                guest: config.name.clone(),
-                index,
-                source,
-            })?;
-            let (backend, epoch): (Arc<dyn NetBackend>, _) = if checkpointed {
-                let epoch = Arc::new(EpochNet::new(Arc::new(tap)));
-                (epoch.clone(), Some(epoch))
-            } else {
-                (Arc::new(tap), None)
-            };
-            nics.push(GuestNic {
-                config: net.clone(),
-                nic: Arc::new(Nic::new(backend, net.mac)),
-                epoch,
-            });
-        }
-        Ok(GuestNics(nics))
+        let nics = config
+            .nets
+            .iter()
+            .zip(taps)
+            .map(|(net, tap)| {
+                let tap = Arc::new(tap);
+                let (backend, epoch): (Arc<dyn NetBackend>, _) = if checkpointed {
+                    let epoch = Arc::new(EpochNet::new(tap.clone()));
+                    (epoch.clone(), Some(epoch))
+                } else {
+                    (tap.clone(), None)
+                };
+                GuestNic {
+                    config: net.clone(),
+                    nic: Arc::new(Nic::new(backend, net.mac)),
+                    tap,
+                    epoch,
+                }
+            })
+            .collect();
+        GuestNics(nics)
     }
 
     /// What every machine of the guest is given.
@@ -113,6 +130,11 @@ impl HeldFrames {
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
     }
+
+    /// The frames, in the order the guest sent them.
+    pub fn frames(&self) -> &[Vec<u8>] {
+        &self.frames
+    }
 }
 
 /// What a checkpointed NIC held and sent, for `status` and the metrics.
@@ -134,6 +156,9 @@ pub struct EpochNetStats {
 
 struct Hold {
     current: HeldFrames,
+    /// The machine running the guest here was fenced for good (another process runs it now):
+    /// nothing is taken from the guest nor read from the link any more.
+    given_up: bool,
     /// Frames and bytes sealed but not yet sent.
     sealed_frames: usize,
     sealed_bytes: usize,
@@ -153,6 +178,7 @@ impl EpochNet {
             link,
             hold: Mutex::new(Hold {
                 current: HeldFrames::default(),
+                given_up: false,
                 sealed_frames: 0,
                 sealed_bytes: 0,
                 stats: EpochNetStats::default(),
@@ -175,6 +201,43 @@ impl EpochNet {
         hold.sealed_frames += sealed.len();
         hold.sealed_bytes += sealed.bytes;
         Some(sealed)
+    }
+
+    /// The epoch did not commit after all (no room for its record): its frames go on into
+    /// the next epoch, ahead of those sent since. The guest is still paused.
+    pub fn unseal(&self, sealed: HeldFrames) {
+        let mut hold = self.lock();
+        hold.sealed_frames -= sealed.len();
+        hold.sealed_bytes -= sealed.bytes;
+        let later = std::mem::replace(&mut hold.current, sealed);
+        hold.current.bytes += later.bytes;
+        hold.current.frames.extend(later.frames);
+    }
+
+    /// A committed epoch's frames are another process's to send (they are in the epoch's
+    /// record): they no longer count against the hold.
+    pub fn hand_off(&self, sealed: HeldFrames) {
+        let mut hold = self.lock();
+        hold.sealed_frames -= sealed.len();
+        hold.sealed_bytes -= sealed.bytes;
+    }
+
+    /// Sends one committed frame now (a record's, which no other process released).
+    pub fn send_committed(&self, frame: &[u8]) {
+        if let Err(err) = self.link.transmit(frame) {
+            tracing::debug!(%err, "a committed frame could not be sent");
+        }
+        let mut hold = self.lock();
+        hold.stats.released_frames += 1;
+        hold.stats.released_bytes += frame.len() as u64;
+    }
+
+    /// The machine running the guest here is fenced for good: the running epoch's frames
+    /// are dropped, and the link is neither read nor written from here on (another process
+    /// runs the guest over the same TAP).
+    pub fn give_up(&self) {
+        self.abandon();
+        self.lock().given_up = true;
     }
 
     /// Drops the running epoch's frames: it will not commit.
@@ -218,11 +281,18 @@ impl NetBackend for EpochNet {
     }
 
     fn receive(&self, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+        if self.lock().given_up {
+            // The frame stays queued in the TAP for the process that runs the guest now.
+            return Ok(None);
+        }
         self.link.receive(buf)
     }
 
     fn transmit(&self, frame: &[u8]) -> std::io::Result<Transmitted> {
         let mut hold = self.lock();
+        if hold.given_up {
+            return Ok(Transmitted::Dropped);
+        }
         let frames = hold.current.len() + hold.sealed_frames;
         let bytes = hold.current.bytes + hold.sealed_bytes;
         if frames >= HOLD_FRAMES || bytes + frame.len() > HOLD_BYTES {

@@ -364,10 +364,10 @@ fn placement(
             "a standby in a process of its own resumes from checkpoints: set resume = \"checkpoint\"".into(),
         ));
     }
-    if devices.nics {
+    if devices.nics && process == StandbyProcess::Remote {
         return Err((
             "standby.process",
-            "a standby in a process of its own does not take over NICs yet; use process = \"same\" for this guest".into(),
+            "a standby on another host does not take over NICs yet; use process = \"separate\" or \"same\" for this guest".into(),
         ));
     }
     if devices.disks && process == StandbyProcess::Remote {

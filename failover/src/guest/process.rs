@@ -38,6 +38,7 @@ use crate::console::HeldOutput;
 use crate::control::protocol::StandbyProcessStatus;
 use crate::disk::EpochDisk;
 use crate::link::ActiveLock;
+use crate::net::EpochNet;
 use crate::remote::ActiveSide;
 use session::{Phase, Session};
 
@@ -89,6 +90,9 @@ pub(crate) struct StandbyLink {
     /// The guest's checkpointed disks: their epoch logs go with the records
     /// ([`crate::disk_handoff`]).
     disks: Vec<Arc<EpochDisk>>,
+    /// The guest's checkpointed NICs: their frames go with the records, sent by whoever
+    /// releases the records' output ([`crate::net_handoff`]).
+    nets: Vec<Arc<EpochNet>>,
 }
 
 /// Why no standby link could be made for a guest, with the console it was given.
@@ -243,6 +247,7 @@ impl StandbyLink {
             deferred: 0,
             failovers: Vec::new(),
             disks: ctx.disks.epoch_disks(),
+            nets: ctx.nics.epoch_nets(),
         };
         Ok((link, Box::new(held)))
     }

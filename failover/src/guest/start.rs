@@ -58,6 +58,9 @@ pub struct TakenOver {
     /// The guest's disks, over the images the old active passed on (the machine has them
     /// already): used instead of opening the images again.
     pub disks: Option<crate::disk::GuestDisks>,
+    /// The guest's NICs, over the TAPs the old active passed on (the machine has them
+    /// already): used instead of opening the TAPs again.
+    pub nics: Option<crate::net::GuestNics>,
 }
 
 impl std::fmt::Debug for TakenOver {

@@ -502,10 +502,18 @@ fn run_guests(
             _ => GuestDisks::open(config),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    // And its NICs, over the TAPs its old active passed on.
     let nics = env
         .guest
         .iter()
-        .map(GuestNics::open)
+        .zip(starts.iter_mut())
+        .map(|(config, from)| match from {
+            StartFrom::TakenOver(taken) => match taken.nics.take() {
+                Some(nics) => Ok(nics),
+                None => GuestNics::open(config),
+            },
+            _ => GuestNics::open(config),
+        })
         .collect::<Result<Vec<_>, _>>()?;
     // Nothing later creates or attaches a TAP.
     vmm_core::jail::taps_opened();

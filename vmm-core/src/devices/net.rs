@@ -182,6 +182,40 @@ impl Tap {
         })
     }
 
+    /// The TAP another process opened and passed on (`SCM_RIGHTS`): the same open file,
+    /// so both processes hold one attachment and nothing is opened here. Its name is asked
+    /// of the kernel; a descriptor that is not a TAP's is refused.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Tap, TapError> {
+        let file = File::from(fd);
+        // SAFETY: ifreq is plain old data; all zeros is a valid value.
+        let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: TUNGETIFF writes one ifreq, which lives for the call.
+        if unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNGETIFF as _, &mut request) } < 0 {
+            return Err(TapError::Setup {
+                name: "(passed on)".into(),
+                what: "not an attached TUN/TAP descriptor",
+                source: io::Error::last_os_error(),
+            });
+        }
+        let name: String = request
+            .ifr_name
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8 as char)
+            .collect();
+        // SAFETY: TUNGETIFF filled the flags of the union.
+        let flags = i32::from(unsafe { request.ifr_ifru.ifru_flags });
+        if flags & libc::IFF_TAP == 0 {
+            return Err(TapError::NotATap { name });
+        }
+        Ok(Tap { file, name })
+    }
+
+    /// The open file, to pass on to another process.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.file)
+    }
+
     /// The interface's name.
     pub fn name(&self) -> &str {
         &self.name

@@ -194,10 +194,11 @@ pub fn write_traps() -> Vec<Request> {
 }
 
 /// Attaching a NIC to its TAP (and, when that fails, asking whether the name is another
-/// kind of interface).
+/// kind of interface), or asking which TAP a descriptor passed on by another process is.
 pub fn taps() -> Vec<Request> {
     vec![
         libc_request("TUNSETIFF", libc::TUNSETIFF as u32),
+        libc_request("TUNGETIFF", libc::TUNGETIFF as u32),
         libc_request("TUNSETVNETHDRSZ", libc::TUNSETVNETHDRSZ as u32),
         libc_request("TUNSETOFFLOAD", libc::TUNSETOFFLOAD as u32),
         libc_request("SIOCGIFINDEX", libc::SIOCGIFINDEX as u32),

@@ -16,6 +16,7 @@ use crate::disk_handoff;
 use crate::guest::{us, Context, Finished};
 use crate::journal::Journal;
 use crate::link::{send, Lines, LinkError, ToActive, ToStandby};
+use crate::net_handoff;
 
 impl StandbyLink {
     /// A standby process is connecting.
@@ -102,6 +103,9 @@ impl StandbyLink {
                 let journal =
                     Journal::create(&self.config.path, identifier, self.memory, self.config.size)
                         .map_err(|e| e.to_string())?;
+                // The standby checks its NICs' addresses against these before it loads
+                // anything.
+                journal.set_nic_macs(&net_handoff::macs(&ctx.nics));
                 self.identifier = identifier;
                 let announce = ToStandby::Journal {
                     identifier,
@@ -113,9 +117,12 @@ impl StandbyLink {
                 session.phase = Phase::Opened;
                 self.sessions += 1;
                 lifecycle!(info, "standby-process-attached", guest = %self.guest, standby_pid = session.pid, identifier, journal = %self.config.path.display(), "a standby process attached; writing the journal");
-                // The images go with the announcement: the standby shares their locks.
+                // The images go with the announcement (the standby shares their locks), then
+                // the TAPs (the standby never opens one itself).
+                let mut fds = disk_handoff::image_fds(&ctx.disks);
+                fds.extend(net_handoff::tap_fds(&ctx.nics));
                 session
-                    .tell_with_fds(&announce, &disk_handoff::image_fds(&ctx.disks))
+                    .tell_with_fds(&announce, &fds)
                     .map_err(|e| e.to_string())
             }
             (Phase::Opened, ToActive::Opened {}) => {
@@ -164,6 +171,10 @@ impl StandbyLink {
         // images), and the standby takes the lock before it resumes it.
         for disk in &self.disks {
             disk.give_up();
+        }
+        // Nor reads or writes its TAPs: the frames for the guest wait there for the standby.
+        for net in &self.nets {
+            net.give_up();
         }
         self.lock = None;
         let told = session.tell(&ToStandby::TakeOver {
@@ -226,6 +237,12 @@ impl StandbyLink {
         for record in &session.unapplied {
             if record.seq > released {
                 release(&self.console, &record.output);
+                match net_handoff::decode(&record.net, self.nets.len()) {
+                    Ok(frames) => net_handoff::send_committed(&self.nets, &frames),
+                    Err(err) => {
+                        tracing::error!(guest = %self.guest, seq = record.seq, %err, "the frames of a record this process wrote cannot be read back")
+                    }
+                }
             }
         }
         // The line the guest is still printing waits for its end, as without a standby.

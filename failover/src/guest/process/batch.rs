@@ -15,6 +15,7 @@ use crate::disk_handoff::{self, SealedEpoch};
 use crate::guest::{us, Context};
 use crate::journal::Journal;
 use crate::link::ToStandby;
+use crate::net_handoff::SealedFrames;
 
 /// Rounds of copying into the batch while the guest runs, at most.
 const BATCH_ROUNDS: u32 = 8;
@@ -60,6 +61,8 @@ impl StandbyLink {
         }
         // The images are to hold every write up to the batch before the standby loads it.
         drop(SealedEpoch::seal(&self.disks));
+        // Frames sent up to the batch are the batch's, released with its output.
+        let frames = SealedFrames::seal(&self.nets);
         let sealed = (|| -> Result<(Vec<u8>, u64), String> {
             let dirty = active.take_dirty_pages().map_err(|e| e.to_string())?;
             let runs = active.ram().marked_offsets(&dirty.bitmaps);
@@ -78,6 +81,7 @@ impl StandbyLink {
         let resumed = active.resume();
         let pause = paused.elapsed();
         release(&self.console, &output);
+        frames.release(&self.nets);
         let (state, final_pages) = match sealed {
             Ok(sealed) => sealed,
             Err(why) => {

@@ -13,6 +13,7 @@ use crate::disk_handoff::{self, SealedEpoch};
 use crate::guest::{us, Context};
 use crate::journal::{EpochRecord, JournalError};
 use crate::link::ToStandby;
+use crate::net_handoff::SealedFrames;
 
 impl StandbyLink {
     /// An epoch tick: with a standby loading or following, one epoch into the journal;
@@ -32,6 +33,7 @@ impl StandbyLink {
             let pending = std::mem::take(&mut self.pending);
             let (output, tail) = split_tail(pending, &mut self.tail_since);
             release(&self.console, &output);
+            SealedFrames::seal(&self.nets).release(&self.nets);
             self.pending = tail;
             return LinkTick::Done;
         }
@@ -77,6 +79,7 @@ impl StandbyLink {
             let mut output = std::mem::take(&mut session.carry_output);
             output.extend(self.held.take());
             let (output, tail) = split_tail(output, &mut self.tail_since);
+            let frames = SealedFrames::seal(&self.nets);
             let record = EpochRecordOwned {
                 seq: session.seq + 1,
                 runs: active.ram().marked_offsets(&dirty.bitmaps),
@@ -84,6 +87,8 @@ impl StandbyLink {
                 output,
                 tail,
                 end: None,
+                net: frames.section(),
+                frames,
                 disks: SealedEpoch::seal(&self.disks),
             };
             let len = record.borrow().size();
@@ -91,13 +96,15 @@ impl StandbyLink {
                 // No room until the standby applies what it has: this epoch's pages, output
                 // and disk writes go with the next one.
                 record.disks.unseal(&self.disks);
+                record.frames.unseal(&self.nets);
                 session.carry = Some(dirty);
                 session.carry_output = [record.output, record.tail].concat();
                 return Ok(None);
             };
             if let Err(err) = journal.write_record(offset, &record.borrow(), Some(active.ram())) {
-                // The session ends over this; the epoch's output is released with what the
-                // guest prints next, not lost.
+                // The session ends over this; the epoch's output and frames are released with
+                // what the guest sends next, not lost.
+                record.frames.unseal(&self.nets);
                 session.carry_output = [record.output, record.tail].concat();
                 return Err(err.to_string());
             }
@@ -107,7 +114,7 @@ impl StandbyLink {
         let resumed = if keep_paused { Ok(()) } else { active.resume() };
         let pause = paused.elapsed();
         tracing::trace!(guest = %self.guest, pause_us = us(pause), acked_us = us(acked), pages = written.as_ref().ok().and_then(|w| w.as_ref()).map_or(0, |(r, _)| r.runs.iter().map(|r| r.1).sum::<u64>() / crate::journal::PAGE), "journal epoch");
-        let Some((record, offset)) = written? else {
+        let Some((mut record, offset)) = written? else {
             self.deferred += 1;
             return Ok(LinkTick::Done);
         };
@@ -125,6 +132,8 @@ impl StandbyLink {
             .seal_record(offset, &record.borrow())
             .map_err(|e: JournalError| e.to_string())?;
         let len = record.borrow().size();
+        // The record is valid: its frames are sent by whoever releases its output.
+        std::mem::take(&mut record.frames).hand_off(&self.nets);
         session.seq = record.seq;
         session.last = Some((offset, len));
         session.unapplied.push_back(Unapplied {
@@ -132,6 +141,7 @@ impl StandbyLink {
             offset,
             len,
             output: record.output,
+            net: record.net,
         });
         let pages = record.runs.iter().map(|r| r.1).sum::<u64>() / crate::journal::PAGE;
         self.stats.record(pause, pages);
@@ -199,6 +209,7 @@ impl StandbyLink {
         }
         let output = std::mem::take(&mut self.pending);
         release(&self.console, &output);
+        SealedFrames::seal(&self.nets).release(&self.nets);
     }
 
     /// The last record: the guest's last output and how it ended; no pages, no state.
@@ -210,6 +221,7 @@ impl StandbyLink {
         let journal = session.journal.clone().ok_or("no journal")?;
         let mut output = std::mem::take(&mut session.carry_output);
         output.extend(self.held.take());
+        let frames = SealedFrames::seal(&self.nets);
         let record = EpochRecordOwned {
             seq: session.seq + 1,
             runs: Vec::new(),
@@ -217,10 +229,13 @@ impl StandbyLink {
             output,
             tail: Vec::new(),
             end: Some(end.to_vec()),
+            net: frames.section(),
+            frames,
             disks: SealedEpoch::seal(&self.disks),
         };
         let len = record.borrow().size();
         let Some(offset) = place(&journal, session, len) else {
+            record.frames.unseal(&self.nets);
             session.carry_output = record.output;
             return Err("no room in the journal for the end record".into());
         };
@@ -231,6 +246,7 @@ impl StandbyLink {
             })
             .and_then(|()| journal.seal_record(offset, &record.borrow()))
             .map_err(|e| e.to_string())?;
+        record.frames.hand_off(&self.nets);
         session.seq = record.seq;
         disk_handoff::apply_sealed(&self.disks).map_err(|e| e.to_string())?;
         journal.set_disk_applied(record.seq);
@@ -277,6 +293,9 @@ struct EpochRecordOwned {
     output: Vec<u8>,
     tail: Vec<u8>,
     end: Option<Vec<u8>>,
+    /// Its NICs' frames, as its net section, and as the holds sealed them.
+    net: Vec<u8>,
+    frames: SealedFrames,
     /// Its disk writes, sealed; copied into the record after the pause.
     disks: SealedEpoch,
 }
@@ -290,6 +309,7 @@ impl EpochRecordOwned {
             output: &self.output,
             tail: &self.tail,
             end: self.end.as_deref(),
+            net: &self.net,
             disk: &[],
             disk_after: self.disks.section_len(),
         }

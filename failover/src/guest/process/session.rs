@@ -46,6 +46,8 @@ pub(super) struct Unapplied {
     pub(super) offset: u64,
     pub(super) len: u64,
     pub(super) output: Vec<u8>,
+    /// Its net section: the frames to send with its output.
+    pub(super) net: Vec<u8>,
 }
 
 pub(super) struct Session {
