@@ -11,7 +11,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::process::{logs, Process};
+use common::process::{assert_standby_refused, logs, Process};
 use common::{env_file, fault_seed, require_kvm, understudy_command, XorShift};
 
 const SECTOR: usize = 512;
@@ -207,16 +207,7 @@ fn a_standby_given_another_image_is_refused_and_the_active_runs_on() {
             ),
         );
         let mut standby = Process::standby(&other, n + 1);
-        let status = standby.wait();
-        let log = standby.log.text();
-        assert!(!status.success(), "{log}");
-        assert!(log.contains(says), "standby {n}: {log}");
-        active.wait_log("event=\"standby-process-lost\"", n + 1);
-        assert!(
-            active.log.text().contains(says),
-            "the active does not say why: {}",
-            active.log.text()
-        );
+        assert_standby_refused(&mut standby, &mut active, n + 1, says);
     }
     assert!(!active.log.text().contains("failover armed"));
     let status = active.wait();

@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::netns::{Netns, GUEST_IP, PEER_IP};
-use common::process::{logs, Process};
+use common::process::{assert_standby_refused, logs, Process};
 use common::{env_file, fault_seed, numbers_after, require_kvm, XorShift, PATIENCE};
 
 /// Where the guest sends its numbered datagrams.
@@ -240,16 +240,7 @@ fn a_standby_given_another_tap_or_mac_is_refused_and_the_active_runs_on() {
             .replace("52:54:00:12:34:56", mac);
         let other = env_file(&format!("process-net-refused-{n}"), &text);
         let mut standby = start_in(&netns, "standby", &other, &format!("standby {}", n + 1));
-        let status = standby.wait();
-        let log = standby.log.text();
-        assert_eq!(status.code(), Some(2), "{log}");
-        assert!(log.contains(says), "standby {n}: {log}");
-        active.wait_log("event=\"standby-process-lost\"", n + 1);
-        assert!(
-            active.log.text().contains(says),
-            "the active does not say why: {}",
-            active.log.text()
-        );
+        assert_standby_refused(&mut standby, &mut active, n + 1, says);
     }
     assert!(!active.log.text().contains("failover armed"));
     let status = active.wait();

@@ -92,3 +92,18 @@ pub fn logs(processes: &[Process]) -> String {
         })
         .collect()
 }
+
+/// A standby process refused before anything was promised: it exits with status 2 saying
+/// `why`, and the active, which has now lost `lost` standbys, logs the same reason and runs on.
+pub fn assert_standby_refused(standby: &mut Process, active: &mut Process, lost: usize, why: &str) {
+    let status = standby.wait();
+    let log = standby.log.text();
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains(why), "standby {lost}: {log}");
+    active.wait_log("event=\"standby-process-lost\"", lost);
+    assert!(
+        active.log.text().contains(why),
+        "the active does not say why: {}",
+        active.log.text()
+    );
+}
