@@ -128,6 +128,9 @@ fn checkpointed_datagrams_reach_the_peer_exactly_once_through_many_faults() {
                 received.lock().unwrap().push(buf[..n].to_vec());
             }
         });
+        // Stops the reader however this ends: a failed assertion would otherwise leave the
+        // scope waiting for it forever.
+        let _stop_reader = StopOnDrop(&stop);
         while injected < 20 && wait_armed(&run, injected, &context) {
             std::thread::sleep(Duration::from_millis(random.next() % 200));
             let kind = kinds[(random.next() % kinds.len() as u64) as usize];
@@ -144,7 +147,6 @@ fn checkpointed_datagrams_reach_the_peer_exactly_once_through_many_faults() {
             "{context}: the guest's own exit status; log:\n{}",
             run.log.text()
         );
-        stop.store(true, std::sync::atomic::Ordering::Release);
     });
     eprintln!("{injected} faults injected; {context}");
     assert!(
@@ -299,4 +301,13 @@ fn nics_that_cannot_be_used_are_refused_before_anything_starts() {
         &format!("{guest}[[guest.net]]\ntap = \"tap0\"\n[[guest]]\nname = \"h\"\nkernel = \"KERNEL\"\n[[guest.net]]\ntap = \"tap0\"\n"),
         "guest[1].net[0].tap",
     );
+}
+
+/// Sets its flag when dropped, on a panic too.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
 }
