@@ -179,3 +179,15 @@ pub enum StartError {
         source: std::io::Error,
     },
 }
+
+impl StartError {
+    /// The error for a machine of guest `guest` that failed at `step`, for `map_err`.
+    pub(crate) fn machine(guest: &str, step: &'static str) -> impl FnOnce(VmError) -> StartError {
+        let guest = guest.to_owned();
+        move |source| StartError::Machine {
+            guest,
+            step,
+            source,
+        }
+    }
+}

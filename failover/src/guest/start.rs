@@ -82,14 +82,7 @@ impl Guest {
         stdout_shared: bool,
         mut from: StartFrom,
     ) -> Result<Guest, StartError> {
-        let machine_err = |step| {
-            let guest = config.name.clone();
-            move |source| StartError::Machine {
-                guest,
-                step,
-                source,
-            }
-        };
+        let machine_err = |step| StartError::machine(&config.name, step);
         let begun = Instant::now();
         let jobs = Jobs::new().map_err(|source| StartError::Background {
             guest: config.name.clone(),
@@ -283,14 +276,7 @@ fn place(
         });
     };
     if !standby.placement.is_own_process() {
-        let machine_err = |step| {
-            let guest = config.name.clone();
-            move |source| StartError::Machine {
-                guest,
-                step,
-                source,
-            }
-        };
+        let machine_err = |step| StartError::machine(&config.name, step);
         let (mut same, active_console) = SameProcess::new(standby.resume, ctx, ram, console)
             .map_err(machine_err("allocate standby RAM"))?;
         // The standby is built first, but the active is machine 1.
