@@ -968,15 +968,12 @@ impl Journal {
 
     /// The reader's mark: the last epoch whose output it has released.
     pub fn released(&self) -> u64 {
-        self.bytes(READER_FIELDS as u64, 8)
-            .map_or(0, |b| u64_at(b, 0))
+        self.mark(READER_FIELDS)
     }
 
     /// Sets the reader's mark.
     pub fn set_released(&self, seq: u64) {
-        if let Some(field) = self.bytes_mut(READER_FIELDS as u64, 8) {
-            field.copy_from_slice(&seq.to_le_bytes());
-        }
+        self.set_mark(READER_FIELDS, seq);
     }
 
     /// Names the guest's NICs' MAC addresses in the header page, for the reader to check
@@ -1015,13 +1012,22 @@ impl Journal {
     /// The writer's mark: the last epoch whose disk writes it has applied to the guest's
     /// images (0 for the batch: everything before the batch is in them).
     pub fn disk_applied(&self) -> u64 {
-        self.bytes(WRITER_FIELDS as u64, 8)
-            .map_or(0, |b| u64_at(b, 0))
+        self.mark(WRITER_FIELDS)
     }
 
     /// Sets the writer's mark, once the images hold every disk write up to epoch `seq`.
     pub fn set_disk_applied(&self, seq: u64) {
-        if let Some(field) = self.bytes_mut(WRITER_FIELDS as u64, 8) {
+        self.set_mark(WRITER_FIELDS, seq);
+    }
+
+    /// The epoch mark kept at `at` in the header page (0 if it cannot be read).
+    fn mark(&self, at: usize) -> u64 {
+        self.bytes(at as u64, 8).map_or(0, |b| u64_at(b, 0))
+    }
+
+    /// Sets the epoch mark kept at `at` in the header page.
+    fn set_mark(&self, at: usize, seq: u64) {
+        if let Some(field) = self.bytes_mut(at as u64, 8) {
             field.copy_from_slice(&seq.to_le_bytes());
         }
     }
