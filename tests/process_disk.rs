@@ -11,10 +11,9 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::blk::{assert_exactly_once, assert_image};
 use common::process::{assert_standby_refused, logs, Process};
 use common::{env_file, fault_seed, require_kvm, understudy_command, XorShift};
-
-const SECTOR: usize = 512;
 
 impl Process {
     fn active(env: &Path) -> Process {
@@ -36,24 +35,6 @@ impl Process {
             &format!("standby {n}"),
         )
     }
-}
-
-/// What the `blk` kernel writes to sector `n` in pass `p` (kernels/README.md).
-fn pattern(p: u64, n: u64) -> Vec<u8> {
-    (0..64u64)
-        .flat_map(|w| ((p << 56) ^ (n << 16) ^ w.wrapping_mul(0x9E37_79B9_7F4A_7C15)).to_le_bytes())
-        .collect()
-}
-
-/// Every `blk: pass P sector N ok` line, in order.
-fn ok_lines(text: &str) -> Vec<(u64, u64)> {
-    text.lines()
-        .filter_map(|line| {
-            let rest = line.strip_prefix("blk: pass ")?.strip_suffix(" ok")?;
-            let (pass, sector) = rest.split_once(" sector ")?;
-            Some((pass.parse().ok()?, sector.parse().ok()?))
-        })
-        .collect()
 }
 
 /// An environment for `blk` over `image` (`passes` over `sectors`), its standby a process
@@ -133,47 +114,9 @@ fn a_disk_guest_survives_its_process_being_killed_again_and_again() {
     let replayed = all.matches("was completed from its journal").count();
     eprintln!("{kills} takeovers: {caught_up} applied epochs the dead active had not, {replayed} completed its redo journal; {context}");
     let console: String = processes.iter().map(|p| p.console.text()).collect();
-    let expected: Vec<(u64, u64)> = (1..=passes)
-        .flat_map(|p| (0..sectors).map(move |n| (p, n)))
-        .collect();
-    let seen = ok_lines(&console);
-    if seen != expected {
-        let first_bad = seen
-            .iter()
-            .zip(&expected)
-            .position(|(a, b)| a != b)
-            .unwrap_or(seen.len().min(expected.len()));
-        panic!(
-            "{context}: {} lines where {} were expected; first difference at line {first_bad}: {:?} for {:?}\n{all}",
-            seen.len(),
-            expected.len(),
-            seen.get(first_bad),
-            expected.get(first_bad)
-        );
-    }
-    for bad in ["MISMATCH", "LOST", "failed with status", "timed out"] {
-        assert!(!console.contains(bad), "{context}: {bad}:\n{console}");
-    }
-    assert_eq!(
-        console.matches("blk: disk capacity").count(),
-        1,
-        "{context}: the guest rebooted"
-    );
-    assert!(
-        console.contains(&format!("blk: done passes {passes} sectors {sectors}")),
-        "{context}: not finished"
-    );
-    let image = std::fs::read(&data).unwrap();
-    for n in 0..sectors {
-        assert!(
-            image[n as usize * SECTOR..][..SECTOR] == pattern(passes, n)[..],
-            "{context}: sector {n} does not hold the last pass's pattern"
-        );
-    }
-    assert!(
-        image[sectors as usize * SECTOR..].iter().all(|b| *b == 0),
-        "{context}: written past the sectors the guest wrote"
-    );
+    let what = format!("{context}\n{all}");
+    assert_exactly_once(&console, passes, sectors, &what);
+    assert_image(&data, passes, sectors, &what);
     assert!(!all.contains("panicked"), "{all}");
 }
 

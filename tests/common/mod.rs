@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod blk;
 pub mod cluster;
 pub mod cluster_guest;
 pub mod netns;
