@@ -6,8 +6,10 @@
 mod common;
 
 use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::datagrams::{sequence_numbers, StopOnDrop};
 use common::netns::{Netns, GUEST_IP, PEER_IP};
 use common::running::{try_request, Running};
 use common::{env_file, numbers_after, stderr, XorShift, PATIENCE};
@@ -82,20 +84,6 @@ fn wait_armed(run: &Running, failures: u64, context: &str) -> bool {
     }
 }
 
-/// Every `seq N` payload the peer received.
-fn sequence_numbers(datagrams: &[Vec<u8>]) -> Vec<u64> {
-    datagrams
-        .iter()
-        .map(|d| {
-            let text = String::from_utf8_lossy(d);
-            text.trim()
-                .strip_prefix("seq ")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("the peer received {text:?}, not a numbered datagram"))
-        })
-        .collect()
-}
-
 #[test]
 fn checkpointed_datagrams_reach_the_peer_exactly_once_through_many_faults() {
     let netns = Netns::new(&namespace("cp"));
@@ -113,12 +101,12 @@ fn checkpointed_datagrams_reach_the_peer_exactly_once_through_many_faults() {
     let mut random = XorShift(seed);
     let kinds = ["kill", "mce", "panic", "hang"];
     let received = std::sync::Mutex::new(Vec::new());
-    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stop = AtomicBool::new(false);
     let mut injected = 0u64;
     std::thread::scope(|scope| {
         scope.spawn(|| {
             let mut buf = [0u8; 2048];
-            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+            while !stop.load(Ordering::Acquire) {
                 if let Ok(n) = peer.recv(&mut buf) {
                     received.lock().unwrap().push(buf[..n].to_vec());
                 }
@@ -301,13 +289,4 @@ fn nics_that_cannot_be_used_are_refused_before_anything_starts() {
         &format!("{guest}[[guest.net]]\ntap = \"tap0\"\n[[guest]]\nname = \"h\"\nkernel = \"KERNEL\"\n[[guest.net]]\ntap = \"tap0\"\n"),
         "guest[1].net[0].tap",
     );
-}
-
-/// Sets its flag when dropped, on a panic too.
-struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Release);
-    }
 }

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::datagrams::{sequence_numbers, StopOnDrop};
 use common::netns::{Netns, GUEST_IP, PEER_IP};
 use common::process::{assert_standby_refused, logs, Process};
 use common::{env_file, fault_seed, numbers_after, require_kvm, XorShift, PATIENCE};
@@ -45,29 +46,6 @@ fn net_env(test: &str, cmdline: &str, tap: &str, mac: &str) -> PathBuf {
 /// Starts `understudy ARGS ENV` inside `netns`.
 fn start_in(netns: &Netns, command: &str, env: &Path, what: &str) -> Process {
     netns.enter(|| Process::start(&[OsStr::new(command), env.as_os_str()], what))
-}
-
-/// Tells the peer's reader to stop once the datagrams stop coming, when dropped.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
-    }
-}
-
-/// Every `seq N` payload the peer received.
-fn sequence_numbers(datagrams: &[Vec<u8>]) -> Vec<u64> {
-    datagrams
-        .iter()
-        .map(|d| {
-            let text = String::from_utf8_lossy(d);
-            text.trim()
-                .strip_prefix("seq ")
-                .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("the peer received {text:?}, not a numbered datagram"))
-        })
-        .collect()
 }
 
 /// Sends fresh echo requests from `peer` until one is answered; panics with `context` if

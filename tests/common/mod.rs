@@ -6,6 +6,7 @@
 pub mod blk;
 pub mod cluster;
 pub mod cluster_guest;
+pub mod datagrams;
 pub mod netns;
 pub mod process;
 pub mod running;
