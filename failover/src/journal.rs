@@ -303,16 +303,8 @@ impl EpochRecord<'_> {
 
     /// The bytes the record takes, page data included.
     pub fn size(&self) -> u64 {
-        let meta = RECORD_HEADER as u64
-            + 16 * self.runs.len() as u64
-            + self.state.len() as u64
-            + self.output.len() as u64
-            + self.tail.len() as u64
-            + self.end.map_or(0, |e| e.len() as u64)
-            + NET_LEN as u64
-            + self.net.len() as u64
-            + DISK_LEN as u64
-            + self.disk_len();
+        // The disk section is the last of the record's metadata.
+        let meta = self.disk_at() + self.disk_len();
         round_up(meta) + self.runs.iter().map(|r| r.1).sum::<u64>()
     }
 }
