@@ -656,6 +656,14 @@ impl Vm {
         }
     }
 
+    /// Takes every vCPU event already waiting, without waiting for more: what the vCPUs
+    /// reported on their own while the machine was being paused. `None` if there were none.
+    pub fn own_stops(&self) -> Option<Vec<VmEvent>> {
+        let stopped: Vec<VmEvent> =
+            std::iter::from_fn(|| self.next_event(Duration::ZERO)).collect();
+        (!stopped.is_empty()).then_some(stopped)
+    }
+
     /// Readable when a vCPU event is waiting; for event loops.
     pub fn events_ready(&self) -> &EventFd {
         &self.events_ready

@@ -298,13 +298,3 @@ pub(crate) fn start_standby(
     }
     Ok(())
 }
-
-/// Drains the events of `active`'s vCPUs that stopped on their own (while it was being
-/// paused); `None` if there were none.
-pub(crate) fn own_stops(active: &Machine) -> Option<Vec<VmEvent>> {
-    let mut stopped = Vec::new();
-    while let Some(event) = active.vm.next_event(Duration::ZERO) {
-        stopped.push(event);
-    }
-    (!stopped.is_empty()).then_some(stopped)
-}

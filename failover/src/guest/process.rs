@@ -29,7 +29,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmm_core::{SerialSink, Vm, VmEvent};
+use vmm_core::{SerialSink, VmEvent};
 
 use super::Context;
 use crate::checkpoint::EpochStats;
@@ -328,11 +328,3 @@ impl Drop for StandbyLink {
 
 /// How long a handover waits for a remote standby to have been told.
 const HANDOVER_PATIENCE: Duration = Duration::from_secs(2);
-
-fn own_stops(active: &Vm) -> Option<Vec<VmEvent>> {
-    let mut stopped = Vec::new();
-    while let Some(event) = active.next_event(Duration::ZERO) {
-        stopped.push(event);
-    }
-    (!stopped.is_empty()).then_some(stopped)
-}

@@ -15,8 +15,7 @@ use vmm_core::{GuestRam, VmError};
 
 use super::dumps::{arm_trap, release_in_background};
 use super::mode::{
-    own_stops, start_standby, Handover, HandoverError, NotArmed, ResumeMode, TakeOverError,
-    TakeOverFailed,
+    start_standby, Handover, HandoverError, NotArmed, ResumeMode, TakeOverError, TakeOverFailed,
 };
 use super::{Context, Failure, Finished, Machine, Prepared, Protection};
 use crate::config::ResumeFrom;
@@ -193,7 +192,7 @@ impl ResumeMode for SharedRam {
             Err(VmError::VcpuUnresponsive(vcpu)) => return Err(Handover::Unresponsive(vcpu)),
             Err(err) => return Err(Handover::Refused(HandoverError::Pause(err))),
         }
-        if let Some(events) = own_stops(active) {
+        if let Some(events) = active.vm.own_stops() {
             return Err(Handover::ActiveStopped(events));
         }
         let state = match active.vm.save() {

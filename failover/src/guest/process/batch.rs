@@ -8,7 +8,7 @@ use vmm_core::{DirtyLog, GuestRam, Vm, VmError};
 
 use super::output::{release, split_tail};
 use super::session::Phase;
-use super::{own_stops, LinkTick, StandbyLink};
+use super::{LinkTick, StandbyLink};
 use crate::background::JobId;
 use crate::checkpoint::Precopied;
 use crate::disk_handoff::{self, SealedEpoch};
@@ -56,7 +56,7 @@ impl StandbyLink {
                 return LinkTick::Done;
             }
         }
-        if let Some(events) = own_stops(active) {
+        if let Some(events) = active.own_stops() {
             return LinkTick::ActiveStopped(events);
         }
         // The images are to hold every write up to the batch before the standby loads it.

@@ -8,7 +8,7 @@ use vmm_core::{Vm, VmError};
 
 use super::output::{release, split_tail};
 use super::session::{place, prepare_record, Phase, Unapplied};
-use super::{own_stops, LinkTick, StandbyLink, HANDOVER_PATIENCE};
+use super::{LinkTick, StandbyLink, HANDOVER_PATIENCE};
 use crate::disk_handoff::{self, SealedEpoch};
 use crate::guest::{us, Context};
 use crate::journal::{EpochRecord, JournalError};
@@ -65,7 +65,7 @@ impl StandbyLink {
             Err(VmError::VcpuUnresponsive(vcpu)) => return Ok(LinkTick::Unresponsive(vcpu)),
             Err(err) => return Err(format!("the guest could not be paused: {err}")),
         }
-        if let Some(events) = own_stops(active) {
+        if let Some(events) = active.own_stops() {
             return Ok(LinkTick::ActiveStopped(events));
         }
         let acked = paused.elapsed();
